@@ -1,0 +1,72 @@
+"""Bits-per-weight and byte accounting for VQ U-Nets (SPEC §2 formula)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from vqdm.models.layer_selection import layer_dims, select_layers
+
+DENSE_BITS = 16  # non-quantized parameters are stored as fp16
+
+
+def layer_bits(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
+    """Bits per weight of one VQ layer: codes + fp16 codebooks + fp16 per-output scales."""
+    k = num_codebooks
+    return k * nbits / group_size + k * (2**nbits) * group_size * 16 / (n * d) + 16 / d
+
+
+def layer_bytes(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> int:
+    """Bytes at rest: uint8 codes [n, d/g, K], fp16 codebooks [K, 2^B, g], fp16 scales [n]."""
+    if nbits != 8:
+        raise ValueError("codes are stored as uint8: only nbits=8 is supported")
+    return n * (d // group_size) * num_codebooks + num_codebooks * (2**nbits) * group_size * 2 + 2 * n
+
+
+@dataclass
+class Plan:
+    """What quantizing a U-Net would give; keys match `vqdm plan --json` (SPEC §7)."""
+
+    layers: int
+    linear_layers: int
+    conv_layers: int
+    quantized_weights: int
+    unet_params: int
+    bits_per_weight_quantized: float
+    bits_per_weight_unet: float
+    unet_bytes: int
+    dense_fp16_bytes: int
+    dense_fp32_bytes: int
+    num_codebooks: int
+    nbits: int
+    group_size: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compression_vs_fp16"] = self.dense_fp16_bytes / self.unet_bytes
+        return d
+
+
+def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> Plan:
+    """Works on the meta device: only shapes are read."""
+    layers = select_layers(unet)
+    unet_params = sum(p.numel() for p in unet.parameters())
+    q_weights = 0
+    q_bits = 0.0
+    q_bytes = 0
+    n_linear = 0
+    for _, m in layers:
+        n, d = layer_dims(m)
+        q_weights += n * d
+        q_bits += layer_bits(n, d, num_codebooks, nbits, group_size) * n * d
+        q_bytes += layer_bytes(n, d, num_codebooks, nbits, group_size)
+        n_linear += isinstance(m, nn.Linear)
+    rest = unet_params - q_weights
+    return Plan(
+        layers=len(layers), linear_layers=n_linear, conv_layers=len(layers) - n_linear,
+        quantized_weights=q_weights, unet_params=unet_params,
+        bits_per_weight_quantized=q_bits / max(q_weights, 1),
+        bits_per_weight_unet=(q_bits + DENSE_BITS * rest) / unet_params,
+        unet_bytes=q_bytes + 2 * rest, dense_fp16_bytes=2 * unet_params, dense_fp32_bytes=4 * unet_params,
+        num_codebooks=num_codebooks, nbits=nbits, group_size=group_size,
+    )

@@ -1,0 +1,48 @@
+"""Which U-Net modules get quantized (SPEC §2): one rule over the module tree, no name lists."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+QUANTIZED_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.")
+MIN_FEATURES = 16
+# Time-embedding projections inside resnets read the timestep embedding, not image features:
+# they stay dense like the top-level time and add embeddings.
+EXCLUDED_LEAF_NAMES = ("time_emb_proj",)
+
+# Calibration order: the seven subsets of SPEC §3.3.
+SUBSETS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2")
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(n, d) of the weight as a matrix: outputs x inputs (convs: C_out x k_h·k_w·C_in/groups)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, kh * kw * module.in_channels // module.groups
+    raise TypeError(f"not a quantizable layer: {type(module).__name__}")
+
+
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name.startswith(QUANTIZED_PREFIXES):
+        return False
+    if name.rsplit(".", 1)[-1] in EXCLUDED_LEAF_NAMES:
+        return False
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return False
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features) >= MIN_FEATURES
+    return min(module.in_channels, module.out_channels) >= MIN_FEATURES
+
+
+def select_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every quantizable (name, module) of a U-Net, in module-tree order."""
+    return [(name, m) for name, m in unet.named_modules() if is_quantizable(name, m)]
+
+
+def subset_of(name: str) -> str:
+    """The calibration subset ("down_blocks.1", "mid_block", ...) a layer name belongs to."""
+    for s in SUBSETS:
+        if name == s or name.startswith(s + "."):
+            return s
+    raise ValueError(f"{name} is outside the quantized blocks")

@@ -1,0 +1,71 @@
+"""Load a user's local diffusers SDXL / SDXL-Turbo folder (never a hub download)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vqdm.errors import ModelFolderError
+
+SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline",)
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def read_model_index(path: str | Path) -> dict:
+    """model_index.json of a diffusers SDXL folder, with errors that say what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: no such folder (expected a local diffusers SDXL or SDXL-Turbo folder)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFolderError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{index_file}: not valid JSON ({e})") from None
+    cls = index.get("_class_name")
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelFolderError(
+            f"{path}: pipeline class {cls!r} is not SDXL; vqdm supports {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise ModelFolderError(f"{path}: missing component folder(s) {', '.join(missing)}")
+    return index
+
+
+def read_unet_config(path: str | Path) -> dict:
+    cfg_file = Path(path) / "unet" / "config.json"
+    if not cfg_file.is_file():
+        raise ModelFolderError(f"{cfg_file}: missing U-Net config")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{cfg_file}: not valid JSON ({e})") from None
+
+
+def detect_family(path: str | Path) -> str:
+    """'sdxl-turbo' when the scheduler is trailing-spaced Euler ancestral (Turbo's), else 'sdxl'."""
+    sched = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    turbo = sched.get("_class_name") == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing"
+    return "sdxl-turbo" if turbo else "sdxl"
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, via the artifact loader)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    read_model_index(path)
+    if (path / "unet" / "manifest.json").is_file():
+        from vqdm.models.artifact import load_artifact
+
+        return load_artifact(path, dtype=dtype, device=device)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                         use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelFolderError(f"{path}: could not load as an SDXL pipeline: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

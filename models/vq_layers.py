@@ -1,0 +1,106 @@
+"""VQLinear / VQConv2d: drop-in replacements for nn.Linear / nn.Conv2d holding a VQ weight.
+
+The quantized tensors live on the module (codes as a buffer; codebooks and scales as parameters
+so distillation can train them), and forward is one call into `vqdm.kernels`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vqdm.kernels import dequantize, vq_conv2d, vq_linear
+
+NBITS = 8
+
+
+def _empty_format(n: int, d: int, num_codebooks: int, group_size: int, device, dtype):
+    if d % group_size:
+        raise ValueError(f"group size {group_size} must divide the input dimension {d}")
+    codes = torch.zeros(n, d // group_size, num_codebooks, dtype=torch.uint8, device=device)  # [n, d/g, K]
+    codebooks = torch.zeros(num_codebooks, 2**NBITS, group_size, dtype=dtype, device=device)  # [K, 2^B, g]
+    scales = torch.ones(n, dtype=dtype, device=device)  # [n]
+    return codes, codebooks, scales
+
+
+class _VQBase(nn.Module):
+    """Shared state of the VQ modules; `n`, `d` are the weight-matrix dims."""
+
+    n: int
+    d: int
+    backend: str = "auto"
+    weight_cache = None  # set by vqdm.models.weight_cache when a policy is installed
+
+    def _init_format(self, n: int, d: int, num_codebooks: int, group_size: int, bias: bool, device, dtype) -> None:
+        self.n, self.d = n, d
+        self.num_codebooks, self.group_size, self.nbits = num_codebooks, group_size, NBITS
+        codes, codebooks, scales = _empty_format(n, d, num_codebooks, group_size, device, dtype)
+        self.register_buffer("codes", codes)
+        self.codebooks = nn.Parameter(codebooks, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def set_quantized(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> None:
+        """Copy a quantized weight in, checking it fits this layer."""
+        k, g = self.num_codebooks, self.group_size
+        want = {"codes": (self.n, self.d // g, k), "codebooks": (k, 2**self.nbits, g), "scales": (self.n,)}
+        for name, t in (("codes", codes), ("codebooks", codebooks), ("scales", scales)):
+            if tuple(t.shape) != want[name]:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, this layer needs {want[name]}")
+        with torch.no_grad():
+            self.codes.copy_(codes.to(torch.uint8))
+            self.codebooks.copy_(codebooks)
+            self.scales.copy_(scales)
+
+    def dequantize_matrix(self) -> torch.Tensor:
+        """Dense weight as a matrix [n, d] (convs in (k_h, k_w, C_in) column order)."""
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d={self.d}, K={self.num_codebooks}, g={self.group_size}, bias={self.bias is not None}"
+
+
+class VQLinear(_VQBase):
+    def __init__(self, in_features: int, out_features: int, num_codebooks: int, group_size: int = 8,
+                 bias: bool = True, device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_format(out_features, in_features, num_codebooks, group_size, bias, device, dtype)
+
+    @classmethod
+    def like(cls, layer: nn.Linear, num_codebooks: int, group_size: int = 8) -> "VQLinear":
+        return cls(layer.in_features, layer.out_features, num_codebooks, group_size,
+                   bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vq_linear(x, self.codes, self.codebooks, self.scales, self.bias, backend=self.backend)
+
+
+class VQConv2d(_VQBase):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], num_codebooks: int,
+                 group_size: int = 8, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        d = self.kernel_size[0] * self.kernel_size[1] * in_channels
+        self._init_format(out_channels, d, num_codebooks, group_size, bias, device, dtype)
+
+    @classmethod
+    def like(cls, layer: nn.Conv2d, num_codebooks: int, group_size: int = 8) -> "VQConv2d":
+        if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise ValueError("only groups=1 convolutions with explicit zero padding can be quantized")
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, num_codebooks, group_size,
+                   layer.stride, layer.padding, layer.dilation, bias=layer.bias is not None,
+                   device=layer.weight.device, dtype=layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vq_conv2d(x, self.codes, self.codebooks, self.scales, self.bias, self.in_channels,
+                         self.kernel_size, self.stride, self.padding, self.dilation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " + super().extra_repr()
+
+
+VQ_MODULES = (VQLinear, VQConv2d)

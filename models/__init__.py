@@ -1,5 +1,5 @@
 """Architectures, loaders, VQ layers and the artifact format."""
-from vqdm.models.accounting import Plan, layer_bits, layer_bytes, plan_unet
+from vqdm.models.accounting import Plan, layer_bits, layer_bytes, plan_unet, resident_weight_bytes
 from vqdm.models.builders import build_pipeline, build_unet, make_model
 from vqdm.models.configs import PRESETS, Preset
 from vqdm.models.layer_selection import SUBSETS, layer_dims, select_layers, subset_of
@@ -17,5 +17,5 @@ __all__ = [
     "PRESETS", "Plan", "Preset", "SUBSETS", "VQConv2d", "VQLinear", "VQ_MODULES", "build_pipeline",
     "build_unet", "detect_family", "layer_bits", "layer_bytes", "layer_dims", "load_pipeline",
     "make_model", "plan_unet", "quantize_layers", "read_model_index", "read_unet_config",
-    "replace_with_vq", "select_layers", "set_backend", "subset_of", "vq_modules", "weight_matrix",
+    "replace_with_vq", "resident_weight_bytes", "select_layers", "set_backend", "subset_of", "vq_modules", "weight_matrix",
 ]

@@ -70,3 +70,16 @@ def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: i
         unet_bytes=q_bytes + 2 * rest, dense_fp16_bytes=2 * unet_params, dense_fp32_bytes=4 * unet_params,
         num_codebooks=num_codebooks, nbits=nbits, group_size=group_size,
     )
+
+
+def resident_weight_bytes(unet: nn.Module) -> dict[str, int]:
+    """Bytes of a loaded (possibly VQ) U-Net as stored in memory, and its dense fp16/fp32 equivalents."""
+    from vqdm.models.vq_layers import VQ_MODULES
+
+    stored = sum(t.numel() * t.element_size() for t in unet.parameters())
+    stored += sum(t.numel() * t.element_size() for t in unet.buffers())
+    dense_params = sum(p.numel() for p in unet.parameters())
+    for m in unet.modules():
+        if isinstance(m, VQ_MODULES):
+            dense_params += m.n * m.d - m.codebooks.numel() - m.scales.numel()
+    return {"stored": stored, "dense_fp16": 2 * dense_params, "dense_fp32": 4 * dense_params}

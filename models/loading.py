@@ -63,7 +63,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
 
         return load_artifact(path, dtype=dtype, device=device)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                          use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelFolderError(f"{path}: could not load as an SDXL pipeline: {e}") from None

@@ -1,0 +1,328 @@
+"""The vqdm artifact (SPEC §6): a diffusers-layout folder whose unet/ holds the VQ U-Net.
+
+    model_index.json, scheduler/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/
+    unet/config.json        diffusers U-Net config
+    unet/vqdm.safetensors   <layer>.codes uint8, <layer>.codebooks fp16, <layer>.scales fp16,
+                            every other U-Net tensor fp16 under its own name
+    unet/manifest.json      format version, quantization, layers, bits, bytes, base model,
+                            calibration / distillation settings, tool version, sha256 of every file
+
+`save_artifact` and `load_artifact` are the pair; loading verifies hashes, names and shapes and
+raises `ArtifactError(file, reason)` rather than letting torch fail deep inside.
+No pickles: safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vqdm.errors import ArtifactError
+
+FORMAT_NAME = "vqdm-artifact"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "unet/vqdm.safetensors"
+MANIFEST_FILE = "unet/manifest.json"
+CONFIG_FILE = "unet/config.json"
+COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+_HASH_CHUNK = 1 << 22
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unet_fingerprint(unet: nn.Module | None = None, source_dir: str | Path | None = None) -> str:
+    """sha256 identifying the base U-Net: of its weight files when a folder is given, else of its tensors."""
+    h = hashlib.sha256()
+    if source_dir is not None:
+        files = sorted((Path(source_dir) / "unet").glob("*.safetensors"))
+        if not files:
+            raise ArtifactError(Path(source_dir) / "unet", "no .safetensors weights to fingerprint")
+        for f in files:
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+    assert unet is not None
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tool_version() -> str:
+    from vqdm import __version__
+
+    return __version__
+
+
+def _unet_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict at rest: codes stay uint8, every float tensor becomes fp16."""
+    out = {}
+    for name, t in unet.state_dict().items():
+        t = t.detach().to("cpu")
+        out[name] = t if t.dtype == torch.uint8 else t.to(torch.float16)
+        out[name] = out[name].contiguous()
+    return out
+
+
+def _write_components(pipe, tmp: Path, source_dir: Path | None) -> None:
+    if source_dir is not None:
+        for name in COMPONENTS:
+            shutil.copytree(source_dir / name, tmp / name)
+        shutil.copy2(source_dir / "model_index.json", tmp / "model_index.json")
+        return
+    for name in COMPONENTS:
+        getattr(pipe, name).save_pretrained(tmp / name)
+    pipe.save_config(tmp)  # model_index.json
+
+
+def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
+                  source_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write `pipe` (with VQ layers in its U-Net) as an artifact folder.
+
+    `manifest_fields` holds what only the caller knows: "quantization" (num_codebooks, nbits,
+    group_size, method), "layers" stats by name (rel_error, bits, seconds), "base_model" (name,
+    unet_sha256), and optionally "calibration" / "distillation". The folder is assembled next to
+    `out_dir` and renamed into place, so an interrupted write never looks like a finished artifact.
+    """
+    from safetensors.torch import save_file
+
+    from vqdm.models.accounting import layer_bits
+    from vqdm.models.quantized_unet import vq_modules
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (use --force to overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _write_components(pipe, tmp, Path(source_dir) if source_dir else None)
+        unet = pipe.unet
+        (tmp / "unet").mkdir()
+        unet.save_config(tmp / "unet")
+        save_file(_unet_tensors(unet), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+
+        q = dict(manifest_fields.get("quantization", {}))
+        layers = vq_modules(unet)
+        if not layers:
+            raise ValueError("the pipeline's U-Net has no VQ layers: quantize it before saving an artifact")
+        k, g = layers[0][1].num_codebooks, layers[0][1].group_size
+        q.setdefault("method", "aq")
+        q.update(num_codebooks=k, nbits=8, group_size=g)
+        stats = manifest_fields.get("layers", {})
+        layer_list = []
+        for name, m in layers:
+            entry = {"name": name, "type": "conv2d" if hasattr(m, "kernel_size") else "linear", "n": m.n, "d": m.d,
+                     "bits": layer_bits(m.n, m.d, m.num_codebooks, 8, m.group_size)}
+            entry.update({kk: v for kk, v in stats.get(name, {}).items() if kk not in entry})
+            layer_list.append(entry)
+        plan = _plan_from_config(unet.config, k, g)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tool": {"name": "vqdm", "version": _tool_version()},
+            "quantization": q,
+            "bits_per_weight": {"quantized": plan.bits_per_weight_quantized, "unet": plan.bits_per_weight_unet},
+            "bytes": {"unet_stored": plan.unet_bytes, "dense_fp16": plan.dense_fp16_bytes,
+                      "dense_fp32": plan.dense_fp32_bytes,
+                      "weights_file": (tmp / WEIGHTS_FILE).stat().st_size},
+            "base_model": manifest_fields.get("base_model", {}),
+            "calibration": manifest_fields.get("calibration"),
+            "distillation": manifest_fields.get("distillation"),
+            "layers": layer_list,
+        }
+        manifest["files"] = {
+            str(p.relative_to(tmp)): sha256_file(p)
+            for p in sorted(tmp.rglob("*")) if p.is_file() and str(p.relative_to(tmp)) != MANIFEST_FILE
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _make_readable(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _make_readable(root: Path) -> None:
+    # mkdtemp and safetensors create owner-only entries; artifacts are shared read-only mounts.
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _plan_from_config(config: dict, num_codebooks: int, group_size: int):
+    from diffusers import UNet2DConditionModel
+
+    from vqdm.models.accounting import plan_unet
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(dict(config))
+    return plan_unet(meta, num_codebooks, 8, group_size)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Parse and sanity-check unet/manifest.json (no hashing)."""
+    path = Path(path)
+    mf = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise ArtifactError(path, "no such artifact folder")
+    if not mf.is_file():
+        raise ArtifactError(mf, "missing: not a vqdm artifact (no unet/manifest.json)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(mf, f"not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(mf, f"not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ArtifactError(mf, f"format version {version!r}, this vqdm reads version {FORMAT_VERSION}"
+                                + (": written by a newer vqdm? upgrade vqdm" if newer else ""))
+    for key in ("quantization", "layers", "files"):
+        if key not in manifest:
+            raise ArtifactError(mf, f"manifest lacks the {key!r} section")
+    q = manifest["quantization"]
+    if q.get("nbits") != 8 or not isinstance(q.get("num_codebooks"), int) or not isinstance(q.get("group_size"), int):
+        raise ArtifactError(mf, f"unsupported quantization {q}: vqdm reads nbits=8 with integer K and g")
+    return manifest
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    """Every file listed exists and matches its sha256; the weights and config are listed."""
+    path = Path(path)
+    files = manifest["files"]
+    for required in (WEIGHTS_FILE, CONFIG_FILE):
+        if required not in files:
+            raise ArtifactError(path / MANIFEST_FILE, f"{required} is not listed in the manifest")
+    for rel, digest in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise ArtifactError(f, "missing (listed in the manifest)")
+        if sha256_file(f) != digest:
+            raise ArtifactError(f, "sha256 does not match the manifest: file truncated or edited")
+
+
+def _check_tensors(weights: Path, handle, expected: dict[str, torch.Tensor]) -> None:
+    keys = set(handle.keys())
+    missing = sorted(set(expected) - keys)
+    extra = sorted(keys - set(expected))
+    if missing:
+        raise ArtifactError(weights, f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    if extra:
+        raise ArtifactError(weights, f"{len(extra)} tensor(s) the U-Net config does not have, e.g. {extra[0]!r}")
+    for name, ref in expected.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(ref.shape):
+            raise ArtifactError(weights, f"tensor {name!r} has shape {shape}, the config needs {tuple(ref.shape)}")
+        if name.endswith(".codes") and handle.get_slice(name).get_dtype() != "U8":
+            raise ArtifactError(weights, f"tensor {name!r} must be uint8 codes")
+
+
+def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 verify: bool = True):
+    """(unet, manifest): the U-Net rebuilt from config with VQ layers in place and weights loaded."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import SafetensorError, safe_open
+
+    from vqdm.models.layer_selection import select_layers
+    from vqdm.models.quantized_unet import replace_with_vq
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    cfg_file = path / CONFIG_FILE
+    try:
+        config = json.loads(cfg_file.read_text())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
+        raise ArtifactError(cfg_file, f"not a usable diffusers U-Net config ({e})") from None
+    q = manifest["quantization"]
+    selected = [n for n, _ in select_layers(unet)]
+    listed = [entry.get("name") for entry in manifest["layers"]]
+    if set(selected) != set(listed):
+        diff = sorted(set(selected) ^ set(listed))
+        raise ArtifactError(path / MANIFEST_FILE,
+                            f"layer list does not match the U-Net config ({len(diff)} differ, e.g. {diff[0]!r})")
+    replace_with_vq(unet, q["num_codebooks"], q["group_size"])
+    expected = unet.state_dict()
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            _check_tensors(weights, handle, expected)
+            tensors = {}
+            for name in expected:
+                t = handle.get_tensor(name)
+                tensors[name] = t if t.dtype == torch.uint8 else t.to(dtype)
+    except SafetensorError as e:
+        raise ArtifactError(weights, f"unreadable safetensors file ({e})") from None
+    unet.load_state_dict(tensors, strict=True, assign=True)
+    leftover = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ArtifactError(weights, f"tensor(s) not provided by the file, e.g. {leftover[0]!r}")
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return unet.to(device).eval(), manifest
+
+
+def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  verify: bool = True):
+    """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    unet, manifest = load_vq_unet(path, dtype, device, verify)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=unet, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ArtifactError(path, f"could not load the non-U-Net components: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vqdm_manifest = manifest
+    return pipe.to(device)
+
+
+def inspect_artifact(path: str | Path) -> dict[str, Any]:
+    """Summary for `vqdm inspect`: plan keys, per-layer errors, and integrity status."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        verify_files(path, manifest)
+        integrity = "ok"
+    except ArtifactError as e:
+        integrity = f"FAILED: {e}"
+    q = manifest["quantization"]
+    layers = manifest["layers"]
+    config = json.loads((path / CONFIG_FILE).read_text())
+    plan = _plan_from_config(config, q["num_codebooks"], q["group_size"]).to_dict()
+    errors = [entry["rel_error"] for entry in layers if entry.get("rel_error") is not None]
+    return {
+        **plan,
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "tool": manifest.get("tool"),
+        "quantization": q,
+        "base_model": manifest.get("base_model"),
+        "calibration": manifest.get("calibration"),
+        "distillation": manifest.get("distillation"),
+        "weights_file_bytes": manifest.get("bytes", {}).get("weights_file"),
+        "integrity": integrity,
+        "median_rel_error": sorted(errors)[len(errors) // 2] if errors else None,
+        "layer_errors": {entry["name"]: entry.get("rel_error") for entry in layers},
+    }

@@ -1,0 +1,98 @@
+"""`vqdm make-model`, `vqdm plan`, `vqdm inspect`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vqdm.models.configs import PRESETS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-model", help="write a diffusers SDXL-architecture folder with seeded random weights")
+    p.add_argument("preset", choices=list(PRESETS))
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("plan", help="dry run on the meta device: what would be quantized, how big the artifact is")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=list(PRESETS))
+    src.add_argument("--model", help="local diffusers SDXL / SDXL-Turbo folder")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4), required=True, help="codebooks K (B=8, g=8)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="show an artifact's config, layers, bits, bytes, errors and integrity")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    import shutil
+
+    from vqdm.models.builders import make_model
+
+    out = Path(args.out)
+    if out.exists():
+        if not args.force:
+            raise FileExistsError(f"{out} already exists (use --force to overwrite)")
+        shutil.rmtree(out)
+    make_model(args.preset, out, seed=args.seed)
+    print(f"wrote {args.preset} (seed {args.seed}) to {out}")
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from vqdm.models.accounting import plan_unet
+    from vqdm.models.builders import build_unet
+    from vqdm.models.loading import read_model_index, read_unet_config
+
+    if args.preset:
+        unet = build_unet(args.preset, device="meta")
+    else:
+        read_model_index(args.model)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(read_unet_config(args.model))
+    plan = plan_unet(unet, num_codebooks=args.bits).to_dict()
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    print(f"layers to quantize: {plan['layers']} ({plan['linear_layers']} Linear, {plan['conv_layers']} Conv2d)")
+    print(f"quantized weights:  {plan['quantized_weights']:,} of {plan['unet_params']:,} U-Net parameters")
+    print(f"bits per weight:    {plan['bits_per_weight_quantized']:.2f} on quantized layers, "
+          f"{plan['bits_per_weight_unet']:.2f} over the U-Net")
+    print(f"U-Net bytes:        {_gb(plan['unet_bytes'])} vs {_gb(plan['dense_fp16_bytes'])} fp16 dense "
+          f"({plan['compression_vs_fp16']:.2f}x smaller)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vqdm.models.artifact import inspect_artifact
+
+    info = inspect_artifact(args.artifact)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info["integrity"] == "ok" else 1
+    q = info["quantization"]
+    print(f"artifact:     {info['path']} (format v{info['format_version']}, vqdm {info['tool']['version']})")
+    print(f"base model:   {info['base_model']}")
+    print(f"quantization: K={q['num_codebooks']} B={q['nbits']} g={q['group_size']} ({q.get('method')})")
+    print(f"layers:       {info['layers']} ({info['linear_layers']} Linear, {info['conv_layers']} Conv2d)")
+    print(f"bits/weight:  {info['bits_per_weight_quantized']:.2f} quantized, {info['bits_per_weight_unet']:.2f} U-Net")
+    print(f"U-Net bytes:  {_gb(info['unet_bytes'])} vs {_gb(info['dense_fp16_bytes'])} fp16, "
+          f"{_gb(info['dense_fp32_bytes'])} fp32 dense")
+    if info["median_rel_error"] is not None:
+        errs = sorted(e for e in info["layer_errors"].values() if e is not None)
+        print(f"rel. error:   median {info['median_rel_error']:.4g}, max {errs[-1]:.4g} over {len(errs)} layers")
+    print(f"integrity:    {info['integrity']}")
+    return 0 if info["integrity"] == "ok" else 1

@@ -1,7 +1,8 @@
 """Decode-and-multiply for the VQ weight format (SPEC §2, §7).
 
-`vq_linear(x, codes, codebooks, scales, bias=None, backend="auto")` is the one entry point;
-the choice between paths lives in `kernels.dispatch`.
+`vq_linear(x, codes, codebooks, scales, bias=None, backend="auto")` and `vq_conv2d(...)` are the
+entry points; the choice between paths lives in `kernels.dispatch` (`choose_backend`). Triton is
+imported only when a Triton backend is first used.
 """
 from vqdm.kernels.reference import (
     conv_weight_from_matrix,
@@ -10,13 +11,18 @@ from vqdm.kernels.reference import (
     vq_conv2d_reference,
     vq_linear_reference,
 )
-from vqdm.kernels.dispatch import available_backends, vq_conv2d, vq_linear
+from vqdm.kernels.decoded import conv2d_decoded, linear_decoded
+from vqdm.kernels.dispatch import available_backends, choose_backend, decode_weight, vq_conv2d, vq_linear
 
 __all__ = [
     "available_backends",
+    "choose_backend",
+    "conv2d_decoded",
     "conv_weight_from_matrix",
     "conv_weight_to_matrix",
+    "decode_weight",
     "dequantize",
+    "linear_decoded",
     "vq_conv2d",
     "vq_conv2d_reference",
     "vq_linear",

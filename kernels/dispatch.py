@@ -1,19 +1,137 @@
-"""The one place that picks a decode-and-multiply path. Backends register here by name."""
+"""The one place that picks a decode-and-multiply path. Backends register here by name.
+
+Paths (each tested against `reference` in tests/kernels):
+    reference      plain-torch decode + F.linear/F.conv2d; differentiable in codebooks and scales
+    cpu_decode     CPU: chunked FBGEMM decode into a reused scratch buffer, then MKL / oneDNN
+    cpu_lut        CPU, Linear only: x·codebooksᵀ lookup tables + gathered sums (tiny M)
+    triton_fused   CUDA, Linear only: fused dequant-GEMM (few rows)
+    triton_decode  CUDA: Triton decode into a dense weight, then cuBLAS / cuDNN (many rows, convs)
+The Triton backends also run on CPU tensors under TRITON_INTERPRET=1 (how CI tests them).
+
+`choose_backend` holds the auto rule; every threshold below is a named constant with the machine
+it was measured on (benchmarks/bench_layers.py; tables in docs/kernels.md).
+"""
 from __future__ import annotations
 
+import importlib.util
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from vqdm.kernels.reference import vq_conv2d_reference, vq_linear_reference
+from vqdm.kernels.cpu_decode import decode_cpu, vq_conv2d_cpu_decode, vq_linear_cpu_decode
+from vqdm.kernels.cpu_lut import vq_linear_cpu_lut
+from vqdm.kernels.decoded import conv_weight_view
+from vqdm.kernels.reference import dequantize, vq_conv2d_reference, vq_linear_reference
 
-LinearFn = Callable[..., torch.Tensor]
+# CPU: the LUT path only while the GEMM has at most this many rows. bench_layers on AMD EPYC
+# (Zen4, 2 cores, torch 2.13, fp32): LUT beats decode + MKL only for M <= 4 on SDXL shapes
+# (M = 1: 1.5-3x faster; M = 8: already slower). SDXL itself never gets here (M >= 154).
+CPU_LUT_MAX_ROWS = 4
 
-_LINEAR_BACKENDS: dict[str, LinearFn] = {"reference": vq_linear_reference}
+# CUDA: the fused dequant-GEMM while the GEMM has at most this many rows, decode-once + cuBLAS
+# above. Measured on one H100 80GB HBM3 (torch 2.11, triton 3.6, fp16): see docs/kernels.md.
+GPU_FUSED_MAX_ROWS = 512
 
 
-def available_backends() -> list[str]:
-    return sorted(_LINEAR_BACKENDS)
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    linear: Callable[..., torch.Tensor] | None
+    conv2d: Callable[..., torch.Tensor] | None
+    devices: tuple[str, ...]  # torch device types it accepts
+    differentiable: bool  # in codebooks and scales (all paths are differentiable in x except noted)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_fn(name: str) -> Callable[..., torch.Tensor]:
+    # triton is imported on first use only: importing it early would freeze TRITON_INTERPRET
+    # before a test (or a CPU-only user) sets it, and costs ~1 s on every CLI start.
+    def call(*args, **kwargs):
+        from vqdm.kernels import triton_vq
+
+        return getattr(triton_vq, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+_BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (
+        Backend("reference", vq_linear_reference, vq_conv2d_reference, ("cpu", "cuda", "mps", "xpu"), True),
+        Backend("cpu_decode", vq_linear_cpu_decode, vq_conv2d_cpu_decode, ("cpu",), False),
+        Backend("cpu_lut", vq_linear_cpu_lut, None, ("cpu",), False),
+        Backend("triton_fused", _triton_fn("vq_linear_triton_fused"), None, ("cuda",), False),
+        Backend("triton_decode", _triton_fn("vq_linear_triton_decode"), _triton_fn("vq_conv2d_triton_decode"),
+                ("cuda",), False),
+    )
+}
+
+
+def _runs_on(b: Backend, device_type: str) -> bool:
+    if b.name.startswith("triton"):
+        if not _triton_available():
+            return False
+        if _triton_interpreting():
+            return device_type == "cpu"
+    return device_type in b.devices
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backend names usable here (on `device`'s type when given; any device otherwise)."""
+    if device is None:
+        types = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    else:
+        types = {torch.device(device).type}
+    return sorted(n for n, b in _BACKENDS.items() if any(_runs_on(b, t) for t in types))
+
+
+def _needs_weight_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def choose_backend(op: str, x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                   scales: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The auto rule, per (device, dtype, rows M, n, d). op is "linear" or "conv2d"."""
+    # Distillation trains codebooks/scales (and biases): only the reference carries their gradients.
+    if _needs_weight_grad(codebooks, scales, bias):
+        return "reference"
+    grad_x = torch.is_grad_enabled() and x.requires_grad
+    dev = x.device.type
+    rows = x.numel() // max(x.shape[-1], 1) if op == "linear" else 0
+    if dev == "cpu":
+        if op == "linear" and rows <= CPU_LUT_MAX_ROWS and not grad_x:
+            return "cpu_lut"
+        return "cpu_decode"
+    if dev == "cuda" and _triton_available():
+        if op == "linear" and rows <= GPU_FUSED_MAX_ROWS and not grad_x and x.dtype in (torch.float16, torch.bfloat16):
+            return "triton_fused"
+        return "triton_decode"
+    return "reference"
+
+
+def _get(name: str, op: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    try:
+        b = _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available: {available_backends()}") from None
+    fn = b.linear if op == "linear" else b.conv2d
+    if fn is None:
+        alt = "cpu_decode" if "cpu" in b.devices else "triton_decode"
+        raise ValueError(f"backend {name!r} has no {op} path; use {alt!r} or 'auto'")
+    if not _runs_on(b, x.device.type):
+        hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name.startswith("triton") else ""
+        raise ValueError(f"backend {name!r} cannot run on {x.device.type}{hint}; "
+                         f"available there: {available_backends(x.device)}")
+    return fn
 
 
 def vq_linear(
@@ -26,18 +144,37 @@ def vq_linear(
 ) -> torch.Tensor:
     """y = x Ŵᵀ + bias for x [..., d] -> [..., n]."""
     if backend == "auto":
-        backend = "reference"
-    try:
-        fn = _LINEAR_BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}") from None
-    return fn(x, codes, codebooks, scales, bias)
+        backend = choose_backend("linear", x, codes, codebooks, scales, bias)
+    return _get(backend, "linear", x)(x, codes, codebooks, scales, bias)
 
 
 def vq_conv2d(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
               stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
               dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str = "auto") -> torch.Tensor:
-    """Conv2d of NCHW x with the VQ weight."""
-    return vq_conv2d_reference(x, codes, codebooks, scales, bias, in_channels, kernel_size,
-                               stride, padding, dilation, groups)
+    """Conv2d of NCHW x with the VQ weight (stored as [C_out, k_h·k_w·C_in/groups])."""
+    if backend == "auto":
+        backend = choose_backend("conv2d", x, codes, codebooks, scales, bias)
+    fn = _get(backend, "conv2d", x)
+    return fn(x, codes, codebooks, scales, bias, in_channels, tuple(kernel_size), tuple(stride), tuple(padding),
+              tuple(dilation), groups)
+
+
+@torch.no_grad()
+def decode_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                  conv: tuple[int, tuple[int, int]] | None = None) -> torch.Tensor:
+    """A fresh dense weight for F.linear ([n, d]) or, with conv=(C_in, (k_h, k_w)), F.conv2d
+    ([C_out, C_in, k_h, k_w]; channels_last strides on CPU), by the fastest decoder on codes' device.
+
+    For weight caches: the result owns its memory (unlike the per-call scratch). Not differentiable.
+    """
+    dev = codes.device.type
+    if dev == "cuda" and _triton_available() and codebooks.shape[2] in (2, 4, 8, 16, 32):
+        from vqdm.kernels.triton_vq import decode_triton
+
+        return decode_triton(codes, codebooks, scales, dtype, conv=conv)
+    if dev == "cpu":
+        w = decode_cpu(codes, codebooks, scales, dtype)
+    else:
+        w = dequantize(codes, codebooks.detach(), scales.detach()).to(dtype)
+    return w if conv is None else conv_weight_view(w, conv[0], conv[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vqdm.kernels import dequantize, vq_conv2d, vq_linear
+from vqdm.kernels import conv2d_decoded, dequantize, linear_decoded, vq_conv2d, vq_linear
 
 NBITS = 8
 
@@ -28,7 +28,7 @@ class _VQBase(nn.Module):
     n: int
     d: int
     backend: str = "auto"
-    weight_cache = None  # set by vqdm.models.weight_cache when a policy is installed
+    weight_cache = None  # a vqdm.models.weight_cache.WeightCache, set by install_weight_cache
 
     def _init_format(self, n: int, d: int, num_codebooks: int, group_size: int, bias: bool, device, dtype) -> None:
         self.n, self.d = n, d
@@ -72,6 +72,9 @@ class VQLinear(_VQBase):
                    bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_cache.lookup(self, x) if self.weight_cache is not None else None
+        if w is not None:  # a cached dense weight (vqdm.models.weight_cache)
+            return linear_decoded(x, w, self.bias)
         return vq_linear(x, self.codes, self.codebooks, self.scales, self.bias, backend=self.backend)
 
 
@@ -96,6 +99,9 @@ class VQConv2d(_VQBase):
                    device=layer.weight.device, dtype=layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_cache.lookup(self, x) if self.weight_cache is not None else None
+        if w is not None:
+            return conv2d_decoded(x, w, self.bias, self.stride, self.padding, self.dilation)
         return vq_conv2d(x, self.codes, self.codebooks, self.scales, self.bias, self.in_channels,
                          self.kernel_size, self.stride, self.padding, self.dilation, backend=self.backend)
 

@@ -1,0 +1,228 @@
+"""Triton kernels for the VQ weight format: a fused dequant-GEMM and a decode-once kernel.
+
+Fused (`vq_linear_triton_fused`): each program owns a BLOCK_M x BLOCK_N tile of y. Per K-tile it
+loads the x tile, gathers the K codewords of every (output, group) pair of the weight tile from the
+codebook table (K·2^B·g values, 16 KB in fp16 for K = 4, so the gathers hit L1), sums them in fp32
+registers, casts to the activation dtype and feeds `tl.dot` (fp32 accumulation). s_out and bias are
+applied once in the epilogue, on the output tile. Only codes travel from HBM for the weight: 0.5 B
+per weight at K = 4 against 2 B for a dense fp16 weight, so it wins where the GEMM is memory-bound
+(few rows); with many rows every M-tile re-decodes the same weight tile and decode-once + cuBLAS wins.
+
+Decode-once (`decode_triton`): codes -> dense Ŵ (scaled) in the activation dtype, written in the
+layout the consumer wants (a [n, d] matrix, or a conv weight [C_out, C_in, k_h, k_w] in NCHW order),
+then cuBLAS / cuDNN via torch.
+
+K (number of codebooks) is a constexpr unrolled with tl.static_range, so K = 3 needs no
+power-of-two arange. Every load at an edge (M, N, d) is masked. Under TRITON_INTERPRET=1 (set
+before triton is imported) the same kernels run on CPU tensors, which is how CI tests them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vqdm.kernels.reference import check_format
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _decode_tile(codes_ptr, cb_ptr, offs_n, offs_j, mask_nj, stride_cn, stride_cj, stride_cbk,
+                 NUM_CB: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Σ_m C_m[codes[n, j, m]] for a [BLOCK_N, BLOCK_J] tile of (output, group): [BLOCK_N, BLOCK_J, GROUP] fp32."""
+    offs_e = tl.arange(0, GROUP)
+    code_ptrs = codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :] * stride_cj  # [BN, BJ]
+    w = tl.zeros((BLOCK_N, BLOCK_J, GROUP), dtype=tl.float32)
+    for m in tl.static_range(NUM_CB):
+        # Masked codes read as 0: a valid codeword, so the gather below needs no mask.
+        c = tl.load(code_ptrs + m, mask=mask_nj, other=0).to(tl.int32)
+        cw_ptrs = cb_ptr + m * stride_cbk + c[:, :, None] * GROUP + offs_e[None, None, :]
+        w += tl.load(cw_ptrs).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _vq_matmul_kernel(
+    x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr,
+    M, N, D, M_BUCKET,
+    stride_xm, stride_xd, stride_cn, stride_cj, stride_cbk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, NUM_CB: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = (x[M, D] @ Ŵ'[N, D]ᵀ) · s[N] + bias[N], Ŵ' = Σ_m C_m[codes] decoded per tile."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share each weight tile while it is hot in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    BLOCK_J: tl.constexpr = BLOCK_K // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_J)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    num_groups = D // GROUP
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xd,
+                    mask=mask_m[:, None] & (kk[None, :] < D), other=0.0)
+        jj = k0 // GROUP + offs_j
+        w = _decode_tile(codes_ptr, cb_ptr, offs_n, jj, mask_n[:, None] & (jj[None, :] < num_groups),
+                         stride_cn, stride_cj, stride_cbk, NUM_CB, GROUP, BLOCK_N, BLOCK_J)
+        # Past-the-edge columns of w hold codeword 0 (finite) and meet zeros in a: no effect.
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(a.dtype)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc * s[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _vq_decode_kernel(
+    codes_ptr, cb_ptr, scales_ptr, w_ptr,
+    N, NUM_GROUPS, CIN,
+    stride_cn, stride_cj, stride_cbk, stride_wn, stride_wtap, stride_wc,
+    NUM_CB: tl.constexpr, GROUP: tl.constexpr, IS_CONV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """W[n, col] = s_n Σ_m C_m[codes[n, col//g, m]][col%g]; col = tap·C_in + c lands at
+    n·stride_wn + tap·stride_wtap + c·stride_wc (a plain matrix when not IS_CONV)."""
+    pid_n = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_n = offs_n < N
+    mask_nj = mask_n[:, None] & (offs_j[None, :] < NUM_GROUPS)
+    w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_j, mask_nj, stride_cn, stride_cj, stride_cbk,
+                     NUM_CB, GROUP, BLOCK_N, BLOCK_J)
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    w = w * s[:, None, None]
+    col = offs_j[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]  # [1, BJ, GROUP]
+    if IS_CONV:
+        dst = (col // CIN) * stride_wtap + (col % CIN) * stride_wc
+    else:
+        dst = col * stride_wc
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + dst
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask_nj[:, :, None])
+
+
+def _matmul_configs() -> list[triton.Config]:
+    """Autotune space of the fused kernel (GPU only; the interpreter uses FIXED_CONFIG)."""
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (128, 128, 32, 4, 4),
+        (64, 256, 64, 8, 3), (128, 256, 64, 8, 3),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+FIXED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+DECODE_BLOCK = {"BLOCK_N": 32, "BLOCK_J": 32}
+
+_matmul_tuned = _vq_matmul_kernel if INTERPRET else triton.autotune(
+    configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"])(_vq_matmul_kernel)
+
+
+def _check_group(codes: torch.Tensor, codebooks: torch.Tensor) -> int:
+    g = codebooks.shape[2]
+    if g & (g - 1) or g < 2:
+        raise ValueError(f"the Triton kernels need a power-of-two group size, got g={g}")
+    return g
+
+
+def vq_linear_triton_fused(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Ŵᵀ + bias for x [..., d] (fp16/bf16; fp32 runs with IEEE dot) -> [..., n] in x's dtype."""
+    check_format(codes, codebooks, scales)
+    g = _check_group(codes, codebooks)
+    n, groups, k = codes.shape
+    d = groups * g
+    if x.shape[-1] != d:
+        raise ValueError(f"x has {x.shape[-1]} input features, the VQ weight expects {d}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    m = x2.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*lead, n)
+    codes = codes.contiguous()
+    codebooks = codebooks.detach().contiguous()
+    bias_arg = bias.detach() if bias is not None else scales  # unused pointer when HAS_BIAS is False
+    args = (x2, codes, codebooks, scales.detach(), bias_arg, y, m, n, d, triton.next_power_of_2(m),
+            x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), codebooks.stride(0), y.stride(0), y.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, NUM_CB=k, GROUP=g, IEEE=x.dtype == torch.float32)
+
+    def grid(c):
+        return (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+
+    if INTERPRET:
+        _vq_matmul_kernel[grid(FIXED_CONFIG)](*args, **meta, **FIXED_CONFIG)
+    else:
+        _matmul_tuned[grid](*args, **meta)
+    return y.reshape(*lead, n)
+
+
+def decode_triton(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                  dtype: torch.dtype = torch.float16, conv: tuple[int, tuple[int, int]] | None = None) -> torch.Tensor:
+    """Dense scaled Ŵ on codes' device: [n, d], or with conv=(C_in, (k_h, k_w)) an NCHW conv weight."""
+    check_format(codes, codebooks, scales)
+    g = _check_group(codes, codebooks)
+    n, groups, k = codes.shape
+    d = groups * g
+    codes = codes.contiguous()
+    codebooks = codebooks.detach().contiguous()
+    if conv is None:
+        w = torch.empty(n, d, device=codes.device, dtype=dtype)
+        cin, strides = d, (d, 0, 1)
+    else:
+        cin, (kh, kw) = conv
+        if kh * kw * cin != d:
+            raise ValueError(f"conv weight {n}x{cin}x{kh}x{kw} does not match d={d}")
+        w = torch.empty(n, cin, kh, kw, device=codes.device, dtype=dtype)
+        strides = (cin * kh * kw, 1, kh * kw)  # (row, tap, channel) in NCHW: tap = kh·kw index
+    bn, bj = DECODE_BLOCK["BLOCK_N"], DECODE_BLOCK["BLOCK_J"]
+    grid = (triton.cdiv(n, bn), triton.cdiv(groups, bj))
+    _vq_decode_kernel[grid](codes, codebooks, scales.detach(), w, n, groups, cin,
+                            codes.stride(0), codes.stride(1), codebooks.stride(0), *strides,
+                            NUM_CB=k, GROUP=g, IS_CONV=conv is not None and (kh, kw) != (1, 1),
+                            BLOCK_N=bn, BLOCK_J=bj)
+    return w
+
+
+def vq_linear_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode once into a dense scratch weight (x's dtype), then cuBLAS via F.linear."""
+    w = decode_triton(codes, codebooks, scales, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def vq_conv2d_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                            bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
+                            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """Decode straight into an NCHW conv weight (x's dtype), then cuDNN via F.conv2d."""
+    w = decode_triton(codes, codebooks, scales, x.dtype, conv=(in_channels // groups, tuple(kernel_size)))
+    return torch.nn.functional.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding,
+                                      dilation, groups)

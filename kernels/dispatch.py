@@ -31,8 +31,11 @@ from vqdm.kernels.reference import dequantize, vq_conv2d_reference, vq_linear_re
 CPU_LUT_MAX_ROWS = 4
 
 # CUDA: the fused dequant-GEMM while the GEMM has at most this many rows, decode-once + cuBLAS
-# above. Measured on one H100 80GB HBM3 (torch 2.11, triton 3.6, fp16): see docs/kernels.md.
-GPU_FUSED_MAX_ROWS = 512
+# above. Measured on one H100 80GB HBM3 (torch 2.11, triton 3.6, fp16, bench_layers --sweep,
+# M = 16..4096 on 1280x1280, 2048->1280, 1280->10240): decode + cuBLAS was faster at every M
+# (fused 5-26x dense, decode path 1.3-2.8x), so auto never picks the fused kernel; it stays
+# available by name. See docs/kernels.md.
+GPU_FUSED_MAX_ROWS = 0
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,12 @@ def _decode_tile(codes_ptr, cb_ptr, offs_n, offs_j, mask_nj, stride_cn, stride_c
     w = tl.zeros((BLOCK_N, BLOCK_J, GROUP), dtype=tl.float32)
     for m in tl.static_range(NUM_CB):
         # Masked codes read as 0: a valid codeword, so the gather below needs no mask.
-        c = tl.load(code_ptrs + m, mask=mask_nj, other=0).to(tl.int32)
-        cw_ptrs = cb_ptr + m * stride_cbk + c[:, :, None] * GROUP + offs_e[None, None, :]
-        w += tl.load(cw_ptrs).to(tl.float32)
+        c = tl.load(code_ptrs + m, mask=mask_nj, other=0, eviction_policy="evict_first").to(tl.int32)
+        # A codeword is GROUP contiguous values at a multiple of GROUP: say so, so the gather
+        # becomes one 16-byte vector load per codeword (fp16, g = 8) instead of GROUP scalar loads.
+        cw_offs = c[:, :, None] * GROUP + offs_e[None, None, :]
+        cw_offs = tl.max_contiguous(tl.multiple_of(cw_offs, [1, 1, GROUP]), [1, 1, GROUP])
+        w += tl.load(cb_ptr + m * stride_cbk + cw_offs, eviction_policy="evict_last").to(tl.float32)
     return w
 
 
@@ -127,23 +130,61 @@ def _vq_decode_kernel(
 
 
 def _matmul_configs() -> list[triton.Config]:
-    """Autotune space of the fused kernel (GPU only; the interpreter uses FIXED_CONFIG)."""
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (128, 128, 32, 4, 4),
-        (64, 256, 64, 8, 3), (128, 256, 64, 8, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    """Autotune space of the fused kernel (GPU only; the interpreter uses FIXED_CONFIG).
+
+    The codeword gathers are pipelined through shared memory (cp.async, 16 B per codeword), one
+    [BLOCK_N, BLOCK_K] tile per codebook per stage: K=4, 128x64 fp16 = 64 KB a stage, so the wide
+    tiles get 2 stages. Configs that do not fit are skipped by the autotuner.
+    """
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in [
+                (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2),
+                (64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (128, 128, 64, 8, 2), (64, 128, 32, 4, 3),
+                (128, 128, 32, 8, 3),
+            ]]
 
 
+# Interpreter (CI): tiny tiles keep it fast. GPU without autotuning (VQDM_TRITON_AUTOTUNE=0, used
+# by the tests so they do not compile every config): one config good across SDXL shapes.
 FIXED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 DECODE_BLOCK = {"BLOCK_N": 32, "BLOCK_J": 32}
+AUTOTUNE = os.environ.get("VQDM_TRITON_AUTOTUNE", "1") == "1"
 
-_matmul_tuned = _vq_matmul_kernel if INTERPRET else triton.autotune(
-    configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"])(_vq_matmul_kernel)
+
+def _quick_bench(fn, quantiles=None):
+    # Autotuning 9 configs per new shape with triton's default 25 ms + 100 ms per config is slow
+    # when a U-Net brings ~30 shapes; 5 + 25 ms separates the configs just as well.
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotuned(fn):
+    try:
+        return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"], do_bench=_quick_bench)(fn)
+    except TypeError:  # older triton without do_bench=
+        return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"])(fn)
+
+
+_matmul_tuned = _vq_matmul_kernel if INTERPRET or not AUTOTUNE else _autotuned(_vq_matmul_kernel)
+
+
+def _decode_configs() -> list[triton.Config]:
+    # Memory-bound gather + store: the tile size and warps set how many loads are in flight.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w)
+            for bn, bj, w in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (16, 32, 2), (128, 32, 8)]]
+
+
+def _decode_autotuned(fn):
+    key = ["N", "NUM_GROUPS", "NUM_CB", "IS_CONV"]
+    try:
+        return triton.autotune(configs=_decode_configs(), key=key, do_bench=_quick_bench)(fn)
+    except TypeError:
+        return triton.autotune(configs=_decode_configs(), key=key)(fn)
+
+
+_decode_tuned = _vq_decode_kernel if INTERPRET or not AUTOTUNE else _decode_autotuned(_vq_decode_kernel)
 
 
 def _check_group(codes: torch.Tensor, codebooks: torch.Tensor) -> int:
@@ -180,6 +221,8 @@ def vq_linear_triton_fused(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
 
     if INTERPRET:
         _vq_matmul_kernel[grid(FIXED_CONFIG)](*args, **meta, **FIXED_CONFIG)
+    elif not AUTOTUNE:
+        _vq_matmul_kernel[grid(DEFAULT_CONFIG)](*args, **meta, **DEFAULT_CONFIG)
     else:
         _matmul_tuned[grid](*args, **meta)
     return y.reshape(*lead, n)
@@ -203,12 +246,14 @@ def decode_triton(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Te
             raise ValueError(f"conv weight {n}x{cin}x{kh}x{kw} does not match d={d}")
         w = torch.empty(n, cin, kh, kw, device=codes.device, dtype=dtype)
         strides = (cin * kh * kw, 1, kh * kw)  # (row, tap, channel) in NCHW: tap = kh·kw index
-    bn, bj = DECODE_BLOCK["BLOCK_N"], DECODE_BLOCK["BLOCK_J"]
-    grid = (triton.cdiv(n, bn), triton.cdiv(groups, bj))
-    _vq_decode_kernel[grid](codes, codebooks, scales.detach(), w, n, groups, cin,
-                            codes.stride(0), codes.stride(1), codebooks.stride(0), *strides,
-                            NUM_CB=k, GROUP=g, IS_CONV=conv is not None and (kh, kw) != (1, 1),
-                            BLOCK_N=bn, BLOCK_J=bj)
+    args = (codes, codebooks, scales.detach(), w, n, groups, cin, codes.stride(0), codes.stride(1),
+            codebooks.stride(0), *strides)
+    meta = dict(NUM_CB=k, GROUP=g, IS_CONV=conv is not None and (kh, kw) != (1, 1))
+    if INTERPRET or not AUTOTUNE:
+        bn, bj = DECODE_BLOCK["BLOCK_N"], DECODE_BLOCK["BLOCK_J"]
+        _vq_decode_kernel[(triton.cdiv(n, bn), triton.cdiv(groups, bj))](*args, **meta, BLOCK_N=bn, BLOCK_J=bj)
+    else:
+        _decode_tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(groups, c["BLOCK_J"]))](*args, **meta)
     return w
 
 

@@ -13,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VQDM_TRITON_AUTOTUNE", "0")  # on a GPU: one config, not a compile per config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available()

@@ -1,0 +1,255 @@
+"""One denoising step of the full-size SDXL U-Net (2.6 B params, random init): dense vs VQ.
+
+    python benchmarks/bench_unet.py --resolution 1024 --bits 3 --json FILE
+        [--device cpu|cuda] [--preset sdxl|sdxl-turbo] [--dtypes fp32,bf16] [--steps 1]
+        [--budgets 0,0.25,0.5,1] [--policy none]
+
+Each (variant, dtype) runs in its own subprocess, so peak RSS (and CUDA peak memory) is honest:
+the VQ U-Net is built on the meta device and materialised as VQ directly, never as dense first.
+Batch: CFG batch 2 for SDXL, 1 for Turbo (guidance 0). Keys (SPEC §7): latency_ratio_fp32,
+latency_ratio_bf16, weight_memory_ratio_fp32, peak_rss_ratio; GPU runs add latency_ratio_fp16.
+`--budgets` (fractions of the dense weight bytes) adds the cache-budget sweep for the plot
+(benchmarks/plot_cache.py). VQ codes are random: speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: one model, one dtype, in its own process
+# ----------------------------------------------------------------------------------------------
+def build(preset: str, variant: str, bits: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Materialise the U-Net straight in `dtype` on `device` (dense or VQ), from a meta skeleton."""
+    from diffusers.utils import logging as dlogging
+
+    from vqdm.models import build_unet, replace_with_vq, vq_modules
+
+    dlogging.set_verbosity_error()  # casting a meta skeleton's dtype is fine here
+
+    torch.manual_seed(seed)
+    unet = build_unet(preset, device="meta")
+    if variant == "vq":
+        replace_with_vq(unet, num_codebooks=bits)
+    unet = unet.to(dtype).to_empty(device=device)  # dtype while still on meta: no fp32 copy
+    vq = {id(m) for _, m in vq_modules(unet)}
+    vq_params = {id(p) for m in unet.modules() if id(m) in vq for p in m.parameters()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for m in unet.modules():
+            if id(m) in vq:
+                # Ŵ entries ~ the dense default init's spread (std 1/sqrt(3d)) so activations match.
+                m.codes.copy_(torch.randint(0, 256, m.codes.shape, device=device, generator=gen, dtype=torch.uint8))
+                m.codebooks.normal_(0.0, m.num_codebooks ** -0.5, generator=gen)
+                m.scales.fill_((3 * m.d) ** -0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif hasattr(m, "reset_parameters") and not list(m.children()):
+                m.reset_parameters()
+                vq_params.update(id(p) for p in m.parameters(recurse=False))
+        for p in unet.parameters():  # parameters held by modules without reset_parameters
+            if id(p) not in vq_params:
+                p.normal_(0.0, 0.02, generator=gen)
+        bad = [n for n, p in unet.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise RuntimeError(f"uninitialised parameters after materialising: {bad[:5]}")
+    return unet.eval()
+
+
+def inputs(unet, resolution: int, batch: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    lat = resolution // 8
+    cfg = unet.config
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim  # 1280 for SDXL
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    return dict(sample=mk(batch, cfg.in_channels, lat, lat), timestep=torch.tensor(500.0, device=device),
+                encoder_hidden_states=mk(batch, 77, cfg.cross_attention_dim),
+                added_cond_kwargs={"text_embeds": mk(batch, text_dim), "time_ids": mk(batch, 6)})
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(unet, kw, steps: int, device: str) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            y = unet(**kw).sample
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+            if not torch.isfinite(y).all():
+                raise RuntimeError("non-finite U-Net output")
+    return out
+
+
+def time_graph(unet, kw, steps: int) -> float:
+    """One step captured as a CUDA graph (no per-kernel launch cost), min over replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        for _ in range(2):
+            unet(**kw)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        unet(**kw)
+    ts = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def worker(a) -> dict:
+    from vqdm.models import resident_weight_bytes
+    from vqdm.models.weight_cache import install_weight_cache
+
+    dtype = DTYPES[a.dtype]
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    t0 = time.perf_counter()
+    unet = build(a.preset, a.variant, a.bits, dtype, a.device)
+    build_s = time.perf_counter() - t0
+    batch = 1 if a.preset.endswith("turbo") else 2
+    kw = inputs(unet, a.resolution, batch, dtype, a.device)
+    weights = resident_weight_bytes(unet)
+    res = {"variant": a.variant, "dtype": a.dtype, "bits": a.bits if a.variant == "vq" else None,
+           "build_s": build_s, "weight_bytes": weights["stored"], "dense_equiv_bytes": weights[f"dense_{'fp32' if dtype == torch.float32 else 'fp16'}"]}
+    policies = [a.policy] if a.variant == "vq" else ["none"]
+    if a.variant == "vq" and a.budgets:
+        dense_bytes = sum(m.n * m.d for m in unet.modules() if hasattr(m, "codes")) * dtype.itemsize
+        policies = [f"budget={int(float(f) * dense_bytes)}" for f in a.budgets.split(",")]
+    runs = []
+    for pol in policies:
+        cache = install_weight_cache(unet, pol) if a.variant == "vq" else None
+        warm = time_steps(unet, kw, a.warmup, a.device)  # fills a budget cache; Triton autotunes
+        ts = time_steps(unet, kw, a.steps, a.device)
+        stats = cache.stats() if cache is not None else {}
+        runs.append({"policy": pol, "step_s": min(ts), "steps_s": ts, "warmup_s": warm,
+                     "cache_bytes": stats.get("bytes_resident", 0), "cache": stats,
+                     "resident_bytes": weights["stored"] + stats.get("bytes_resident", 0)})
+        print(f"  [{a.variant} {a.dtype} {pol}] step {min(ts):.3f}s (warmup {warm[0]:.3f}s)", file=sys.stderr, flush=True)
+        if cache is not None:
+            install_weight_cache(unet, "none")
+            del cache
+    res["runs"] = runs
+    res["step_s"] = runs[0]["step_s"]
+    if a.device == "cuda" and a.cuda_graph:
+        install_weight_cache(unet, "none")
+        try:
+            res["graph_step_s"] = time_graph(unet, kw, max(a.steps, 3))
+        except Exception as e:  # noqa: BLE001 - report, do not lose the eager figures
+            res["graph_error"] = f"{type(e).__name__}: {e}"[:500]
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if a.device == "cuda":
+        res["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# driver: subprocess per (variant, dtype), ratios vs dense in the same run
+# ----------------------------------------------------------------------------------------------
+def run_worker(args, variant: str, dtype: str, budgets: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dtype", dtype, "--preset", args.preset,
+           "--resolution", str(args.resolution), "--bits", str(args.bits), "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy]
+    if budgets:
+        cmd += ["--budgets", budgets]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.cuda_graph:
+        cmd += ["--cuda-graph"]
+    print(f"$ {variant} {dtype}{' budgets ' + budgets if budgets else ''}", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine_info(device: str) -> dict:
+    import platform
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import psutil
+
+        info["ram_bytes"] = psutil.virtual_memory().total
+    except ImportError:
+        pass
+    if device == "cuda":
+        import triton
+
+        info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    ap.add_argument("--preset", default="sdxl")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default=None, help="default: cpu fp32,bf16; cuda fp16,bf16")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps (min is reported)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--policy", default="none", help="weight-cache policy of the VQ runs")
+    ap.add_argument("--budgets", default=None, help="cache budget sweep, fractions of dense bytes, e.g. 0,0.5,1")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cuda-graph", action="store_true", help="GPU: also time the step as a captured CUDA graph")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return None
+    dtypes = (a.dtypes or ("fp32,bf16" if a.device == "cpu" else "fp16,bf16")).split(",")
+    result = {"preset": a.preset, "resolution": a.resolution, "bits": a.bits, "device": a.device,
+              "policy": a.policy, "batch": 1 if a.preset.endswith("turbo") else 2,
+              "command": "python " + " ".join(sys.argv), "machine": machine_info(a.device), "runs": {}}
+    for dt in dtypes:
+        dense = run_worker(a, "dense", dt)
+        vq = run_worker(a, "vq", dt)
+        result["runs"][dt] = {"dense": dense, "vq": vq}
+        result[f"latency_ratio_{dt}"] = vq["step_s"] / dense["step_s"]
+        if dt == "fp32":
+            result["weight_memory_ratio_fp32"] = dense["weight_bytes"] / vq["weight_bytes"]
+            result["peak_rss_ratio"] = dense["peak_rss_bytes"] / vq["peak_rss_bytes"]
+        if "graph_step_s" in dense and "graph_step_s" in vq:
+            result[f"latency_ratio_{dt}_cuda_graph"] = vq["graph_step_s"] / dense["graph_step_s"]
+        if a.device == "cuda":
+            result[f"cuda_peak_memory_ratio_{dt}"] = dense["cuda_peak_allocated_bytes"] / vq["cuda_peak_allocated_bytes"]
+        print(f"{dt}: dense {dense['step_s']:.3f}s  vq {vq['step_s']:.3f}s  ratio {result[f'latency_ratio_{dt}']:.3f}",
+              file=sys.stderr, flush=True)
+        if a.budgets:
+            result["runs"][dt]["budget_sweep"] = run_worker(a, "vq", dt, a.budgets)
+    keys = [k for k in result if k.startswith(("latency_ratio", "weight_memory", "peak_rss", "cuda_peak"))]
+    print(json.dumps({k: round(result[k], 4) for k in keys}, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -136,6 +136,7 @@ class HessianCollector:
         self._handles: list = []
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._gen = torch.Generator().manual_seed(self.seed)
+        self._finished = False
 
     # -- hooks -------------------------------------------------------------------------------
     def __enter__(self) -> "HessianCollector":
@@ -179,9 +180,12 @@ class HessianCollector:
                                "run calibration with share_inputs=False for this model")
         if owner != name:
             return  # the owner already accumulated this exact tensor
+        if self._finished:
+            raise RuntimeError("this collector's statistics were already taken; use a new collector")
         moment = self.moments.get(name)
         if moment is None:
-            moment = self.moments[name] = SecondMoment.zeros(entry.d, device=x.device)
+            with torch.inference_mode(False):  # a normal tensor: divided in place after sampling
+                moment = self.moments[name] = SecondMoment.zeros(entry.d, device=x.device)
         with torch.no_grad():
             rows = (conv_rows(x, entry.module, self.chunk_elements) if isinstance(entry.module, nn.Conv2d)
                     else linear_rows(x, entry.d, self.chunk_elements))
@@ -222,15 +226,34 @@ class HessianCollector:
             self.moments[owner].all_reduce()
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        """layer -> H [d, d] float64; layers of a shared group map to the same tensor object."""
+        """layer -> H [d, d] float64; layers of a shared group map to the same tensor object.
+
+        The sums are divided in place (a second d² copy of the widest H would be 4.2 GB), so the
+        collector is finished afterwards: call `counts()` before if you need them.
+        """
         missing = [n for n, e in self.entries.items() if e.owner is None]
         if missing:
             raise RuntimeError(f"layer(s) never ran during calibration: {missing[:3]}")
-        means = {owner: m.mean() for owner, m in self.moments.items()}
+        if self._finished:
+            raise RuntimeError("hessians() was already taken from this collector")
+        self._finished = True
+        means = {}
+        for owner, m in self.moments.items():
+            if m.count == 0:
+                raise RuntimeError(f"no calibration rows were recorded for {owner}")
+            means[owner] = m.sum.div_(m.count)
+        self.moments = {}
         return {n: means[e.owner] for n, e in self.entries.items()}
 
     def counts(self) -> dict[str, int]:
         return {n: self.moments[e.owner].count for n, e in self.entries.items() if e.owner is not None}
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed group; (0, 1) when not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def hessian_bytes(module: nn.Module) -> int:

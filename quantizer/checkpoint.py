@@ -86,7 +86,7 @@ class Checkpoint:
 
     def save_subset(self, state: dict, index: int, subset: str,
                     tensors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                    layer_stats: dict[str, dict]) -> None:
+                    layer_stats: dict[str, dict], info: dict | None = None) -> None:
         """Record a finished subset: its tensors first, then the state that points at them."""
         from safetensors.torch import save
 
@@ -97,7 +97,8 @@ class Checkpoint:
             flat[f"{name}.scales"] = scales.detach().to("cpu", torch.float32).contiguous()
         file = f"subset-{index}-{subset}.safetensors"
         _atomic_write_bytes(self.path / file, save(flat, metadata={"format": FORMAT, "subset": subset}))
-        state["finished"].append({"index": index, "subset": subset, "file": file, "layers": layer_stats})
+        state["finished"].append({"index": index, "subset": subset, "file": file, "layers": layer_stats,
+                                  "info": info or {}})
         self._write_state(state)
 
     def load_subset(self, entry: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -166,7 +167,7 @@ def run_trajectories(pipe, cfg: CalibrationConfig, batches: list[Batch],
     `progress` is an optional tqdm-like object advanced by one per batch.
     """
     check_resolution(pipe, cfg.resolution)
-    with calibration_scheduler(pipe, cfg.scheduler), torch.inference_mode():
+    with calibration_scheduler(pipe, cfg.scheduler), torch.no_grad():
         for batch in batches:
             if before_batch is not None:
                 before_batch(batch)
@@ -184,3 +185,36 @@ def check_resolution(pipe, resolution: int) -> None:
     multiple = pipe.vae_scale_factor * 2**levels
     if resolution % multiple:
         raise ConfigError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
+
+
+@dataclass
+class LayerStatistics:
+    hessians: dict[str, torch.Tensor]  # layer -> H [d, d] float64 (shared groups: one tensor object)
+    counts: dict[str, int]  # rows behind each H
+    groups: dict[str, list[str]]  # owner -> layers sharing its H
+
+
+def collect_hessians(pipe, names: list[str], cfg: CalibrationConfig, prompts: list[str], *,
+                     progress=None) -> LayerStatistics:
+    """H of the named U-Net layers over this rank's share of the calibration, summed over all ranks.
+
+    Row sampling (`cfg.max_rows_per_call`) is reseeded per batch from (seed, batch index), so the
+    draws, like the latents, do not depend on how batches are spread over ranks.
+    """
+    from vqdm.quantizer.calibration import HessianCollector, dist_info
+
+    rank, world = dist_info()
+    total = math.ceil(cfg.num_prompts / cfg.batch_size)
+    if total < world:
+        raise ConfigError(f"{total} calibration batch(es) cannot be spread over {world} processes: "
+                          "raise --num-prompts or lower --batch-size")
+    batches = plan_batches(cfg, prompts, rank, world)
+    if progress is not None:
+        progress.reset(total=len(batches))
+    collector = HessianCollector(pipe.unet, names, max_rows_per_call=cfg.max_rows_per_call)
+    with collector:
+        run_trajectories(pipe, cfg, batches, progress=progress,
+                         before_batch=lambda b: collector.reseed(prompt_seed(cfg.seed, b.index)))
+    collector.all_reduce()
+    counts, groups = collector.counts(), collector.groups()
+    return LayerStatistics(collector.hessians(), counts, groups)

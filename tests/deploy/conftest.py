@@ -76,3 +76,27 @@ def exported_metrics() -> set[str]:
     names.update(_AGREED["counter"] + _AGREED["gauge"])
     names.update(f"{h}{s}" for h in _AGREED["histogram"] for s in ("_bucket", "_sum", "_count"))
     return names
+
+
+@pytest.fixture(scope="session")
+def server_settings():
+    """Build the server's Settings from exactly `env` (nothing else of the environment), after
+    checking that every VQDM_* name is a real setting: the server ignores unknown ones, so a
+    misspelt variable in a deploy file would otherwise be silently dropped."""
+    import os
+    from unittest import mock
+
+    from vqdm.server.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+
+    def build(env: dict[str, str], where: str):
+        for key in env:
+            assert key.startswith(prefix), f"{where}: {key} is not a {prefix}* variable"
+            field = key[len(prefix):].lower()
+            assert field in Settings.model_fields, f"{where}: {key} is not a server setting"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        with mock.patch.dict(os.environ, {**clean, **{k: str(v) for k, v in env.items()}}, clear=True):
+            return Settings()
+
+    return build

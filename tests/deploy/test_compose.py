@@ -69,6 +69,12 @@ def test_vqdm_port_models_and_read_only_root(compose):
     assert vqdm["read_only"] is True and "/tmp" in vqdm["tmpfs"], "read-only root needs a writable /tmp"
 
 
+def test_vqdm_environment_is_valid_server_settings(compose, server_settings):
+    env = {k: interpolate(str(v)) for k, v in compose["services"]["vqdm"]["environment"].items()}
+    settings = server_settings(env, "compose.yaml vqdm.environment")
+    assert (settings.host, settings.port) == ("0.0.0.0", dockerfile_expose())
+
+
 def test_prometheus_scrapes_vqdm_and_loads_the_mounted_rules(compose):
     prom = compose["services"]["prometheus"]
     mounts = {target: host for host, target, _ in binds(prom)}

@@ -189,3 +189,15 @@ def test_healthcheck_command_runs_against_a_real_http_server(tmp_path):
         assert bad.returncode != 0
     finally:
         srv.shutdown()
+
+
+def test_image_env_is_valid_server_settings(server_settings):
+    env = {}
+    for k, v in instructions():
+        if k == "ENV":
+            env.update(dict(re.findall(r"(VQDM_\w+)=(\S+)", v)))
+    settings = server_settings(env, "Dockerfile ENV")
+    assert settings.host == "0.0.0.0", "reachable from outside the container"
+    (expose,) = [v for k, v in instructions() if k == "EXPOSE"]
+    assert settings.port == int(expose)
+    assert settings.model_specs()[0].path is None, "no model given: the embedded default"

@@ -143,6 +143,19 @@ def test_service_pdb_and_hpa_select_the_deployment():
     assert re.fullmatch(keep["regex"], labels["app.kubernetes.io/name"])
 
 
+def test_config_maps_are_valid_server_settings(server_settings):
+    base = server_settings(base_objects()["ConfigMap"]["data"], "base ConfigMap")
+    assert base.host == "0.0.0.0" and base.model_specs()[0].path is None
+    (patch,) = docs(K8S / "components/models-pvc/patch-configmap.yaml")
+    merged = {**base_objects()["ConfigMap"]["data"], **patch["data"]}
+    specs = server_settings(merged, "models-pvc ConfigMap").model_specs()
+    assert specs and all(str(s.path).startswith("/models/") for s in specs)
+    # The queue-depth target is one batch per replica, and a full queue holds several batches.
+    (op,) = docs(K8S / "components/queue-depth-hpa/patch-hpa.yaml")[0]
+    target = float(op["value"][0]["pods"]["target"]["averageValue"])
+    assert target == base.max_batch_size and target * 2 <= base.max_queue_size
+
+
 def test_rendered_variants_are_valid_kubernetes_objects(rendered):
     kv = pytest.importorskip("kubernetes_validate", reason="`pip install kubernetes-validate` for schema checks")
     for variant, objs in rendered.items():

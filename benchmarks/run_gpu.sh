@@ -18,12 +18,12 @@ case $what in
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     } 2>&1 | tee "$out/gpu_info.txt"
-    python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+    python3 -m pytest tests/kernels/${TESTS:-} -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
   layers)
     python3 benchmarks/bench_layers.py --device cuda --dtypes fp16 --bits "${BITS:-3}" --sweep --json "$out/gpu_layers.json" 2>&1 | tee "$out/gpu_layers.log" ;;
   turbo)
     python3 benchmarks/bench_unet.py --device cuda --preset sdxl-turbo --resolution 512 --bits "${BITS:-3}" --dtypes fp16 \
-      --steps 10 --warmup 2 --cuda-graph --json "$out/gpu_unet_turbo_512.json" 2>&1 | tee "$out/gpu_unet_turbo.log" ;;
+      --steps 10 --warmup 2 --cuda-graph --budgets "${BUDGETS:-0.5,1}" --json "$out/gpu_unet_turbo_512.json" 2>&1 | tee "$out/gpu_unet_turbo.log" ;;
   sdxl)
     python3 benchmarks/bench_unet.py --device cuda --preset sdxl --resolution 1024 --bits "${BITS:-3}" --dtypes fp16 \
       --steps 5 --warmup 2 --cuda-graph --json "$out/gpu_unet_sdxl_1024.json" 2>&1 | tee "$out/gpu_unet_sdxl.log" ;;

@@ -8,9 +8,8 @@ applied once in the epilogue, on the output tile. Only codes travel from HBM for
 per weight at K = 4 against 2 B for a dense fp16 weight, so it wins where the GEMM is memory-bound
 (few rows); with many rows every M-tile re-decodes the same weight tile and decode-once + cuBLAS wins.
 
-Decode-once (`decode_triton`): codes -> dense Ŵ (scaled) in the activation dtype, written in the
-layout the consumer wants (a [n, d] matrix, or a conv weight [C_out, C_in, k_h, k_w] in NCHW order),
-then cuBLAS / cuDNN via torch.
+Decode-once (`decode_triton`): codes -> dense Ŵ (scaled) in the activation dtype as an [n, d]
+matrix (16-byte stores), then cuBLAS / cuDNN via torch (convs: see vq_conv2d_triton_decode).
 
 K (number of codebooks) is a constexpr unrolled with tl.static_range, so K = 3 needs no
 power-of-two arange. Every load at an edge (M, N, d) is masked. Under TRITON_INTERPRET=1 (set
@@ -24,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vqdm.kernels.decoded import conv2d_decoded, conv_weight_view
 from vqdm.kernels.reference import check_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -103,13 +103,11 @@ def _vq_matmul_kernel(
 @triton.jit
 def _vq_decode_kernel(
     codes_ptr, cb_ptr, scales_ptr, w_ptr,
-    N, NUM_GROUPS, CIN,
-    stride_cn, stride_cj, stride_cbk, stride_wn, stride_wtap, stride_wc,
-    NUM_CB: tl.constexpr, GROUP: tl.constexpr, IS_CONV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    N, NUM_GROUPS,
+    stride_cn, stride_cj, stride_cbk, stride_wn,
+    NUM_CB: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """W[n, col] = s_n Σ_m C_m[codes[n, col//g, m]][col%g]; col = tap·C_in + c lands at
-    n·stride_wn + tap·stride_wtap + c·stride_wc (a plain matrix when not IS_CONV)."""
+    """W[n, j·g + e] = s_n Σ_m C_m[codes[n, j, m]][e]: a [BLOCK_N, BLOCK_J·g] tile, 16-byte stores."""
     pid_n = tl.program_id(0)
     pid_j = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,11 +119,7 @@ def _vq_decode_kernel(
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     w = w * s[:, None, None]
     col = offs_j[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]  # [1, BJ, GROUP]
-    if IS_CONV:
-        dst = (col // CIN) * stride_wtap + (col % CIN) * stride_wc
-    else:
-        dst = col * stride_wc
-    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + dst
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + col
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask_nj[:, :, None])
 
 
@@ -177,7 +171,7 @@ def _decode_configs() -> list[triton.Config]:
 
 
 def _decode_autotuned(fn):
-    key = ["N", "NUM_GROUPS", "NUM_CB", "IS_CONV"]
+    key = ["N", "NUM_GROUPS", "NUM_CB"]
     try:
         return triton.autotune(configs=_decode_configs(), key=key, do_bench=_quick_bench)(fn)
     except TypeError:
@@ -230,31 +224,35 @@ def vq_linear_triton_fused(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
 
 def decode_triton(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                   dtype: torch.dtype = torch.float16, conv: tuple[int, tuple[int, int]] | None = None) -> torch.Tensor:
-    """Dense scaled Ŵ on codes' device: [n, d], or with conv=(C_in, (k_h, k_w)) an NCHW conv weight."""
+    """Dense scaled Ŵ [n, d] on codes' device; with conv=(C_in, (k_h, k_w)) an NCHW conv weight.
+
+    The kernel always writes the [n, d] matrix (columns (k_h, k_w, C_in) for convs) with 16-byte
+    stores; an NCHW conv weight is then one coalesced permute-copy. Writing NCHW directly from the
+    kernel scatters 2-byte stores k_h·k_w apart: measured on an H100 it made a 2560->1280 3x3
+    conv's decode 20x slower than this.
+    """
     check_format(codes, codebooks, scales)
     g = _check_group(codes, codebooks)
     n, groups, k = codes.shape
     d = groups * g
     codes = codes.contiguous()
     codebooks = codebooks.detach().contiguous()
-    if conv is None:
-        w = torch.empty(n, d, device=codes.device, dtype=dtype)
-        cin, strides = d, (d, 0, 1)
-    else:
-        cin, (kh, kw) = conv
-        if kh * kw * cin != d:
-            raise ValueError(f"conv weight {n}x{cin}x{kh}x{kw} does not match d={d}")
-        w = torch.empty(n, cin, kh, kw, device=codes.device, dtype=dtype)
-        strides = (cin * kh * kw, 1, kh * kw)  # (row, tap, channel) in NCHW: tap = kh·kw index
-    args = (codes, codebooks, scales.detach(), w, n, groups, cin, codes.stride(0), codes.stride(1),
-            codebooks.stride(0), *strides)
-    meta = dict(NUM_CB=k, GROUP=g, IS_CONV=conv is not None and (kh, kw) != (1, 1))
+    w = torch.empty(n, d, device=codes.device, dtype=dtype)
+    args = (codes, codebooks, scales.detach(), w, n, groups, codes.stride(0), codes.stride(1),
+            codebooks.stride(0), w.stride(0))
     if INTERPRET or not AUTOTUNE:
         bn, bj = DECODE_BLOCK["BLOCK_N"], DECODE_BLOCK["BLOCK_J"]
-        _vq_decode_kernel[(triton.cdiv(n, bn), triton.cdiv(groups, bj))](*args, **meta, BLOCK_N=bn, BLOCK_J=bj)
+        _vq_decode_kernel[(triton.cdiv(n, bn), triton.cdiv(groups, bj))](*args, NUM_CB=k, GROUP=g, BLOCK_N=bn,
+                                                                        BLOCK_J=bj)
     else:
-        _decode_tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(groups, c["BLOCK_J"]))](*args, **meta)
-    return w
+        _decode_tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(groups, c["BLOCK_J"]))](
+            *args, NUM_CB=k, GROUP=g)
+    if conv is None:
+        return w
+    cin, ksize = conv
+    if ksize[0] * ksize[1] * cin != d:
+        raise ValueError(f"conv weight {n}x{cin}x{ksize[0]}x{ksize[1]} does not match d={d}")
+    return conv_weight_view(w, cin, ksize).contiguous()
 
 
 def vq_linear_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -267,7 +265,18 @@ def vq_linear_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: tor
 def vq_conv2d_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                             bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """Decode straight into an NCHW conv weight (x's dtype), then cuDNN via F.conv2d."""
-    w = decode_triton(codes, codebooks, scales, x.dtype, conv=(in_channels // groups, tuple(kernel_size)))
-    return torch.nn.functional.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding,
-                                      dilation, groups)
+    """Decode once, then cuDNN via F.conv2d.
+
+    The decoded matrix is a channels_last conv weight as it stands. cuDNN then runs the conv in
+    NHWC, which costs converting x in and y back to x's layout; making the weight NCHW costs one
+    permute-copy of the weight. Whichever moves fewer elements is done.
+    """
+    w = decode_triton(codes, codebooks, scales, x.dtype)
+    cin = in_channels // groups
+    w4 = conv_weight_view(w, cin, tuple(kernel_size))
+    if kernel_size[0] * kernel_size[1] > 1:
+        rows = x.numel() // max(x.shape[1], 1)  # N·H·W of the input
+        activation_elems = rows * (x.shape[1] + codes.shape[0])  # x in + y out (same-size output assumed)
+        if w.numel() <= activation_elems:
+            w4 = w4.contiguous()
+    return conv2d_decoded(x, w4, bias, stride, padding, dilation, groups)

@@ -1,0 +1,99 @@
+"""The FastAPI application: `create_app(settings)` builds it; everything stateful (metrics, queue,
+workers, models) is created in the lifespan and hung on `app.state.vqdm`, never at import.
+
+Start-up does not block the server: the lifespan starts model loading in the background and
+returns, so /healthz answers at once and /readyz says 503 until every model is loaded and warmed
+up. Shutdown (SIGTERM under uvicorn) stops admitting jobs, lets queued and running ones finish
+for up to `shutdown_timeout_s`, then cancels what is left.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Callable
+
+from fastapi import FastAPI
+
+from vqdm.server.batching import Dispatcher
+from vqdm.server.errors import install_error_handlers
+from vqdm.server.metrics import Metrics
+from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from vqdm.server.registry import ModelLoader
+from vqdm.server.settings import Settings
+from vqdm.server.state import ServerState
+
+log = logging.getLogger("vqdm.server")
+
+
+async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Callable[[str], None] | None) -> None:
+    try:
+        state.phase = "loading models"
+        models = await asyncio.to_thread(loader, state.settings, state.devices)
+        state.models = state.dispatcher.models = {m.id: m for m in models}
+        for m in models:
+            state.metrics.set_model(m.id, m.weight_bytes)
+        if state.settings.warmup:
+            state.phase = "warming up"
+            await state.dispatcher.warm_up(state.settings.warmup_steps)
+        state.dispatcher.start()
+        state.ready, state.phase = True, "ready"
+        state.metrics.ready.set(1)
+        log.info("ready: serving %s on %s", ", ".join(state.models), ", ".join(state.devices))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported on /healthz and /readyz, and to the CLI
+        log.exception("start-up failed")
+        state.load_error, state.phase = f"{type(e).__name__}: {e}", "failed"
+        if on_fatal is not None:
+            on_fatal(state.load_error)
+
+
+def create_app(settings: Settings | None = None, loader: ModelLoader | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """`loader(settings, devices) -> [ServedModel]` defaults to `registry.load_models`; `on_fatal`
+    is called with the error when start-up fails (the CLI uses it to stop uvicorn)."""
+    from vqdm import __version__
+
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from vqdm.server.registry import load_models, resolve_device
+
+        devices = [resolve_device(d) for d in settings.devices]
+        metrics = Metrics()
+        metrics.build_info.labels(__version__, settings.backend, ",".join(devices)).set(1)
+        state = ServerState(settings=settings, metrics=metrics, dispatcher=Dispatcher(settings, metrics, devices),
+                            devices=devices)
+        app.state.vqdm = state
+        metrics_server = None
+        if settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host or settings.host,
+                                                  registry=metrics.registry)
+        loading = asyncio.create_task(_load_and_warm(state, loader or load_models, on_fatal))
+        try:
+            yield
+        finally:
+            state.ready, state.phase = False, "shutting down"
+            metrics.ready.set(0)
+            if not loading.done():
+                loading.cancel()
+            await state.dispatcher.shutdown(settings.shutdown_timeout_s)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            log.info("shut down")
+
+    app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan,
+                  description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    from vqdm.server.routes import router
+
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware,
+                       metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None))
+    return app

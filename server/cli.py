@@ -1,0 +1,162 @@
+"""`vqdm serve` (the HTTP server) and `vqdm generate` (one image without a server)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from vqdm.errors import ConfigError
+
+log = logging.getLogger("vqdm.server")
+
+# `vqdm serve` flag → Settings field (flags win over VQDM_* variables).
+_SERVE_FLAGS = {
+    "host": "host", "port": "port", "model": "models", "api_key": "api_keys", "max_queue_size": "max_queue_size",
+    "max_batch_size": "max_batch_size", "batch_wait_ms": "batch_wait_ms", "max_n": "max_n",
+    "max_steps": "max_steps", "max_side": "max_side", "max_pixels": "max_pixels",
+    "max_prompt_chars": "max_prompt_chars", "request_timeout": "request_timeout_s",
+    "shutdown_timeout": "shutdown_timeout_s", "metrics_port": "metrics_port", "json_logs": "json_logs",
+    "log_level": "log_level", "device": "devices", "dtype": "dtype", "backend": "backend",
+    "weight_cache": "weight_cache", "no_warmup": "warmup",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible image API (FastAPI + uvicorn); VQDM_* variables also apply",
+                       description="Serve models over HTTP. Every flag has a VQDM_<NAME> environment variable "
+                                   "(see docs/server.md); flags win.")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a vqdm artifact or diffusers SDXL folder (repeatable); none: the embedded tiny default")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", action="append", metavar="KEY", help="require 'Authorization: Bearer KEY' (repeatable)")
+    p.add_argument("--max-queue-size", type=int, help="waiting jobs before 429 (default 32)")
+    p.add_argument("--max-batch-size", type=int, help="images per pipeline call (default 4; 1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, help="when idle, wait this long for batch mates (default 0)")
+    p.add_argument("--max-n", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-side", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--max-prompt-chars", type=int)
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
+    p.add_argument("--json-logs", action="store_const", const=True)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--device", action="append", help="cpu, cuda:0, ... (repeatable: one worker each; default auto)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    p.add_argument("--backend", help="VQ kernel backend (default auto)")
+    p.add_argument("--weight-cache", metavar="POLICY", help="none | request | budget=BYTES")
+    p.add_argument("--no-warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate one image locally, without a server")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="vqdm artifact or diffusers SDXL folder (default: the embedded tiny model)")
+    p.add_argument("-o", "--out", required=True, help="output file (.png, .jpg, .webp); with -n > 1 numbered")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--size", help="WxH, e.g. 1024x1024 (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=int, default=1, help="images (seeds seed..seed+n-1)")
+    p.add_argument("--scheduler")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    p.add_argument("--weight-cache", default="none")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_settings(args: argparse.Namespace):
+    """Settings from VQDM_* variables with the given flags on top; a bad value is a one-line error."""
+    from pydantic import ValidationError
+
+    from vqdm.server.settings import Settings
+
+    overrides = {field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag, None) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"{where}: {first['msg']}") from None
+
+
+def _check_model_folders(settings) -> None:
+    from vqdm.models import read_model_index
+
+    for spec in settings.model_specs():
+        if spec.path is not None:
+            read_model_index(spec.path)  # raises ModelFolderError naming what is wrong
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vqdm.server.app import create_app
+    from vqdm.server.logs import configure_logging
+
+    settings = build_settings(args)
+    _check_model_folders(settings)
+    configure_logging(settings.log_level, settings.json_logs)
+    failure: list[str] = []
+    holder: dict = {}
+
+    def on_fatal(error: str) -> None:
+        failure.append(error)
+        holder["server"].should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None, lifespan="on")
+    server = holder["server"] = uvicorn.Server(config)
+    server.run()
+    if failure:
+        raise ConfigError(f"start-up failed: {failure[0]}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from vqdm.server.errors import APIError
+    from vqdm.server.imaging import FORMATS, encode_image
+    from vqdm.server.registry import load_model, resolve_device
+    from vqdm.server.runner import Member, run_batch
+    from vqdm.server.schemas import ImageGenerationRequest
+    from vqdm.server.settings import ModelSpec, Settings
+    from vqdm.server.validation import validate
+
+    out = Path(args.out)
+    ext = out.suffix.lower().lstrip(".")
+    fmt = {"jpg": "jpeg"}.get(ext, ext)
+    if fmt not in FORMATS:
+        raise ValueError(f"{out}: unknown image type {out.suffix!r}; use .png, .jpg or .webp")
+    settings = Settings(devices=[args.device], dtype=args.dtype, weight_cache=args.weight_cache,
+                        max_n=max(args.n, 1))
+    device = resolve_device(args.device)
+    spec = ModelSpec("local", Path(args.model)) if args.model else ModelSpec("vqdm-tiny-sdxl", None)
+    if spec.path is not None:
+        from vqdm.models import read_model_index
+
+        read_model_index(spec.path)  # a one-line error naming what is wrong with the folder
+    t0 = time.perf_counter()
+    model = load_model(spec, settings, [device])
+    load_s = time.perf_counter() - t0
+    try:
+        params = validate(ImageGenerationRequest(
+            prompt=args.prompt, model=model.id, n=args.n, size=args.size, negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
+            output_format=fmt), {model.id: model}, settings)
+    except APIError as e:
+        raise ValueError(e.message) from None
+    outcome = run_batch(model.replicas[device], [Member(params)])
+    paths = [out] if params.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(params.n)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, outcome.images[0]):
+        path.write_bytes(encode_image(image, fmt))
+    print(f"wrote {', '.join(map(str, paths))}: {params.width}x{params.height}, {params.steps} steps, "
+          f"guidance {params.guidance:g}, seed {params.seed}, {outcome.total_s:.2f}s generation "
+          f"(+{load_s:.1f}s loading {model.source})")
+    if outcome.revised_prompts[0]:
+        print(f"note: the prompt is longer than 77 CLIP tokens; the model read: {outcome.revised_prompts[0]!r}")
+    return 0

@@ -1,0 +1,99 @@
+"""Prometheus metrics (SPEC §9). Names are a contract with deploy/ (Grafana dashboard, alerts,
+queue-depth autoscaling): change one only together with those files.
+
+Each app gets its own CollectorRegistry (no module globals), so several apps in one process
+(tests) do not share counters. Labels never carry prompts, seeds or users: `model` is a served
+model id or "unknown", `status` an HTTP status code, `reason` and `stage` fixed words.
+
+What counts as what:
+- vqdm_requests_total{model,status}: every POST /v1/images/generations by final status, 499 for a
+  request cancelled by its client (disconnect or DELETE). A streamed request counts the status
+  its job ended with, even though the stream itself began with 200.
+- vqdm_request_duration_seconds{model}: arrival to response, for requests admitted to the queue
+  that were not cancelled (rejections like 400/429 would pull the percentiles down to zero).
+- vqdm_queue_wait_seconds{model}: admission to the start of the job's batch.
+- vqdm_denoise_step_duration_seconds{model}: one observation per denoising step of a batch
+  (U-Net call + scheduler step, device synchronised).
+- vqdm_vae_decode_duration_seconds{model}: the batch's VAE decode.
+- vqdm_weight_decode_duration_seconds{model}: seconds spent decoding VQ weights into dense ones
+  during a request, measured by the weight cache (vqdm.models.weight_cache); observed only when
+  a cache policy (request, budget=...) is active. With policy `none` the kernels decode inside
+  each layer call, which cannot be separated from the matmul without slowing it, so the metric
+  is registered but gets no observations.
+- vqdm_in_flight_requests: jobs inside a running batch; vqdm_queue_depth: jobs waiting.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
+
+# 1 ms (a tiny-model step) .. 10 min (SDXL on CPU at 1024²); 10/60/180 s are alert thresholds.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+                    60.0, 120.0, 180.0, 300.0, 600.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _peak_rss_bytes() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def _cuda(stat: str) -> Callable[[], float]:
+    def read() -> float:
+        torch = sys.modules.get("torch")  # never import torch (or initialise CUDA) just for a scrape
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return 0.0
+        fn = getattr(torch.cuda, stat)
+        return float(sum(fn(i) for i in range(torch.cuda.device_count())))
+
+    return read
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # no `*_created` series: dashboards never read them (process-wide switch)
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.requests = Counter("vqdm_requests_total", "Image generation requests by final HTTP status",
+                                ["model", "status"], registry=r)
+        self.request_duration = Histogram("vqdm_request_duration_seconds", "Arrival to response, admitted requests",
+                                          ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.queue_wait = Histogram("vqdm_queue_wait_seconds", "Admission to the start of the job's batch",
+                                    ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.step_duration = Histogram("vqdm_denoise_step_duration_seconds", "One denoising step of a batch",
+                                       ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.vae_duration = Histogram("vqdm_vae_decode_duration_seconds", "VAE decode of a batch",
+                                      ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.weight_decode_duration = Histogram(
+            "vqdm_weight_decode_duration_seconds", "VQ weight decoding during a request (weight cache active)",
+            ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vqdm_queue_depth", "Jobs waiting for a worker", registry=r)
+        self.in_flight = Gauge("vqdm_in_flight_requests", "Jobs inside a running batch", registry=r)
+        self.images = Counter("vqdm_images_generated_total", "Images returned to clients", ["model"], registry=r)
+        self.batch_size = Histogram("vqdm_batch_size", "Images per pipeline call", buckets=BATCH_BUCKETS, registry=r)
+        self.errors = Counter("vqdm_errors_total", "Error responses and failed jobs by reason", ["reason"], registry=r)
+        self.cancelled = Counter("vqdm_requests_cancelled_total", "Jobs cancelled, by where they were",
+                                 ["model", "stage"], registry=r)
+        self.weight_bytes = Gauge("vqdm_model_weight_bytes", "U-Net weight bytes as held and as dense fp16",
+                                  ["model", "kind"], registry=r)
+        peak = Gauge("vqdm_process_peak_rss_bytes", "Peak resident set size of the server process", registry=r)
+        peak.set_function(_peak_rss_bytes)
+        for name, stat, doc in (("allocated", "memory_allocated", "allocated by tensors"),
+                                ("reserved", "memory_reserved", "reserved by the caching allocator"),
+                                ("peak", "max_memory_allocated", "peak allocated")):
+            Gauge(f"vqdm_cuda_memory_{name}_bytes", f"CUDA memory {doc}, all devices (0 without CUDA)",
+                  registry=r).set_function(_cuda(stat))
+        self.build_info = Gauge("vqdm_build_info", "Always 1; labels say what is running",
+                                ["version", "backend", "device"], registry=r)
+        self.ready = Gauge("vqdm_ready", "1 when models are loaded and warmed up", registry=r)
+
+    def set_model(self, model_id: str, weight_bytes: dict[str, int]) -> None:
+        for kind in ("stored", "dense_fp16"):
+            self.weight_bytes.labels(model_id, kind).set(weight_bytes[kind])
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,185 @@
+"""The models a server holds: one `ServedModel` per public id, one `Replica` of it per device.
+
+A replica is a pipeline placed on its device and prepared for serving: kernel backend chosen,
+weight-cache policy installed, fp16 VAEs that need fp32 kept in fp32 once (rather than cast back
+and forth on every request as diffusers does), the base scheduler config remembered so each batch
+can build the sampler it asks for.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vqdm.server.settings import ModelSpec, Settings
+
+log = logging.getLogger("vqdm.server")
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return str(dev) if dev.type != "cuda" or dev.index is not None else "cuda:0"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, _DTYPES[name])
+
+
+@dataclass
+class Replica:
+    pipe: Any  # diffusers StableDiffusionXLPipeline
+    device: Any  # torch.device
+    scheduler_class: str
+    scheduler_config: dict
+    weight_cache: Any = None  # vqdm.models.weight_cache.WeightCache or None
+
+
+@dataclass
+class ServedModel:
+    id: str
+    source: str  # a folder, or "embedded"
+    family: str  # "sdxl" | "sdxl-turbo"
+    default_steps: int
+    default_guidance: float
+    default_width: int
+    default_height: int
+    quantization: dict | None  # None: a dense model
+    weight_bytes: dict[str, int]  # stored / dense_fp16 / dense_fp32
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_seconds: float = 0.0
+
+    def card(self, detail: bool = False) -> dict[str, Any]:
+        """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}])."""
+        out: dict[str, Any] = {
+            "id": self.id, "object": "model", "created": self.created, "owned_by": "vqdm",
+            "family": self.family,
+            "quantization": self.quantization,
+            "weight_bytes": self.weight_bytes,
+            "compression_vs_fp16": round(self.weight_bytes["dense_fp16"] / max(self.weight_bytes["stored"], 1), 4),
+            "defaults": {"size": f"{self.default_width}x{self.default_height}", "num_inference_steps": self.default_steps,
+                         "guidance_scale": self.default_guidance},
+        }
+        if detail:
+            out.update(source=self.source, devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
+        return out
+
+
+def quantization_summary(unet, manifest: dict | None = None, extra: dict | None = None) -> dict | None:
+    """K/B/g and bits per weight of the VQ layers actually loaded (None for a dense U-Net)."""
+    from vqdm.models import layer_bits, vq_modules
+
+    layers = vq_modules(unet)
+    if not layers:
+        return None
+    first = layers[0][1]
+    q_weights = sum(m.n * m.d for _, m in layers)
+    q_bits = sum(layer_bits(m.n, m.d, m.num_codebooks, m.nbits, m.group_size) * m.n * m.d for _, m in layers)
+    dense_params = sum(p.numel() for p in unet.parameters()) - sum(
+        m.codebooks.numel() + m.scales.numel() for _, m in layers)
+    out: dict[str, Any] = {
+        "method": "aq", "num_codebooks": first.num_codebooks, "nbits": first.nbits, "group_size": first.group_size,
+        "layers": len(layers),
+        "bits_per_weight_quantized": round(q_bits / q_weights, 4),
+        "bits_per_weight_unet": round((q_bits + 16 * dense_params) / (q_weights + dense_params), 4),
+    }
+    if manifest is not None:
+        q = manifest.get("quantization", {})
+        out["method"] = q.get("method", "aq")
+        for key in ("base_model", "calibration", "distillation"):
+            if manifest.get(key) is not None:
+                out[key] = manifest[key]
+    if extra:
+        out.update(extra)
+    return out
+
+
+def prepare_replica(pipe, device: str, settings: Settings) -> Replica:
+    import torch
+
+    from vqdm.models import set_backend, vq_modules
+
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; keep it fp32 once and for all
+    cache = None
+    if vq_modules(pipe.unet):
+        set_backend(pipe.unet, settings.backend)
+        from vqdm.models.weight_cache import install_weight_cache
+
+        cache = install_weight_cache(pipe.unet, settings.weight_cache)
+    return Replica(pipe=pipe, device=torch.device(device), scheduler_class=type(pipe.scheduler).__name__,
+                   scheduler_config=dict(pipe.scheduler.config), weight_cache=cache)
+
+
+def _family_defaults(family: str) -> tuple[int, float]:
+    from vqdm.models import Preset
+
+    p = Preset.from_name(family)
+    return p.steps, p.guidance
+
+
+def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> ServedModel:
+    """Load (or for the embedded default: build and quantize) one model onto every device."""
+    from vqdm.models import detect_family, load_pipeline, resident_weight_bytes
+
+    t0 = time.perf_counter()
+    if spec.path is None:
+        from vqdm.server.embedded import build_embedded
+
+        base, quant_extra, preset = build_embedded(settings.embedded_seed, settings.embedded_codebooks)
+        family, (steps, guidance) = preset.family, (preset.steps, preset.guidance)
+        pipes = {}
+        for i, dev in enumerate(devices):
+            pipe = base if i == len(devices) - 1 else copy.deepcopy(base)
+            pipes[dev] = pipe.to(dtype=resolve_dtype(settings.dtype, dev))
+        manifest, source = None, "embedded"
+    else:
+        family = detect_family(spec.path)
+        steps, guidance = _family_defaults(family)
+        quant_extra = None
+        pipes = {dev: load_pipeline(spec.path, dtype=resolve_dtype(settings.dtype, dev), device=dev) for dev in devices}
+        manifest, source = getattr(next(iter(pipes.values())), "vqdm_manifest", None), str(spec.path)
+    replicas = {dev: prepare_replica(p, dev, settings) for dev, p in pipes.items()}
+    pipe = next(iter(replicas.values())).pipe
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    model = ServedModel(
+        id=spec.id, source=source, family=family, default_steps=steps, default_guidance=guidance,
+        default_width=side, default_height=side,
+        quantization=quantization_summary(pipe.unet, manifest, quant_extra),
+        weight_bytes=resident_weight_bytes(pipe.unet), replicas=replicas,
+    )
+    model.load_seconds = time.perf_counter() - t0
+    return model
+
+
+ModelLoader = Callable[[Settings, list[str]], list[ServedModel]]
+
+
+def load_models(settings: Settings, devices: list[str]) -> list[ServedModel]:
+    """Every configured model (or the embedded default), in the order given; first is the default."""
+    models = []
+    for spec in settings.model_specs():
+        log.info("loading model %s from %s onto %s", spec.id, spec.path or "the embedded default", ", ".join(devices))
+        m = load_model(spec, settings, devices)
+        q = m.quantization
+        log.info("model %s ready in %.1fs: %s, %s, %.1f MB stored vs %.1f MB dense fp16", m.id, m.load_seconds,
+                 m.family, f"{q['bits_per_weight_quantized']:.2f} bits/weight on {q['layers']} VQ layers" if q else "dense",
+                 m.weight_bytes["stored"] / 1e6, m.weight_bytes["dense_fp16"] / 1e6)
+        models.append(m)
+    return models

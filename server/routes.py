@@ -1,0 +1,270 @@
+"""HTTP endpoints (SPEC §8). State comes from `request.app.state.vqdm`, built in the lifespan."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from vqdm.server.batching import NotAccepting, QueueFull
+from vqdm.server.errors import APIError, error_payload, validation_error
+from vqdm.server.imaging import encode_b64
+from vqdm.server.jobs import Job, JobState
+from vqdm.server.schemas import ImageGenerationRequest
+from vqdm.server.state import ServerState
+from vqdm.server.validation import validate
+
+router = APIRouter()
+_DISCONNECT_POLL_S = 0.1
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.vqdm
+
+
+def authorize(request: Request, state: ServerState) -> int | None:
+    """Index of the matching API key; None when no keys are configured. Constant-time compares."""
+    keys = state.settings.api_keys
+    if not keys:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    match = None
+    for i, key in enumerate(keys):  # compare against every key so timing does not reveal which matched
+        if hmac.compare_digest(token.encode(), key.encode()):
+            match = i
+    if match is None:
+        raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return match
+
+
+def _require_ready(state: ServerState) -> None:
+    if state.load_error:
+        raise APIError(503, f"models failed to load: {state.load_error}", code="load_failed")
+    if not state.ready:
+        raise APIError(503, f"not ready: {state.phase}", code="not_ready", headers={"Retry-After": "5"})
+
+
+# -- probes and metrics ---------------------------------------------------------------------------
+@router.get("/healthz")
+async def healthz(request: Request):
+    state = get_state(request)
+    if state.load_error:
+        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    state = get_state(request)
+    _require_ready(state)
+    return {"status": "ready", "models": list(state.models), "devices": state.devices}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    state = get_state(request)
+    if state.settings.protect_metrics:
+        authorize(request, state)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- models ---------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = get_state(request)
+    authorize(request, state)
+    return {"object": "list", "data": [m.card() for m in state.models.values()]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, request: Request):
+    state = get_state(request)
+    authorize(request, state)
+    if model_id not in state.models:
+        raise APIError(404, f"model {model_id!r} is not served here; available: {', '.join(state.models) or 'none yet'}",
+                       param="model", code="model_not_found")
+    return state.models[model_id].card(detail=True)
+
+
+# -- requests -------------------------------------------------------------------------------------
+def _own_job(request: Request, state: ServerState, request_id: str) -> Job:
+    owner = authorize(request, state)
+    job = state.dispatcher.jobs.get(request_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise APIError(404, f"no request {request_id!r} (unknown, expired after "
+                            f"{state.settings.job_retention_s:.0f}s, or submitted with another key)",
+                       param="request_id", code="request_not_found")
+    return job
+
+
+@router.get("/v1/requests/{request_id}")
+async def get_request(request_id: str, request: Request):
+    state = get_state(request)
+    job = _own_job(request, state, request_id)
+    return job.describe(state.dispatcher.position(job))
+
+
+@router.delete("/v1/requests/{request_id}")
+async def cancel_request(request_id: str, request: Request):
+    state = get_state(request)
+    job = _own_job(request, state, request_id)
+    if job.state.finished:
+        raise APIError(409, f"request {request_id!r} already {job.state.value}; nothing to cancel",
+                       param="request_id", code="request_finished")
+    state.dispatcher.cancel(job, "deleted")
+    body = job.describe(state.dispatcher.position(job))
+    return JSONResponse(body, status_code=200 if job.state.finished else 202)
+
+
+# -- generation -----------------------------------------------------------------------------------
+_SCHEMA = ImageGenerationRequest.model_json_schema()
+
+
+@router.post("/v1/images/generations", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _SCHEMA}}}})
+async def generate_images(request: Request):
+    state = get_state(request)
+    scope_state = request.scope["state"]
+    owner = authorize(request, state)
+    _require_ready(state)
+    try:
+        req = ImageGenerationRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise validation_error(e) from None
+    model_id = req.model if req.model is not None else next(iter(state.models))
+    if model_id in state.models:
+        scope_state["vqdm_model"] = model_id  # a metric label only ever holds a served id
+    params = validate(req, state.models, state.settings)
+    job_id = scope_state["request_id"]
+    live = state.dispatcher.jobs.get(job_id)
+    if live is not None and not live.state.finished:
+        raise APIError(409, f"X-Request-Id {job_id!r} belongs to a request still in progress; use a new id",
+                       code="duplicate_request_id")
+    job = Job(job_id, params, owner)
+    try:
+        state.dispatcher.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"queue full ({state.settings.max_queue_size} requests waiting); retry in "
+                            f"{e.retry_after}s", code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    except NotAccepting:
+        raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"}) from None
+    scope_state["vqdm_admitted"] = True
+    if req.stream:
+        return EventSourceResponse(_stream(request, state, job), ping=15, send_timeout=30,
+                                   shutdown_grace_period=state.settings.shutdown_timeout_s)
+    await _wait(request, state, job)
+    return JSONResponse(await _success_body(job))
+
+
+def _deadline(state: ServerState, job: Job) -> float:
+    return job.enqueued_at + state.settings.request_timeout_s
+
+
+def _outcome_error(job: Job) -> APIError:
+    """The error for a job that did not succeed."""
+    if job.state is JobState.FAILED:
+        reason = "out_of_memory" if (job.error or "").startswith("out_of_memory") else "generation_failed"
+        return APIError(500, f"generation failed: {job.error}", code=reason, reason=reason)
+    if job.cancel_reason == "timeout":
+        return APIError(504, "request timed out and was cancelled", code="timeout")
+    if job.cancel_reason == "shutdown":
+        return APIError(503, "server shut down before the request finished", code="shutting_down")
+    return APIError(499, f"request cancelled ({job.cancel_reason})", code="request_cancelled")
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def _wait(request: Request, state: ServerState, job: Job) -> None:
+    """Until the job ends; cancels it when the client goes away or the deadline passes."""
+    done = asyncio.create_task(job.done.wait())
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        finished, _ = await asyncio.wait({done, gone}, timeout=max(0.0, _deadline(state, job) - time.perf_counter()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        done.cancel()
+        gone.cancel()
+    if not job.state.finished:
+        if gone in finished:
+            state.dispatcher.cancel(job, "client_disconnected")
+            raise APIError(499, "client closed the connection; request cancelled", code="request_cancelled")
+        state.dispatcher.cancel(job, "timeout")
+        raise APIError(504, f"request timed out after {state.settings.request_timeout_s:.0f}s and was cancelled",
+                       code="timeout")
+    if job.state is not JobState.SUCCEEDED:
+        raise _outcome_error(job)
+
+
+async def _success_body(job: Job) -> dict[str, Any]:
+    p, res = job.params, job.result
+    t0 = time.perf_counter()
+    images = await anyio.to_thread.run_sync(encode_b64, res.images, p.output_format, p.output_compression)
+    timings = {"queue_s": round(job.started_at - job.enqueued_at, 6), **res.timings,
+               "encode_s": round(time.perf_counter() - t0, 6), "total_s": round(time.perf_counter() - job.enqueued_at, 6)}
+    return {
+        "created": int(job.created), "id": job.id, "model": p.model,
+        "data": [{"b64_json": b, "revised_prompt": res.revised_prompt, "seed": s} for b, s in zip(images, p.seeds)],
+        "seed": p.seed, "seeds": p.seeds, "size": f"{p.width}x{p.height}", "output_format": p.output_format,
+        "batch_size": res.batch_size, "timings": timings,
+    }
+
+
+def _event(seq: int, kind: str, data: dict) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"type": kind, **data}), event=kind, id=str(seq))
+
+
+async def _stream(request: Request, state: ServerState, job: Job) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: queued, started, progress (step 1..N), then one completed event per image
+    (or one error event). A client that goes away cancels the job."""
+    scope_state = request.scope["state"]
+    seq = 0
+    try:
+        yield _event(seq, "image_generation.queued", {"id": job.id, "queue_position": state.dispatcher.position(job)})
+        while True:
+            seq += 1
+            try:
+                kind, data = await asyncio.wait_for(job.events.get(), _deadline(state, job) - time.perf_counter())
+            except (asyncio.TimeoutError, ValueError):
+                state.dispatcher.cancel(job, "timeout")
+                job.cancel_reason = job.cancel_reason or "timeout"
+                kind, data = "cancelled", {}
+            if kind == "started":
+                yield _event(seq, "image_generation.started", {"id": job.id, **data})
+            elif kind == "progress":
+                yield _event(seq, "image_generation.progress", {"id": job.id, **data})
+            elif kind == JobState.SUCCEEDED.value:
+                body = await _success_body(job)
+                for i, item in enumerate(body["data"]):
+                    yield _event(seq + i, "image_generation.completed", {
+                        "id": job.id, "index": i, "b64_json": item["b64_json"], "seed": item["seed"],
+                        "revised_prompt": item["revised_prompt"], "created_at": body["created"],
+                        "model": body["model"], "size": body["size"], "output_format": body["output_format"],
+                        "timings": body["timings"]})
+                scope_state["vqdm_final_status"] = 200
+                return
+            elif kind in (JobState.FAILED.value, JobState.CANCELLED.value):
+                err = _outcome_error(job)
+                scope_state["vqdm_final_status"] = err.status
+                scope_state["vqdm_error_reason"] = err.reason
+                yield _event(seq, "error", {"id": job.id, "status": err.status, **error_payload(
+                    err.message, err.type, err.param, err.code)})
+                return
+    finally:
+        if not job.state.finished:  # the client went away mid-stream
+            state.dispatcher.cancel(job, "client_disconnected")
+            scope_state["vqdm_final_status"] = 499

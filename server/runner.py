@@ -1,0 +1,201 @@
+"""Run one batch of compatible jobs through a diffusers SDXL pipeline (blocking; the server calls it
+in the device's worker thread, `vqdm generate` calls it directly).
+
+Determinism: every image row gets its own CPU `torch.Generator` seeded with its job's seed + i, so
+initial latents and ancestral noise depend only on that seed, never on the batch it ran in.
+(Batched GEMMs may round differently from unbatched ones: pixels can differ by one level of 255.)
+
+Cancellation: a member whose `is_cancelled()` turns true is noticed at the next denoising step.
+With a stateless sampler its rows are removed from the batch there (latents, both CFG halves of
+the text embeddings, its generators), so the rest of the batch runs smaller; with a multistep
+sampler its rows keep running and its images are dropped. When every member is cancelled the
+pipeline is interrupted. The VAE decodes only the rows still wanted.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from vqdm.server import samplers
+from vqdm.server.jobs import GenerationParams
+
+if TYPE_CHECKING:
+    from vqdm.server.registry import Replica
+
+# Tensors the SDXL pipeline hands to `callback_on_step_end`; shrinking a batch edits all four.
+_STEP_TENSORS = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+
+@dataclass
+class Member:
+    params: GenerationParams
+    is_cancelled: Callable[[], bool] = lambda: False
+    on_step: Callable[[int, int], None] = lambda step, total: None  # called in the worker thread
+
+
+@dataclass
+class BatchOutcome:
+    images: list[list[Any] | None]  # per member: PIL images (one per seed), None if cancelled
+    revised_prompts: list[str | None]
+    cancelled_at_step: list[int | None]
+    rows: int  # images in the pipeline call
+    step_seconds: list[float] = field(default_factory=list)
+    text_encode_s: float = 0.0
+    denoise_s: float = 0.0
+    vae_decode_s: float = 0.0
+    weight_decode_s: float | None = None  # None: no weight cache, decode time is not separable
+    total_s: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        t = {"text_encode_s": self.text_encode_s, "denoise_s": self.denoise_s,
+             "vae_decode_s": self.vae_decode_s, "inference_s": self.total_s}
+        if self.weight_decode_s is not None:
+            t["weight_decode_s"] = self.weight_decode_s
+        return {k: round(v, 6) for k, v in t.items()}
+
+
+class _Clock:
+    """Wall time with the device drained first, so GPU work is charged to the step that queued it."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def __call__(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+
+def revised_prompt(tokenizer, prompt: str) -> str | None:
+    """The text the model actually sees when CLIP's 77-token window cuts the prompt, else None."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return None
+    return tokenizer.decode(ids[1:limit - 1], skip_special_tokens=True)
+
+
+def decode_latents(pipe, latents) -> list:
+    """The pipeline's own VAE decode and post-processing, callable on a subset of rows."""
+    import torch
+
+    vae = pipe.vae
+    with torch.inference_mode():
+        latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def _shrink(kw: dict, keep: list[int], cfg: bool) -> dict:
+    """Keep image rows `keep` of the step tensors. With CFG the embeddings are [negatives; positives]."""
+    rows = kw["latents"].shape[0]
+    out = {"latents": kw["latents"][keep]}
+    halves = keep + [rows + r for r in keep] if cfg else keep
+    out["prompt_embeds"] = kw["prompt_embeds"][halves]
+    out["add_text_embeds"] = kw["add_text_embeds"][halves]
+    # Every row of add_time_ids is the same (one size per batch); keep as many as there are inputs.
+    out["add_time_ids"] = kw["add_time_ids"][: len(halves)]
+    return out
+
+
+def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
+    """Generate every member's images in one pipeline call. Members must share `batch_key()`."""
+    import torch
+
+    first = members[0].params
+    keys = {m.params.batch_key() for m in members}
+    if len(keys) != 1:
+        raise ValueError(f"members of one batch must share size, steps, guidance and scheduler (got {len(keys)} kinds)")
+    pipe = replica.pipe
+    sampler = samplers.resolve(first.scheduler, replica.scheduler_class)
+    pipe.scheduler = samplers.build(sampler, replica.scheduler_config)
+
+    owner: list[int] = []  # member index of each image row
+    prompts, negatives, generators = [], [], []
+    for mi, m in enumerate(members):
+        for seed in m.params.seeds:
+            owner.append(mi)
+            prompts.append(m.params.prompt)
+            negatives.append(m.params.negative_prompt or "")
+            generators.append(torch.Generator("cpu").manual_seed(seed))
+    rows = len(owner)
+    alive = [not m.is_cancelled() for m in members]
+    cancelled_at: list[int | None] = [None if a else 0 for a in alive]
+    clock = _Clock(replica.device)
+    out = BatchOutcome(images=[None] * len(members), revised_prompts=[None] * len(members),
+                       cancelled_at_step=cancelled_at, rows=rows)
+    marks: dict[str, float] = {}
+
+    def step_started(_module, _args) -> None:
+        marks.setdefault("first_step", time.perf_counter())
+        marks["step"] = clock()
+
+    def step_ended(p, i: int, _t, kw: dict) -> dict:
+        out.step_seconds.append(clock() - marks["step"])
+        for mi, m in enumerate(members):
+            if alive[mi] and m.is_cancelled():
+                alive[mi], cancelled_at[mi] = False, i + 1
+        if not any(alive):
+            p._interrupt = True  # diffusers' documented way to stop the loop
+            return {}
+        for mi, m in enumerate(members):
+            if alive[mi]:
+                m.on_step(i + 1, p.num_timesteps)
+        keep = [r for r, mi in enumerate(owner) if alive[mi]]
+        if len(keep) == len(owner) or not sampler.stateless:
+            return {}
+        owner[:] = [owner[r] for r in keep]
+        # The pipeline hands this same list object to every scheduler.step: edit it in place.
+        generators[:] = [generators[r] for r in keep]
+        return _shrink(kw, keep, p.do_classifier_free_guidance)
+
+    cache = replica.weight_cache
+    decode_before = cache.stats()["decode_seconds"] if cache is not None else 0.0
+    hook = pipe.unet.register_forward_pre_hook(step_started)
+    t0 = clock()
+    try:
+        with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()):
+            latents = pipe(
+                prompt=prompts, negative_prompt=negatives if first.negative_prompt is not None else None,
+                height=first.height, width=first.width, num_inference_steps=first.steps,
+                guidance_scale=first.guidance, generator=generators, output_type="latent",
+                callback_on_step_end=step_ended, callback_on_step_end_tensor_inputs=_STEP_TENSORS,
+            ).images
+            t_denoised = clock()
+            for mi, m in enumerate(members):  # cancelled during the last step
+                if alive[mi] and m.is_cancelled():
+                    alive[mi], cancelled_at[mi] = False, first.steps
+            wanted = [r for r, mi in enumerate(owner) if alive[mi]]
+            images = decode_latents(pipe, latents[wanted]) if wanted else []
+            t_decoded = clock()
+    finally:
+        hook.remove()
+    if cache is not None:
+        out.weight_decode_s = cache.stats()["decode_seconds"] - decode_before
+    out.text_encode_s = marks.get("first_step", t_denoised) - t0
+    out.denoise_s = t_denoised - marks.get("first_step", t_denoised)
+    out.vae_decode_s = t_decoded - t_denoised
+    out.total_s = t_decoded - t0
+    it = iter(images)
+    for r in wanted:
+        mi = owner[r]
+        if out.images[mi] is None:
+            out.images[mi] = []
+        out.images[mi].append(next(it))
+    for mi, m in enumerate(members):
+        if alive[mi]:
+            out.revised_prompts[mi] = revised_prompt(pipe.tokenizer, m.params.prompt)
+    return out
+

@@ -1,0 +1,50 @@
+"""Sampler names a request may ask for, and how to build one from a model's scheduler config.
+
+`stateless` marks schedulers whose step depends only on (model output, t, sample): a batch that
+loses a cancelled member can drop its rows mid-run. Multistep solvers keep earlier outputs per
+row, so with them a cancelled member's rows keep running and only its result is dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    class_name: str  # a diffusers scheduler class
+    stateless: bool
+    about: str
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("euler", "EulerDiscreteScheduler", True, "Euler (SDXL's default)"),
+    Sampler("euler_a", "EulerAncestralDiscreteScheduler", True, "Euler ancestral (SDXL-Turbo's default)"),
+    Sampler("ddim", "DDIMScheduler", True, "DDIM, eta 0"),
+    Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", False, "DPM-Solver++ 2M"),
+    Sampler("unipc", "UniPCMultistepScheduler", False, "UniPC multistep"),
+)}
+DEFAULT = "default"
+_BY_CLASS = {s.class_name: s for s in SAMPLERS.values()}
+
+
+def sampler_names() -> list[str]:
+    return [DEFAULT, *SAMPLERS]
+
+
+def resolve(name: str | None, default_class: str) -> Sampler:
+    """The sampler for a request's `scheduler` field; None/'default' is the model's own."""
+    if name is None or name == DEFAULT:
+        return _BY_CLASS.get(default_class) or Sampler(DEFAULT, default_class, False, "the model's own")
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(sampler_names())}") from None
+
+
+def build(sampler: Sampler, config: dict):
+    """A fresh scheduler instance (cheap; a fresh one per batch keeps no state between requests)."""
+    import diffusers
+
+    cls = getattr(diffusers, sampler.class_name)
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})

@@ -1,0 +1,141 @@
+"""Server configuration: one pydantic-settings model read from `VQDM_*` environment variables,
+with `vqdm serve` flags layered on top (flags win).
+
+List settings take comma-separated values in the environment, the form a ConfigMap or a
+Kubernetes secret holds naturally:
+    VQDM_MODELS="sdxl-vq3=/models/sdxl-vq3,turbo-vq2=/models/turbo-vq2"
+    VQDM_API_KEYS="key-one,key-two"
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EMBEDDED_MODEL_ID = "vqdm-tiny-sdxl"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its public id and where it comes from (a folder, or the embedded default)."""
+
+    id: str
+    path: Path | None  # None: the embedded default, built and quantized at start-up
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """'NAME=PATH' or 'PATH' (the id is then the folder's name)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text).name, text
+    name, path = name.strip(), path.strip()
+    if not path:
+        raise ValueError(f"model {text!r}: empty path; write NAME=PATH, e.g. sdxl-vq3=/models/sdxl-vq3")
+    if not MODEL_ID_RE.match(name):
+        raise ValueError(f"model id {name!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    return ModelSpec(name, Path(path).expanduser())
+
+
+def _split_commas(value):
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything `vqdm serve` can be told. Field names map to `VQDM_<NAME>` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="VQDM_", extra="ignore", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="NAME=PATH entries; none serves the embedded default")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer keys; none leaves the API open", repr=False)
+    protect_metrics: bool = Field(False, description="require an API key on /metrics too")
+
+    # Admission and batching.
+    max_queue_size: int = Field(32, ge=1, description="jobs waiting (not running); beyond it: 429")
+    max_batch_size: int = Field(4, ge=1, description="images per pipeline call")
+    batch_wait_ms: float = Field(0.0, ge=0, description="wait this long for batch mates when idle")
+    request_timeout_s: float = Field(600.0, gt=0, description="queue + run; beyond it: 504 and the job is cancelled")
+    shutdown_timeout_s: float = Field(300.0, ge=0, description="how long shutdown waits for queued and running work")
+    job_retention_s: float = Field(600.0, ge=0, description="finished jobs stay visible at /v1/requests/{id}")
+
+    # Input limits.
+    max_n: int = Field(4, ge=1, le=128)
+    max_steps: int = Field(150, ge=1)
+    max_side: int = Field(2048, ge=64, description="pixels, either side")
+    min_side: int = Field(64, ge=8)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width * height")
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_guidance: float = Field(30.0, ge=0)
+
+    # Observability.
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="also serve /metrics on this port")
+    metrics_host: str | None = Field(None, description="address for metrics_port (default: host)")
+    json_logs: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Execution.
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"], description="one worker per device; 'auto' = cuda:0 if present else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: str = Field("auto", description="kernel backend for VQ layers (vqdm.kernels)")
+    weight_cache: str = Field("none", description="none | request | budget=BYTES (vqdm.models.weight_cache)")
+    warmup: bool = True
+    warmup_steps: int = Field(1, ge=1)
+    verify_artifacts: bool = True
+
+    # The embedded default (served when no model is given).
+    embedded_seed: int = 0
+    embedded_codebooks: int = Field(2, ge=1, le=8)
+
+    @field_validator("models", "api_keys", "devices", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_commas(value)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        ids = [parse_model_spec(v).id for v in value]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"model id(s) given twice: {', '.join(dup)}")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        if any(len(k) < 8 for k in value):
+            raise ValueError("API keys must be at least 8 characters")
+        return value
+
+    @field_validator("weight_cache")
+    @classmethod
+    def _check_cache(cls, value: str) -> str:
+        from vqdm.models.weight_cache import CachePolicy
+
+        CachePolicy.parse(value)  # raises with a message naming the accepted forms
+        return value
+
+    @model_validator(mode="after")
+    def _check_sides(self) -> "Settings":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} exceeds max_side {self.max_side}")
+        if len(set(self.devices)) != len(self.devices) or not self.devices:
+            raise ValueError(f"devices must be distinct and non-empty (got {self.devices})")
+        return self
+
+    def model_specs(self) -> list[ModelSpec]:
+        if not self.models:
+            return [ModelSpec(EMBEDDED_MODEL_ID, None)]
+        return [parse_model_spec(m) for m in self.models]

@@ -1,0 +1,26 @@
+"""What a running server holds, created in the lifespan and reached through `app.state.vqdm`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vqdm.server.batching import Dispatcher
+from vqdm.server.metrics import Metrics
+from vqdm.server.settings import Settings
+
+if TYPE_CHECKING:
+    from vqdm.server.registry import ServedModel
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    dispatcher: Dispatcher
+    devices: list[str]
+    models: dict[str, "ServedModel"] = field(default_factory=dict)
+    ready: bool = False
+    phase: str = "starting"  # starting → loading models → warming up → ready | failed | shutting down
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)

@@ -1,0 +1,89 @@
+"""Turn an ImageGenerationRequest into GenerationParams: resolve defaults, enforce the configured
+limits, and name the offending field in every refusal (400, OpenAI error shape)."""
+from __future__ import annotations
+
+import re
+import secrets
+from typing import TYPE_CHECKING
+
+from vqdm.server import samplers
+from vqdm.server.errors import APIError
+from vqdm.server.jobs import GenerationParams
+from vqdm.server.schemas import ImageGenerationRequest
+from vqdm.server.settings import Settings
+
+if TYPE_CHECKING:
+    from vqdm.server.registry import ServedModel
+
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_size(size: str | None, model: "ServedModel", settings: Settings) -> tuple[int, int]:
+    if size is None or size == "auto":
+        return model.default_width, model.default_height
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise _bad(f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. "
+                   f"\"{model.default_width}x{model.default_height}\"", "size")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w % 8 or h % 8:
+        raise _bad(f"size {w}x{h}: width and height must be multiples of 8 (the VAE's downscale factor)", "size")
+    lo, hi = settings.min_side, settings.max_side
+    if not (lo <= w <= hi and lo <= h <= hi):
+        raise _bad(f"size {w}x{h}: each side must be between {lo} and {hi} pixels", "size")
+    if w * h > settings.max_pixels:
+        raise _bad(f"size {w}x{h} is {w * h} pixels, over this server's limit of {settings.max_pixels}", "size")
+    return w, h
+
+
+def check_prompt(text: str, param: str, settings: Settings, required: bool) -> None:
+    if required and not text.strip():
+        raise _bad(f"{param} is empty", param, "empty_prompt")
+    if len(text) > settings.max_prompt_chars:
+        raise _bad(f"{param} is {len(text)} characters, over the limit of {settings.max_prompt_chars} characters "
+                   "(the text encoders read only the first 77 CLIP tokens anyway)", param, "prompt_too_long")
+
+
+def resolve_model(name: str | None, models: dict[str, "ServedModel"]) -> "ServedModel":
+    if name is None:
+        return next(iter(models.values()))
+    try:
+        return models[name]
+    except KeyError:
+        raise APIError(400, f"model {name!r} is not served here; available: {', '.join(models)} (GET /v1/models)",
+                       param="model", code="model_not_found") from None
+
+
+def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], settings: Settings) -> GenerationParams:
+    model = resolve_model(req.model, models)
+    check_prompt(req.prompt, "prompt", settings, required=True)
+    if req.negative_prompt is not None:
+        check_prompt(req.negative_prompt, "negative_prompt", settings, required=False)
+    if req.response_format not in (None, "b64_json"):
+        raise _bad(f"response_format {req.response_format!r} is not supported: this server keeps no images to link "
+                   "to; use \"b64_json\"", "response_format", "unsupported_response_format")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= settings.max_n:
+        raise _bad(f"n must be between 1 and {settings.max_n} (got {n})", "n")
+    width, height = parse_size(req.size, model, settings)
+    steps = model.default_steps if req.num_inference_steps is None else req.num_inference_steps
+    if not 1 <= steps <= settings.max_steps:
+        raise _bad(f"num_inference_steps must be between 1 and {settings.max_steps} (got {steps})",
+                   "num_inference_steps")
+    guidance = model.default_guidance if req.guidance_scale is None else req.guidance_scale
+    if not 0.0 <= guidance <= settings.max_guidance:
+        raise _bad(f"guidance_scale must be between 0 and {settings.max_guidance} (got {guidance})", "guidance_scale")
+    try:
+        sampler = samplers.resolve(req.scheduler, next(iter(model.replicas.values())).scheduler_class)
+    except ValueError as e:
+        raise _bad(str(e), "scheduler") from None
+    seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+    return GenerationParams(
+        model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=width, height=height,
+        steps=steps, guidance=float(guidance), scheduler=sampler.name, seed=seed,
+        output_format=req.output_format or "png", output_compression=req.output_compression,
+    )

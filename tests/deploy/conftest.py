@@ -2,8 +2,14 @@
 PromQL expression reads, and the metric names the real server exports on a live /metrics."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,25 +62,76 @@ def promql_names():
 # Series Prometheus itself adds to every scrape target; valid in any query against it.
 SCRAPE_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
-# INTERIM until vqdm.server lands: the metric contract agreed with the server (SPEC §9).
-_AGREED = {
-    "counter": ["vqdm_requests_total", "vqdm_images_generated_total", "vqdm_errors_total",
-                "vqdm_requests_cancelled_total"],
-    "histogram": ["vqdm_request_duration_seconds", "vqdm_queue_wait_seconds",
-                  "vqdm_denoise_step_duration_seconds", "vqdm_vae_decode_duration_seconds",
-                  "vqdm_weight_decode_duration_seconds", "vqdm_batch_size"],
-    "gauge": ["vqdm_queue_depth", "vqdm_in_flight_requests", "vqdm_model_weight_bytes",
-              "vqdm_process_peak_rss_bytes", "vqdm_cuda_memory_allocated_bytes",
-              "vqdm_cuda_memory_reserved_bytes", "vqdm_cuda_memory_peak_bytes", "vqdm_build_info",
-              "vqdm_ready", "process_resident_memory_bytes"],
-}
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 @pytest.fixture(scope="session")
-def exported_metrics() -> set[str]:
+def live_server(tmp_path_factory) -> str:
+    """The real server (create_app + uvicorn on a free port) serving a tiny SDXL-architecture
+    folder made by `vqdm.models.make_model`; yields its base URL once /readyz says ready, after one
+    successful generation and one rejected request, so counters and histograms have series."""
+    import uvicorn
+
+    from vqdm.models.builders import make_model
+    from vqdm.server.app import create_app
+    from vqdm.server.settings import Settings
+
+    folder = make_model("tiny-sdxl", tmp_path_factory.mktemp("deploy-live") / "tiny")
+    port = free_port()
+    settings = Settings(models=[f"tiny={folder}"], host="127.0.0.1", port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            status, body = http("GET", base + "/readyz", timeout=5)
+        except (urllib.error.URLError, ConnectionError):
+            status, body = 0, b""
+        if status == 200:
+            break
+        assert thread.is_alive() and time.monotonic() < deadline, f"server not ready: {status} {body[:300]!r}"
+        time.sleep(0.2)
+    request = {"model": "tiny", "prompt": "a lighthouse at dusk", "size": "64x64", "n": 2, "num_inference_steps": 2}
+    status, body = http("POST", base + "/v1/images/generations", request)
+    assert status == 200, body[:500]
+    status, _ = http("POST", base + "/v1/images/generations", {**request, "model": "no-such-model"})
+    assert status == 400
+    yield base
+    server.should_exit = True
+    thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def exported_metrics(live_server) -> set[str]:
+    """Every series name the live /metrics declares: the samples it has, plus the names a declared
+    family will have once observed (a labelled counter with no children yet, e.g. cancellations,
+    still has its HELP/TYPE lines)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http("GET", live_server + "/metrics")
+    assert status == 200
     names = set(SCRAPE_SERIES)
-    names.update(_AGREED["counter"] + _AGREED["gauge"])
-    names.update(f"{h}{s}" for h in _AGREED["histogram"] for s in ("_bucket", "_sum", "_count"))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
+                "summary": ("_sum", "_count", "")}
+    for family in text_string_to_metric_families(body.decode()):
+        names.update(s.name for s in family.samples)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
     return names
 
 

@@ -156,6 +156,18 @@ def test_config_maps_are_valid_server_settings(server_settings):
     assert target == base.max_batch_size and target * 2 <= base.max_queue_size
 
 
+def test_shutdown_fits_in_the_grace_period_in_every_variant(rendered, server_settings):
+    """Kubernetes kills the pod at terminationGracePeriodSeconds, counted from the preStop hook's
+    start: the server's own shutdown timeout must end before that, or in-flight work is lost."""
+    for variant, objs in rendered.items():
+        settings = server_settings(objs["ConfigMap"]["data"], f"{variant} ConfigMap")
+        pod = objs["Deployment"]["spec"]["template"]["spec"]
+        pre_stop = container(objs["Deployment"])["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep"
+        budget = float(pre_stop[1]) + settings.shutdown_timeout_s
+        assert budget < pod["terminationGracePeriodSeconds"], f"{variant}: {budget} s of shutdown"
+
+
 def test_rendered_variants_are_valid_kubernetes_objects(rendered):
     kv = pytest.importorskip("kubernetes_validate", reason="`pip install kubernetes-validate` for schema checks")
     for variant, objs in rendered.items():

@@ -83,7 +83,7 @@ def preset_config(preset: str, **overrides) -> CalibrationConfig:
     try:
         base = CALIBRATION_PRESETS[preset]
     except KeyError:
-        raise ConfigError(f"unknown calibration preset {preset!r}; choose one of {', '.join(CALIBRATION_PRESETS)}") from None
+        raise ConfigError(f"unknown --preset {preset!r}: choose {' or '.join(CALIBRATION_PRESETS)}") from None
     return base.replace(**overrides)
 
 

@@ -169,3 +169,18 @@ def test_prompts_and_batches(tmp_path):
 
     with pytest.raises(ConfigError, match="no prompts"):
         load_prompts(empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fast_path_matches_fp64_reference(dtype):
+    """fp16/bf16 rows: exact products, fp32 sums per chunk, fp64 running sum (the CUDA default)."""
+    torch.manual_seed(4)
+    chunks = [(torch.randn(300, 24) * 3).to(dtype) for _ in range(4)]
+    fast, ref = SecondMoment.zeros(24), SecondMoment.zeros(24)
+    for c in chunks:
+        fast.add_rows(c, exact_low_precision=True)
+        ref.add_rows(c, exact_low_precision=False)
+    assert fast.count == ref.count == 1200
+    torch.testing.assert_close(fast.mean(), ref.mean(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        fast.add_rows(torch.randn(3, 24), exact_low_precision=True)

@@ -1,0 +1,93 @@
+"""`vqdm quantize`: a local SDXL / SDXL-Turbo folder to a VQ artifact (SPEC §7)."""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantize a local SDXL / SDXL-Turbo folder to a 2-4 bit VQ artifact",
+        description="Calibrate on real sampling trajectories and quantize the U-Net with additive vector "
+                    "quantization, seven subsets in order, checkpointing after each. Launch with torchrun "
+                    "to spread prompts and layers over several GPUs.")
+    p.add_argument("--model", required=True, metavar="DIR", help="local diffusers SDXL or SDXL-Turbo folder")
+    p.add_argument("--preset", required=True, metavar="{sdxl,sdxl-turbo}",
+                   help="calibration recipe: sdxl = 256 prompts x 50 DDIM steps, guidance 5, 1024^2; "
+                        "sdxl-turbo = 10,240 prompts x 1-4 steps, guidance 0, 512^2")
+    p.add_argument("--bits", required=True, type=int, metavar="{2,3,4}",
+                   help="codebooks K of 2^8 codewords over groups of 8 weights: K bits per weight")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (must not exist)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished subset")
+    mode.add_argument("--force", action="store_true", help="start over, replacing --out and any old checkpoint")
+
+    c = p.add_argument_group("calibration (defaults from --preset)")
+    c.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
+    c.add_argument("--num-prompts", type=int, metavar="N", help="prompts to sample (the file is cycled with fresh seeds)")
+    c.add_argument("--steps", type=int, metavar="S", help="sampling steps (Turbo: the maximum; batches cycle 1..S)")
+    c.add_argument("--resolution", type=int, metavar="R", help="image side in pixels")
+    c.add_argument("--guidance", type=float, metavar="G", help="CFG scale (above 1 runs both CFG halves)")
+    c.add_argument("--seed", type=int, metavar="N", help="seed of latents, noise, row sampling and AQ (default 0)")
+    c.add_argument("--batch-size", type=int, metavar="N", help="prompts per pipeline call")
+    c.add_argument("--max-tokens-per-call", type=int, metavar="N",
+                   help="sample at most N rows per layer and U-Net call (default: every token)")
+    c.add_argument("--max-stats-gb", type=float, metavar="GB",
+                   help="bound the H sums held at once; a subset is then calibrated in several passes")
+
+    q = p.add_argument_group("additive quantization")
+    q.add_argument("--codebook-bits", type=int, default=8, metavar="B", help="bits per code (only 8 is supported)")
+    q.add_argument("--group-size", type=int, default=8, metavar="G", help="weights per group (only 8 is supported)")
+    q.add_argument("--beam", type=int, metavar="N", help="beam width of the code search (default 8)")
+    q.add_argument("--adam-steps", type=int, metavar="N", help="Adam steps per round on codebooks and scales (default 100)")
+    q.add_argument("--max-rounds", type=int, metavar="N", help="cap on Adam + beam-search rounds per layer")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    r.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="pipeline dtype while sampling (default: float16 on cuda, float32 on cpu)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--stop-after-subset", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
+    p.set_defaults(func=cmd_quantize)
+
+
+# CLI flag -> AQConfig field, in one place.
+AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_rounds"}
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from vqdm.quantizer.driver import init_distributed, quantize_model
+    from vqdm.quantizer.trajectories import preset_config
+
+    calib = preset_config(args.preset, prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
+                          resolution=args.resolution, guidance=args.guidance, seed=args.seed,
+                          batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
+    aq = {field: getattr(args, flag) for flag, field in AQ_FLAGS.items()}
+    rank, _ = init_distributed()
+    result = quantize_model(
+        args.model, args.preset, args.bits, args.out, calibration=calib, aq_options=aq, nbits=args.codebook_bits,
+        group_size=args.group_size, resume=args.resume, force=args.force, device=args.device, dtype=args.dtype,
+        max_stats_bytes=None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30),
+        stop_after_subset=args.stop_after_subset, progress=not args.no_progress)
+    if rank == 0:
+        print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    """Per-layer relative error, bits and seconds, then one line per subset and the totals."""
+    layers = result.layers
+    width = max(len(n) for n in layers)
+    print(f"{'layer':<{width}}  {'n x d':>13}  {'rel.error':>9}  {'bits':>5}  {'seconds':>8}")
+    for name, s in layers.items():
+        print(f"{name:<{width}}  {s['n']:>6}x{s['d']:<6}  {s['rel_error']:>9.4g}  {s['bits']:>5.2f}  {s['seconds']:>8.2f}")
+    print()
+    for info in result.subsets:
+        tag = " (from checkpoint)" if info.get("resumed") else ""
+        print(f"{info['subset']:<14} {info['layers']:>4} layers  median rel.error {info['median_rel_error']:.4g}  "
+              f"calibration {info['calibration_seconds']:.1f} s  quantization {info['quantization_seconds']:.1f} s{tag}")
+    errors = [s["rel_error"] for s in layers.values()]
+    weights = sum(s["n"] * s["d"] for s in layers.values())
+    bits = sum(s["bits"] * s["n"] * s["d"] for s in layers.values()) / weights
+    print(f"\n{len(layers)} layers, median rel.error {statistics.median(errors):.4g}, max {max(errors):.4g}, "
+          f"{bits:.2f} bits/weight on quantized layers, {result.seconds / 60:.1f} min; wrote {result.out}")

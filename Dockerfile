@@ -32,7 +32,11 @@ COPY kernels/ kernels/
 COPY models/ models/
 COPY server/ server/
 # A regular (non-editable) install: the runtime stage copies /opt/vqdm and nothing from /src.
-RUN pip install --no-cache-dir . && vqdm --version
+# CPU images drop Triton (~1 GB, nearly half the venv): it only runs the GPU kernels, and
+# vqdm.kernels picks CPU paths when it is absent.
+RUN pip install --no-cache-dir . \
+    && if [ -z "${CUDA}" ]; then pip uninstall -y triton; fi \
+    && vqdm --version
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG CUDA=""

@@ -73,6 +73,7 @@ def test_vqdm_environment_is_valid_server_settings(compose, server_settings):
     env = {k: interpolate(str(v)) for k, v in compose["services"]["vqdm"]["environment"].items()}
     settings = server_settings(env, "compose.yaml vqdm.environment")
     assert (settings.host, settings.port) == ("0.0.0.0", dockerfile_expose())
+    assert settings.model_specs()[0].path is None and not settings.api_keys, "unset: embedded default, open"
     grace = re.fullmatch(r"(\d+)s", compose["services"]["vqdm"]["stop_grace_period"])
     assert settings.shutdown_timeout_s < int(grace.group(1)), "compose must not kill a graceful shutdown"
 

@@ -19,6 +19,7 @@ one subset (or part of one, see `plan_passes`) at a time; rows stream through in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -165,7 +166,8 @@ class HessianCollector:
             self.entries[n] = _Entry(m, layer_dims(m)[1])
         self._handles: list = []
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._gen = torch.Generator().manual_seed(self.seed)
+        self._batch_seed = self.seed
+        self._gens: dict[str, torch.Generator] = {}
         self._finished = False
 
     # -- hooks -------------------------------------------------------------------------------
@@ -182,8 +184,20 @@ class HessianCollector:
         self._seen.clear()
 
     def reseed(self, seed: int) -> None:
-        """Restart row sampling from `seed` (called per batch so the draw depends only on the batch)."""
-        self._gen.manual_seed(seed)
+        """Restart row sampling from `seed` (called per batch).
+
+        Each layer draws from its own generator seeded by (seed, layer name), so a layer's rows
+        depend only on the batch, never on which other layers are hooked in the same pass.
+        """
+        self._batch_seed = seed
+        self._gens.clear()
+
+    def _generator(self, name: str) -> torch.Generator:
+        gen = self._gens.get(name)
+        if gen is None:
+            digest = hashlib.sha256(f"{self._batch_seed}:{name}".encode()).digest()
+            gen = self._gens[name] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        return gen
 
     def _reset_seen(self, module, args) -> None:
         # Identity is only meaningful within one forward pass of the root.
@@ -224,7 +238,7 @@ class HessianCollector:
             for chunk in rows:
                 if keep < 1.0:
                     k = max(1, math.ceil(chunk.shape[0] * keep))
-                    pick = torch.randperm(chunk.shape[0], generator=self._gen)[:k].to(chunk.device)
+                    pick = torch.randperm(chunk.shape[0], generator=self._generator(name))[:k].to(chunk.device)
                     chunk = chunk.index_select(0, pick)
                 moment.add_rows(chunk)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vqdm.errors import ConfigError, VQDMError
+from vqdm.errors import ConfigError, ModelFolderError, VQDMError
 from vqdm.models import SUBSETS, detect_family, layer_bits, load_pipeline, quantize_layers, read_model_index
 from vqdm.models import select_layers, subset_of, weight_matrix
 from vqdm.quantizer.calibration import dist_info, plan_passes
@@ -169,6 +169,8 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     seed = calib.seed  # one seed for latents, noise, row sampling and AQ
     aq = make_aq_config(bits, nbits, group_size, **(aq_options or {}))
     read_model_index(model_dir)
+    if (model_dir / "unet" / "manifest.json").is_file():
+        raise ModelFolderError(f"{model_dir} is already a vqdm artifact: quantize the original diffusers folder")
     family = detect_family(model_dir)
     if family != preset:
         log.warning("%s looks like %s but --preset %s was given: calibrating with the %s recipe",
@@ -193,8 +195,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
         "unet_sha256": unet_fingerprint(source_dir=model_dir), "preset": preset,
         "format": {"num_codebooks": bits, "nbits": nbits, "group_size": group_size},
         "aq": _aq_dict(aq), "seed": seed, "calibration": calib.to_dict(), "prompts_sha256": prompts_digest(prompts),
-        "max_stats_bytes": max_stats_bytes,
-    })
+    })  # not device, dtype or the memory budget: a run may resume elsewhere, or in more passes after an OOM
     if resume:
         state = ckpt.load(identity)
     elif rank == 0:

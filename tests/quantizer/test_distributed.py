@@ -58,3 +58,53 @@ def test_two_gloo_processes_give_the_single_process_h(tiny_sdxl_dir, tmp_path, m
             assert h2.dtype == torch.float64
             # Same U-Net calls, summed in another order: equal to fp64 rounding.
             torch.testing.assert_close(h2, h1, rtol=1e-12, atol=1e-12 * h1.abs().max().item())
+
+
+AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1}
+
+
+def _quantize_first_subset(model_dir, out):
+    from vqdm.quantizer.driver import QuantizeStopped, quantize_model
+    from vqdm.quantizer.trajectories import preset_config
+
+    calib = preset_config("sdxl", num_prompts=2, steps=2, resolution=64, batch_size=1)
+    try:
+        quantize_model(model_dir, "sdxl", 3, out, calibration=calib, aq_options=AQ, progress=False, stop_after_subset=0)
+    except QuantizeStopped:
+        pass
+
+
+def _driver_worker(rank: int, world: int, init_file: str, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _quantize_first_subset(model_dir, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_split_layers_and_match_one(tiny_sdxl_dir, tmp_path, monkeypatch, pytestconfig):
+    """torchrun-style run: each rank quantizes its share of the layers, results are broadcast;
+    rank 0's checkpoint equals a single process's bit for bit (one batch per rank: the same sums)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vqdm.quantizer.checkpoint import checkpoint_dir
+
+    monkeypatch.syspath_prepend(str(pytestconfig.rootpath))
+    two, one = tmp_path / "two", tmp_path / "one"
+    mp.spawn(_driver_worker, args=(2, str(tmp_path / "init"), str(tiny_sdxl_dir), str(two)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _quantize_first_subset(tiny_sdxl_dir, one)
+    finally:
+        torch.set_num_threads(threads)
+    states = [json.loads((checkpoint_dir(o) / "state.json").read_text()) for o in (two, one)]
+    files = [load_file(str(checkpoint_dir(o) / s["finished"][0]["file"])) for o, s in zip((two, one), states)]
+    assert len(files[0]) == 5 * 3 and files[0].keys() == files[1].keys()
+    for k in files[0]:
+        assert torch.equal(files[0][k], files[1][k]), k
+    errors = [{n: s["rel_error"] for n, s in st["finished"][0]["layers"].items()} for st in states]
+    assert errors[0] == errors[1]

@@ -11,7 +11,8 @@ import time
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("vqdm_request_id", default="-")
 
 # LogRecord attributes that are not "extra" fields.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id",
+                                                                          "color_message"}  # uvicorn's ANSI copy
 
 
 class RequestIdFilter(logging.Filter):

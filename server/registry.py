@@ -134,10 +134,20 @@ def _family_defaults(family: str) -> tuple[int, float]:
     return p.steps, p.guidance
 
 
+def _quiet_loading_bars() -> None:
+    """diffusers/transformers draw progress bars while loading; in server logs they are noise."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> ServedModel:
     """Load (or for the embedded default: build and quantize) one model onto every device."""
     from vqdm.models import detect_family, load_pipeline, resident_weight_bytes
 
+    _quiet_loading_bars()
     t0 = time.perf_counter()
     if spec.path is None:
         from vqdm.server.embedded import build_embedded

@@ -14,6 +14,7 @@ pipeline is interrupted. The VAE decodes only the rows still wanted.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -70,12 +71,24 @@ class _Clock:
 
 
 def revised_prompt(tokenizer, prompt: str) -> str | None:
-    """The text the model actually sees when CLIP's 77-token window cuts the prompt, else None."""
-    ids = tokenizer(prompt, truncation=False).input_ids
+    """The part of the prompt the model actually reads when CLIP's 77-token window cuts it (the
+    longest whole-word prefix that fits), else None."""
     limit = tokenizer.model_max_length
-    if len(ids) <= limit:
+
+    def fits(text: str) -> bool:
+        return len(tokenizer(text, truncation=False).input_ids) <= limit
+
+    if fits(prompt):
         return None
-    return tokenizer.decode(ids[1:limit - 1], skip_special_tokens=True)
+    ends = [m.end() for m in re.finditer(r"\S+", prompt)]
+    lo, hi = 0, len(ends)  # ends[:lo] fit, ends[:hi + 1] do not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(prompt[:ends[mid - 1]]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return prompt[:ends[lo - 1]] if lo else ""
 
 
 def decode_latents(pipe, latents) -> list:

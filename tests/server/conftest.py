@@ -1,0 +1,101 @@
+"""Models and app helpers for the server tests: one tiny VQ artifact (quantized with the simple
+test quantizer, saved and loaded through the real artifact path) and one dense tiny Turbo folder,
+each loaded once per session and handed to every app the tests build."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import time
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, simple_quantizer):
+    from vqdm.models import build_pipeline, quantize_layers
+    from vqdm.models.artifact import save_artifact
+
+    pipe = build_pipeline("tiny-sdxl", seed=0)
+    quantize_layers(pipe.unet, 2, simple_quantizer(2))
+    return save_artifact(pipe, tmp_path_factory.mktemp("models") / "tiny-vq2", {"base_model": {"name": "tiny-sdxl"}})
+
+
+@pytest.fixture(scope="session")
+def turbo_folder(tmp_path_factory):
+    from vqdm.models import make_model
+
+    return make_model("tiny-sdxl-turbo", tmp_path_factory.mktemp("models") / "turbo", seed=1)
+
+
+@pytest.fixture(scope="session")
+def served_models(tiny_artifact, turbo_folder):
+    """[tiny (VQ artifact), turbo (dense folder)], loaded with the server's own loader."""
+    from vqdm.server.registry import load_model
+    from vqdm.server.settings import ModelSpec, Settings
+
+    settings = Settings(devices=["cpu"])
+    return [load_model(ModelSpec("tiny", tiny_artifact), settings, ["cpu"]),
+            load_model(ModelSpec("turbo", turbo_folder), settings, ["cpu"])]
+
+
+def wait_ready(get, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"server not ready after {timeout}s: {get('/readyz').text}")
+
+
+@pytest.fixture
+def make_client(served_models):
+    """make_client(**settings) -> a started TestClient serving the session models."""
+    from fastapi.testclient import TestClient
+
+    from vqdm.server.app import create_app
+    from vqdm.server.settings import Settings
+
+    stack = contextlib.ExitStack()
+
+    def make(**overrides):
+        settings = Settings(**{"devices": ["cpu"], **overrides})
+        app = create_app(settings, loader=lambda s, d: list(served_models))
+        client = stack.enter_context(TestClient(app))
+        wait_ready(client.get)
+        return client
+
+    with stack:
+        yield make
+
+
+def decode_png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+
+def metric_samples(text: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} from a /metrics body, via prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture(scope="session")
+def tools():
+    """The helpers above, for test modules (conftest is not importable under importlib mode)."""
+    import types
+
+    return types.SimpleNamespace(decode_png=decode_png, metric_samples=metric_samples, delta=delta,
+                                 wait_ready=wait_ready)

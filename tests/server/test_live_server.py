@@ -98,6 +98,11 @@ def test_openai_client(server):
     image = png(res.data[0].b64_json)
     assert image.shape == (128, 128, 3)
     assert [m.id for m in client.models.list()] == ["tiny"]
+    # The SDK's image stream: our progress events arrive as loosely typed events, then its completed event.
+    events = list(client.images.generate(model="tiny", prompt="x", stream=True, size="64x64",
+                                         extra_body={"num_inference_steps": 3, "seed": 5}))
+    assert [e.type for e in events if e.type == "image_generation.progress"] == ["image_generation.progress"] * 3
+    assert events[-1].type == "image_generation.completed" and png(events[-1].b64_json).shape == (64, 64, 3)
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model="dall-e-3", prompt="x")
     assert e.value.code == "model_not_found"

@@ -1,0 +1,77 @@
+"""Settings from VQDM_* variables and flags, and the serve / generate commands' user-facing errors."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from vqdm.cli import main
+from vqdm.server.settings import EMBEDDED_MODEL_ID, ModelSpec, Settings, parse_model_spec
+
+
+def test_env_lists_are_comma_separated(monkeypatch, tmp_path):
+    monkeypatch.setenv("VQDM_MODELS", f"a={tmp_path}/a, b={tmp_path}/b")
+    monkeypatch.setenv("VQDM_API_KEYS", "key-number-1,key-number-2")
+    monkeypatch.setenv("VQDM_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("VQDM_JSON_LOGS", "true")
+    s = Settings()
+    assert [m.id for m in s.model_specs()] == ["a", "b"] and s.model_specs()[1].path == tmp_path / "b"
+    assert s.api_keys == ["key-number-1", "key-number-2"] and s.max_batch_size == 8 and s.json_logs
+    assert "key-number" not in repr(s)  # keys stay out of logs and tracebacks
+
+
+def test_no_model_means_the_embedded_default(monkeypatch):
+    monkeypatch.delenv("VQDM_MODELS", raising=False)
+    assert Settings().model_specs() == [ModelSpec(EMBEDDED_MODEL_ID, None)]
+
+
+def test_model_spec_forms():
+    assert parse_model_spec("/models/sdxl-vq3") == parse_model_spec("sdxl-vq3=/models/sdxl-vq3")
+    with pytest.raises(ValueError, match="model id"):
+        parse_model_spec("bad name=/x")
+    with pytest.raises(ValueError, match="empty path"):
+        parse_model_spec("name=")
+
+
+def test_flags_win_over_environment(monkeypatch):
+    from vqdm.server.cli import build_settings
+
+    monkeypatch.setenv("VQDM_PORT", "9000")
+    monkeypatch.setenv("VQDM_MAX_QUEUE_SIZE", "7")
+    args = argparse.Namespace(port=9100, model=None, api_key=None, no_warmup=False)
+    s = build_settings(args)
+    assert (s.port, s.max_queue_size, s.warmup) == (9100, 7, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--max-batch-size", "0"], "max_batch_size"),
+    (["serve", "--weight-cache", "sometimes"], "weight-cache mode"),
+    (["serve", "--model", "a=/x", "--model", "a=/y"], "given twice"),
+    (["serve", "--api-key", "short"], "at least 8"),
+    (["serve", "--model", "m=/no/such/folder"], "no such folder"),
+])
+def test_serve_refuses_bad_configuration_in_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vqdm serve: error:") and message in err and "\n" not in err
+
+
+def test_generate_writes_the_image_a_server_would(tiny_artifact, tmp_path, capsys, served_models):
+    out = tmp_path / "cube.png"
+    assert main(["generate", "a red cube", "--model", str(tiny_artifact), "-o", str(out), "--steps", "2",
+                 "--seed", "4", "--size", "64x64", "--device", "cpu"]) == 0
+    assert "seed 4" in capsys.readouterr().out
+    from PIL import Image
+
+    from vqdm.server.jobs import GenerationParams
+    from vqdm.server.runner import Member, run_batch
+
+    got = np.asarray(Image.open(out)).astype(np.int16)
+    p = GenerationParams("tiny", "a red cube", None, 1, 64, 64, 2, 5.0, "euler", 4)
+    want = np.asarray(run_batch(served_models[0].replicas["cpu"], [Member(p)]).images[0][0]).astype(np.int16)
+    assert np.abs(got - want).max() <= 1
+    assert main(["generate", "x", "--model", str(tiny_artifact), "-o", str(tmp_path / "x.gif")]) == 1
+    assert "unknown image type" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tiny_artifact), "-o", str(tmp_path / "x.png"), "--size", "65x64"]) == 1
+    assert "multiples of 8" in capsys.readouterr().err

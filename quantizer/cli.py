@@ -84,7 +84,8 @@ def print_summary(result) -> None:
     print()
     for info in result.subsets:
         tag = " (from checkpoint)" if info.get("resumed") else ""
-        print(f"{info['subset']:<14} {info['layers']:>4} layers  median rel.error {info['median_rel_error']:.4g}  "
+        median = "-" if info["median_rel_error"] is None else f"{info['median_rel_error']:.4g}"
+        print(f"{info['subset']:<14} {info['layers']:>4} layers  median rel.error {median}  "
               f"calibration {info['calibration_seconds']:.1f} s  quantization {info['quantization_seconds']:.1f} s{tag}")
     errors = [s["rel_error"] for s in layers.values()]
     weights = sum(s["n"] * s["d"] for s in layers.values())

@@ -227,7 +227,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
             ckpt.save_subset(state, index, subset, tensors, stats, info)
         _barrier(world)
         bar.update(1)
-        log.info("subset %d/%d %s: %d layers, calibration %.1f s, quantization %.1f s, median rel. error %.4g",
+        log.info("subset %d/%d %s: %d layers, calibration %.1f s, quantization %.1f s, median rel. error %s",
                  index + 1, len(SUBSETS), subset, info["layers"], info["calibration_seconds"],
                  info["quantization_seconds"], info["median_rel_error"])
         if stop_after_subset is not None and index >= stop_after_subset:

@@ -95,6 +95,7 @@ class Server:
 
 async def closed_loop(server: Server, concurrency: int, total: int, body: dict) -> dict:
     latencies: list[float] = []
+    server_timings: dict[str, list[float]] = {}
     errors = 0
     counter = iter(range(total))
 
@@ -105,6 +106,8 @@ async def closed_loop(server: Server, concurrency: int, total: int, body: dict) 
             r = await c.post("/v1/images/generations", json={**body, "seed": i})
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
+                for k, v in r.json()["timings"].items():
+                    server_timings.setdefault(k, []).append(v)
             else:
                 errors += 1
 
@@ -121,6 +124,7 @@ async def closed_loop(server: Server, concurrency: int, total: int, body: dict) 
         "p50_s": round(float(np.percentile(lat, 50)), 4), "p95_s": round(float(np.percentile(lat, 95)), 4),
         "p99_s": round(float(np.percentile(lat, 99)), 4),
         "mean_batch": round((sum1 - sum0) / max(count1 - count0, 1), 3),
+        "server_mean_s": {k: round(float(np.mean(v)), 4) for k, v in server_timings.items()},
     }
 
 
@@ -143,6 +147,7 @@ def run(args) -> dict:
             print(f"{label:13s} c={level['concurrency']:3d}  {level['images_per_s']:7.2f} img/s  "
                   f"p50 {level['p50_s']:.3f}s  p95 {level['p95_s']:.3f}s  p99 {level['p99_s']:.3f}s  "
                   f"mean batch {level['mean_batch']:.2f}  errors {level['errors']}")
+            print("    server means: " + "  ".join(f"{k} {v:.3f}" for k, v in level["server_mean_s"].items()))
     ratios = {}
     for on, off in zip(results["batching_on"]["levels"], results["batching_off"]["levels"]):
         ratios[str(on["concurrency"])] = {"throughput_on_over_off": round(on["images_per_s"] / off["images_per_s"], 3),

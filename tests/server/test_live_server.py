@@ -124,7 +124,9 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(server):
     ok = {i: r for i, r in enumerate(responses) if r.status_code == 200}
     full = [r for r in responses if r.status_code == 429]
     assert len(ok) + len(full) == 20, [r.status_code for r in responses]
-    assert len(ok) >= 5 and full  # one running + four queued at least; the rest refused
+    # At least the four queue places are filled (the first job may start before the others arrive
+    # and free its place, or all twenty may arrive first); everything beyond the queue is refused.
+    assert len(ok) >= 4 and full
     for r in full:
         assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full"
     images = {i: png(r.json()["data"][0]["b64_json"]) for i, r in ok.items()}

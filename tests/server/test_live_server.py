@@ -72,7 +72,7 @@ def png(b64: str) -> np.ndarray:
 def scrape(url: str, **kw) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url, timeout=10, **kw).text
+    text = httpx.get(url, timeout=30, **kw).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -162,7 +162,7 @@ def _stream_until_progress(base: str, body: dict, rid: str, holder: dict) -> Non
 def _wait_state(base: str, rid: str, states: set, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = httpx.get(f"{base}/v1/requests/{rid}", headers=AUTH, timeout=5)
+        r = httpx.get(f"{base}/v1/requests/{rid}", headers=AUTH, timeout=30)
         if r.status_code == 200 and r.json()["state"] in states:
             return r.json()
         time.sleep(0.05)
@@ -194,10 +194,10 @@ def test_queued_disconnect_and_delete(server):
     # A different step count cannot join the running batch: it waits, and its client gives up.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + GEN, json={"prompt": "short", "num_inference_steps": 2, "size": "64x64"},
-                   headers={**AUTH, "X-Request-Id": "job-impatient"}, timeout=1.0)
+                   headers={**AUTH, "X-Request-Id": "job-impatient"}, timeout=2.0)
     gone = _wait_state(base, "job-impatient", {"cancelled"})
     assert gone["cancel_reason"] == "client_disconnected" and gone["step"] == 0
-    r = httpx.delete(f"{base}/v1/requests/job-long", headers=AUTH)
+    r = httpx.delete(f"{base}/v1/requests/job-long", headers=AUTH, timeout=30)
     assert r.status_code in (200, 202)
     t.join(30)
     last = holder["events"][-1]
@@ -227,9 +227,10 @@ def test_metrics_contract_on_both_ports(server):
     buckets = sorted(dict(k[1])["le"] for k in side if k[0] == "vqdm_request_duration_seconds_bucket")
     assert "0.005" in buckets and "600.0" in buckets  # sub-second GPU Turbo to ten-minute CPU runs
     before = side
-    httpx.post(server["base"] + GEN, json={"prompt": "x", "num_inference_steps": 1, "size": "64x64"}, headers=AUTH)
-    httpx.post(server["base"] + GEN, json={"prompt": "x", "n": 0}, headers=AUTH)
-    httpx.post(server["base"] + GEN, json={"prompt": "x"})
+    httpx.post(server["base"] + GEN, json={"prompt": "x", "num_inference_steps": 1, "size": "64x64"}, headers=AUTH,
+               timeout=60)
+    httpx.post(server["base"] + GEN, json={"prompt": "x", "n": 0}, headers=AUTH, timeout=60)
+    httpx.post(server["base"] + GEN, json={"prompt": "x"}, timeout=60)
     after = scrape(server["metrics"])
     assert d(before, after, "vqdm_requests_total", model="tiny", status="200") == 1
     assert d(before, after, "vqdm_requests_total", model="tiny", status="400") == 1
@@ -241,7 +242,7 @@ def test_metrics_contract_on_both_ports(server):
 
 def test_logs_are_json_with_request_ids(server):
     httpx.post(server["base"] + GEN, json={"prompt": "x", "num_inference_steps": 1, "size": "64x64"},
-               headers={**AUTH, "X-Request-Id": "trace-me-42"})
+               headers={**AUTH, "X-Request-Id": "trace-me-42"}, timeout=60)
     time.sleep(0.2)
     lines = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith("{")]
     access = [e for e in lines if e.get("request_id") == "trace-me-42" and e.get("path") == GEN]

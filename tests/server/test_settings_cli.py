@@ -75,3 +75,25 @@ def test_generate_writes_the_image_a_server_would(tiny_artifact, tmp_path, capsy
     assert "unknown image type" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tiny_artifact), "-o", str(tmp_path / "x.png"), "--size", "65x64"]) == 1
     assert "multiples of 8" in capsys.readouterr().err
+
+
+def test_serve_exits_1_on_a_corrupt_artifact(tiny_artifact, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    weights = bad / "unet" / "vqdm.safetensors"
+    weights.chmod(0o644)
+    with open(weights, "ab") as f:
+        f.write(b"tampered")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "vqdm.cli", "serve", "--model", f"bad={bad}", "--port", str(port),
+                           "--log-level", "error"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vqdm serve: error: start-up failed: ArtifactError") and "sha256 does not match" in last

@@ -214,6 +214,7 @@ async def _success_body(job: Job) -> dict[str, Any]:
     p, res = job.params, job.result
     t0 = time.perf_counter()
     images = await anyio.to_thread.run_sync(encode_b64, res.images, p.output_format, p.output_compression)
+    res.images = []  # the job stays visible at /v1/requests/{id} for a while; its pixels need not
     timings = {"queue_s": round(job.started_at - job.enqueued_at, 6), **res.timings,
                "encode_s": round(time.perf_counter() - t0, 6), "total_s": round(time.perf_counter() - job.enqueued_at, 6)}
     return {
@@ -268,3 +269,5 @@ async def _stream(request: Request, state: ServerState, job: Job) -> AsyncIterat
         if not job.state.finished:  # the client went away mid-stream
             state.dispatcher.cancel(job, "client_disconnected")
             scope_state["vqdm_final_status"] = 499
+        elif job.result is not None:
+            job.result.images = []

@@ -62,6 +62,7 @@ def test_generate_png_jpeg_webp_with_seeds_and_request_id(make_client, tools):
     assert {"queue_s", "text_encode_s", "denoise_s", "vae_decode_s", "encode_s", "total_s"} <= set(body["timings"])
     status = c.get("/v1/requests/my-job-1").json()
     assert status["state"] == "succeeded" and status["step"] == status["total_steps"] == 2
+    assert c.app.state.vqdm.dispatcher.jobs["my-job-1"].result.images == []  # pixels not kept after the reply
     # Same seed, same image: image 1 of the n=2 request is seed 12 alone.
     solo = c.post(GEN, json={"prompt": "a red cube", "seed": 12, "num_inference_steps": 2}).json()
     assert abs(tools.decode_png(solo["data"][0]["b64_json"]) - images[1]).max() <= 1

@@ -160,6 +160,19 @@ def run(args) -> dict:
             "results": results, "ratios": ratios}
 
 
+def markdown(result: dict) -> str:
+    """The results table for docs/server.md."""
+    rows = ["| concurrency | batching | images/s | p50 s | p95 s | p99 s | mean batch | throughput on/off |",
+            "|---|---|---|---|---|---|---|---|"]
+    for on, off in zip(result["results"]["batching_on"]["levels"], result["results"]["batching_off"]["levels"]):
+        ratio = result["ratios"][str(on["concurrency"])]["throughput_on_over_off"]
+        for label, lv in ((f"on (max {result['results']['batching_on']['max_batch_size']})", on), ("off", off)):
+            rows.append(f"| {lv['concurrency']} | {label} | {lv['images_per_s']:.2f} | {lv['p50_s']:.3f} | "
+                        f"{lv['p95_s']:.3f} | {lv['p99_s']:.3f} | {lv['mean_batch']:.2f} | "
+                        f"{f'**{ratio:.2f}x**' if lv is on else ''} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="artifact or diffusers folder (default: the embedded tiny model)")
@@ -174,7 +187,11 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="max batch size with batching on")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--table", metavar="JSON", help="print the Markdown table of an earlier run and exit")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
     out = run(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

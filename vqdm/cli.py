@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "vqdm.models.cli",
     "vqdm.quantizer.cli",
+    "vqdm.quantizer.distill_cli",
     "vqdm.server.cli",
 )
 

@@ -251,9 +251,9 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch
     return torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-               precision: str, decoded: DecodedWeights | None = None) -> float:
-    """One optimizer step over `micro_batches` (sample indices); returns the mean MSE."""
+def accumulate_gradients(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], precision: str,
+                         decoded: DecodedWeights | None = None) -> float:
+    """Gradients of the mean MSE over `micro_batches` (sample indices) into the parameters' .grad."""
     device = next(unet.parameters()).device
     total = 0.0
     for idx in micro_batches:
@@ -265,11 +265,18 @@ def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tens
         total += loss.item()
     if decoded is not None:
         decoded.push_gradients()
+    return total / len(micro_batches)
+
+
+def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+               precision: str, decoded: DecodedWeights | None = None) -> float:
+    """One optimizer step over `micro_batches`; returns the mean MSE."""
+    loss = accumulate_gradients(unet, bank, micro_batches, precision, decoded)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if decoded is not None:
         decoded.refresh()
-    return total / len(micro_batches)
+    return loss
 
 
 def output_mse(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:

@@ -1,0 +1,200 @@
+"""`vqdm distill` on tiny SDXL and tiny Turbo: held-out error drops, codes and size stay, resume is exact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vqdm.cli import main
+from vqdm.errors import ConfigError
+from vqdm.models import build_unet, load_pipeline, quantize_layers, vq_modules
+from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact, load_vq_unet, save_artifact
+from vqdm.models.artifact import unet_fingerprint
+from vqdm.quantizer.checkpoint import CheckpointError
+from vqdm.quantizer.distill import (DecodedWeights, DistillStopped, accumulate_gradients, check_codes_unchanged,
+                                    codes_snapshot, distill, distill_preset, output_mse, prepare_student)
+from vqdm.quantizer.distill_checkpoint import checkpoint_dir
+from vqdm.quantizer.trajectories import Batch, CalibrationConfig, prompt_seed
+from vqdm.quantizer.unet_samples import record_trajectories
+
+# Tiny runs: 16 prompts in 2 rounds at 64², 30 Adam steps of 8 samples. lr 3e-4: random tiny
+# models need far more than the real recipe's 1e-6 to move in 30 steps.
+FAMILY_ARGS = {
+    "sdxl": ["--steps", "4"],
+    "sdxl-turbo": ["--steps", "2"],
+}
+COMMON = ["--num-prompts", "16", "--rounds", "2", "--resolution", "64", "--train-steps", "30", "--batch-size", "4",
+          "--grad-accum", "2", "--lr", "3e-4", "--gen-batch-size", "2", "--heldout-prompts", "0",
+          "--checkpoint-every", "10", "--no-progress"]
+HELD_OUT = ("a lighthouse on a cliff at dusk", "a bowl of ramen, studio photo", "an owl in the snow",
+            "a red tram crossing a bridge")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: two intra-op threads fight other processes and run
+    # these tests ~10x slower than one.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def quantize_fn(simple_quantizer, k: int):
+    """The real AQ quantizer with cheap settings (identity H) once it exists, else the simple one."""
+    try:
+        from vqdm.quantizer import quantize_weight
+    except ImportError:
+        return simple_quantizer(k)
+    from vqdm.quantizer.driver import make_aq_config
+
+    cfg = make_aq_config(k, beam_size=2, adam_steps=2, max_rounds=1)
+
+    def fn(name, w):
+        qw = quantize_weight(w, torch.eye(w.shape[1], dtype=torch.float64), cfg)
+        return qw.codes, qw.codebooks.detach().float(), qw.scales.detach().float()
+
+    return fn
+
+
+def make_student(teacher, out, simple_quantizer, k: int = 2):
+    pipe = load_pipeline(teacher)
+    quantize_layers(pipe.unet, k, quantize_fn(simple_quantizer, k))
+    layers = {n: {"rel_error": 0.5, "seconds": 0.0} for n, _ in vq_modules(pipe.unet)}
+    return save_artifact(pipe, out, {"layers": layers, "calibration": {"note": "test"},
+                                     "base_model": {"name": teacher.name, "unet_sha256": unet_fingerprint(source_dir=teacher)}},
+                         source_dir=teacher)
+
+
+def heldout_mse(teacher, artifact, family: str) -> float:
+    """Student–teacher U-Net output MSE on prompts and seeds the run never saw."""
+    pipe = load_pipeline(teacher)
+    cfg = CalibrationConfig(num_prompts=len(HELD_OUT), steps=int(FAMILY_ARGS[family][1]),
+                            guidance=5.0 if family == "sdxl" else 0.0, resolution=64,
+                            scheduler="ddim" if family == "sdxl" else "native")
+    batches = [Batch(i, (p,), (prompt_seed(987, i),), cfg.steps) for i, p in enumerate(HELD_OUT)]
+    bank = record_trajectories(pipe, cfg, batches)
+    unet, _ = load_vq_unet(artifact)
+    return output_mse(unet, bank)
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sdxl_dir, tiny_turbo_dir, simple_quantizer, tmp_path_factory):
+    out = {}
+    for family, teacher in (("sdxl", tiny_sdxl_dir), ("sdxl-turbo", tiny_turbo_dir)):
+        root = tmp_path_factory.mktemp(family)
+        student = make_student(teacher, root / "student", simple_quantizer)
+        args = ["distill", "--teacher", str(teacher), "--student", str(student), *FAMILY_ARGS[family], *COMMON]
+        assert main([*args, "--out", str(root / "distilled")]) == 0
+        out[family] = dict(teacher=teacher, student=student, distilled=root / "distilled", args=args, root=root)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-turbo"])
+def test_distillation_reduces_heldout_error_and_keeps_codes(runs, family):
+    r = runs[family]
+    before = heldout_mse(r["teacher"], r["student"], family)
+    after = heldout_mse(r["teacher"], r["distilled"], family)
+    assert after <= 0.8 * before, (before, after)
+
+    a, b = _tensors(r["student"] / WEIGHTS_FILE), _tensors(r["distilled"] / WEIGHTS_FILE)
+    assert a.keys() == b.keys()
+    codes = [k for k in a if k.endswith(".codes")]
+    assert codes and all(torch.equal(a[k], b[k]) for k in codes)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".codebooks"))  # codebooks did train
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("conv_in."))  # and non-quantized params
+    assert (r["student"] / WEIGHTS_FILE).stat().st_size == (r["distilled"] / WEIGHTS_FILE).stat().st_size
+
+    m_in = json.loads((r["student"] / MANIFEST_FILE).read_text())
+    m = json.loads((r["distilled"] / MANIFEST_FILE).read_text())
+    d = m["distillation"]
+    assert len(d["loss_curve"]) == d["train_steps"] == 30
+    assert d["lr"] == 3e-4 and d["effective_batch"] == 8 and d["rounds"] == 2
+    assert d["guidance"] == (5.0 if family == "sdxl" else 0.0)
+    assert d["scheduler_name"] == ("DDIMScheduler" if family == "sdxl" else "EulerAncestralDiscreteScheduler")
+    assert d["vary_steps"] is (family == "sdxl-turbo")
+    assert m["calibration"] == m_in["calibration"] and m["base_model"] == m_in["base_model"]
+    assert [e["rel_error"] for e in m["layers"]] == [e["rel_error"] for e in m_in["layers"]]
+
+    pipe = load_artifact(r["distilled"])
+    img = pipe("a teapot", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and torch.isfinite(torch.as_tensor(img)).all() and img.std() > 0
+
+
+def test_resume_equals_uninterrupted(runs):
+    r = runs["sdxl"]
+    out = r["root"] / "resumed"
+    with pytest.raises(DistillStopped, match="--resume"):
+        main(["-v", *r["args"], "--out", str(out), "--stop-after-step", "17"])
+    ckpt = checkpoint_dir(out)
+    assert not out.exists() and (ckpt / "state.json").is_file()
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 17 and len(state["loss_curve"]) == 17
+    assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors", ".safetensors"]
+
+    with pytest.raises(CheckpointError, match="lr"):  # other settings: refused, checkpoint kept
+        main(["-v", *r["args"], "--out", str(out), "--resume", "--lr", "1e-4"])
+    with pytest.raises(ConfigError, match="--resume to continue"):
+        main(["-v", *r["args"], "--out", str(out)])
+
+    torch.manual_seed(4321)  # a disturbed global RNG must not matter
+    assert main([*r["args"], "--out", str(out), "--resume"]) == 0
+    assert not ckpt.exists()
+    a, b = _tensors(r["distilled"] / WEIGHTS_FILE), _tensors(out / WEIGHTS_FILE)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    da = json.loads((r["distilled"] / MANIFEST_FILE).read_text())["distillation"]
+    db = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
+    assert da["loss_curve"] == db["loss_curve"]
+    assert db["resumed_from_step"] == 17
+
+
+def test_refuses_a_teacher_the_student_was_not_quantized_from(runs, tiny_turbo_dir, tmp_path):
+    with pytest.raises(ConfigError, match="quantized from another U-Net"):
+        distill(tiny_turbo_dir, runs["sdxl"]["student"], tmp_path / "x", distill_preset("sdxl"), progress=False)
+    with pytest.raises(Exception, match="is a vqdm artifact"):
+        distill(runs["sdxl"]["student"], runs["sdxl"]["student"], tmp_path / "y", progress=False)
+
+
+def test_dense_weight_gradients_equal_per_call_reference(simple_quantizer, tiny_sdxl_dir):
+    """Decode-once + dense dL/dW pushed through the decode == the kernels' reference path per call."""
+    pipe = load_pipeline(tiny_sdxl_dir)
+    cfg = CalibrationConfig(num_prompts=2, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=2)
+    bank = record_trajectories(pipe, cfg, [Batch(0, ("a fox", "a boat"), (1, 2), 2)])
+    grads = {}
+    for mode in ("dense", "per-call"):
+        unet = build_unet("tiny-sdxl", seed=3)
+        quantize_layers(unet, 2, simple_quantizer(2))
+        params = prepare_student(unet, distill_preset("sdxl", weight_grad=mode))
+        decoded = DecodedWeights(unet) if mode == "dense" else None
+        micro = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+        if decoded is not None:
+            with decoded.installed():
+                accumulate_gradients(unet, bank, micro, "fp32", decoded)
+        else:
+            accumulate_gradients(unet, bank, micro, "fp32")
+        grads[mode] = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    assert grads["dense"].keys() == grads["per-call"].keys()
+    assert any(n.endswith("codebooks") for n in grads["dense"]) and any(n.endswith("scales") for n in grads["dense"])
+    for n in grads["dense"]:
+        a, b = grads["dense"][n], grads["per-call"][n]  # equal up to fp32 summation order
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12, (n, float((a - b).norm() / b.norm()))
+
+
+def test_frozen_codes_are_checked(simple_quantizer):
+    unet = build_unet("tiny-sdxl", seed=0)
+    quantize_layers(unet, 2, simple_quantizer(2))
+    before = codes_snapshot(unet)
+    check_codes_unchanged(unet, before)
+    name, m = vq_modules(unet)[0]
+    m.codes[0, 0, 0] += 1
+    with pytest.raises(RuntimeError, match="codes of 1 layer"):
+        check_codes_unchanged(unet, before)

@@ -4,9 +4,11 @@ Fused (`vq_linear_triton_fused`): each program owns a BLOCK_M x BLOCK_N tile of 
 loads the x tile, gathers the K codewords of every (output, group) pair of the weight tile from the
 codebook table (K·2^B·g values, 16 KB in fp16 for K = 4, so the gathers hit L1), sums them in fp32
 registers, casts to the activation dtype and feeds `tl.dot` (fp32 accumulation). s_out and bias are
-applied once in the epilogue, on the output tile. Only codes travel from HBM for the weight: 0.5 B
-per weight at K = 4 against 2 B for a dense fp16 weight, so it wins where the GEMM is memory-bound
-(few rows); with many rows every M-tile re-decodes the same weight tile and decode-once + cuBLAS wins.
+applied once in the epilogue, on the output tile. Only codes travel from HBM for the weight (0.5 B
+per weight at K = 4 against 2 B dense fp16), which should pay where the GEMM is memory-bound. As
+written it does not: measured on an H100 it runs 5-26x slower than the dense GEMM at every M
+(Triton stages each gathered codeword tile through shared memory with cp.async and the main loop
+is latency-bound; docs/kernels.md), so dispatch never picks it. It stays, tested, by name.
 
 Decode-once (`decode_triton`): codes -> dense Ŵ (scaled) in the activation dtype as an [n, d]
 matrix (16-byte stores), then cuBLAS / cuDNN via torch (convs: see vq_conv2d_triton_decode).

@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, metavar="N", help="prompt i uses seed (seed, i)")
     e.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per pipeline call")
     e.add_argument("--grid-rows", type=int, default=4, metavar="N", help="prompts shown in grid.png")
+    e.add_argument("--chunk-prompts", type=int, default=8, metavar="N",
+                   help="prompts every model samples before their metrics are added up (memory: one chunk of images)")
+    e.add_argument("--unet-mse-prompts", type=int, default=64, metavar="N",
+                   help="prompts whose reference trajectories feed the per-step U-Net error (default 64; 0: skip)")
     e.add_argument("--clip-model", metavar="DIR", help="local transformers CLIP folder for the CLIP score")
     e.add_argument("--pickscore-model", metavar="DIR", help="local PickScore (CLIP-H) folder for PickScore")
     e.add_argument("--fid-stats", metavar="FILE", help="reference statistics .npz (mu, sigma) for FID")
@@ -120,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
                      resolution=args.resolution, seed=args.seed, prompts_file=args.prompts,
-                     batch_size=args.batch_size, grid_rows=args.grid_rows)
+                     batch_size=args.batch_size, grid_rows=args.grid_rows, chunk_prompts=args.chunk_prompts,
+                     unet_mse_prompts=args.unet_mse_prompts)
     evaluate(args.reference, args.candidate, args.out, cfg, clip_model=args.clip_model,
              pickscore_model=args.pickscore_model, fid_stats=args.fid_stats, inception=args.inception,
              device=args.device, dtype=_dtype(args.dtype), progress=not args.no_progress)

@@ -16,14 +16,17 @@ VAE; only the U-Net is swapped) samples every prompt with its seed. Reported per
 
 Writes DIR/eval.json ({candidate: {metric: value}}), DIR/eval_meta.json (settings, reference
 scores), DIR/eval.md (Markdown tables) and DIR/grid.png (reference | candidates, one row a prompt).
+Prompts stream through in chunks (all models sample a chunk, its metrics are added up, its images
+dropped), so a 5,000-prompt COCO run holds one chunk of images at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,12 +51,14 @@ class EvalConfig:
     prompts_file: str | None = None
     batch_size: int = 1  # prompts per pipeline call
     grid_rows: int = 4  # prompts shown in grid.png
+    chunk_prompts: int = 8  # prompts sampled by every model before metrics are accumulated
+    unet_mse_prompts: int = 64  # prompts whose reference trajectory feeds the teacher-forced U-Net error
 
     def resolved(self, family: str) -> "EvalConfig":
         p = Preset.from_name(family)
-        return EvalConfig(self.num_prompts, self.steps or p.steps,
-                          p.guidance if self.guidance is None else self.guidance,
-                          self.resolution or p.resolution, self.seed, self.prompts_file, self.batch_size, self.grid_rows)
+        return dataclasses.replace(self, steps=self.steps or p.steps,
+                                   guidance=p.guidance if self.guidance is None else self.guidance,
+                                   resolution=self.resolution or p.resolution)
 
     def sampling(self) -> CalibrationConfig:
         return CalibrationConfig(num_prompts=self.num_prompts, steps=self.steps, guidance=self.guidance,
@@ -103,42 +108,95 @@ def load_candidate_unet(path: Path, dtype: torch.dtype, device: str) -> tuple[nn
     return unet.to(device).eval(), {"kind": "dense", "bits_per_weight_unet": 16.0}  # SPEC §2 accounting: fp16
 
 
-def unet_rel_mse(pred: torch.Tensor, bank: SampleBank) -> tuple[float, list[dict]]:
-    """Overall and per-step Σ(pred − ref)² / Σ ref² (float64)."""
-    err = ((pred.double() - bank.target.double()) ** 2).flatten(1).sum(1)  # [S]
-    ref = (bank.target.double() ** 2).flatten(1).sum(1)
-    per_step = []
-    for k in sorted(set(bank.step.tolist())):
-        sel = bank.step == k
-        per_step.append({"step": k, "timestep": float(bank.t[sel].mean()),
-                         "rel_mse": float(err[sel].sum() / ref[sel].sum())})
-    return float(err.sum() / ref.sum()), per_step
+class ImageScorer:
+    """cosine(image embedding, prompt embedding) per image with a local CLIP-architecture model folder.
 
-
-def image_scores(model_dir: str | Path, images: torch.Tensor, prompts: list[str], device: str,
-                 batch_size: int = 16) -> torch.Tensor:
-    """cosine(image embedding, prompt embedding) [N] with a local CLIP-architecture model folder.
-
-    Works for CLIP (CLIP score, as the paper reports it: 0.357 for SDXL) and for PickScore
-    (a CLIP-H fine-tune; the paper's 0.226 is this cosine, PickScore's 100 x logit / 100).
+    Works for CLIP (CLIP score, as the paper reports it: 0.357 for SDXL) and for PickScore (a CLIP-H
+    fine-tune; the paper's 0.226 is this cosine: PickScore's logit_scale x cosine, divided by 100).
     """
-    from PIL import Image
-    from transformers import CLIPModel, CLIPProcessor
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a local transformers CLIP model folder (no config.json)")
-    model = CLIPModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            pil = [Image.fromarray(to_uint8(img)) for img in images[i:i + batch_size]]
-            inputs = processor(text=prompts[i:i + batch_size], images=pil, return_tensors="pt", padding=True,
-                               truncation=True)
-            res = model(**{k: v.to(device) for k, v in inputs.items()})
+    def __init__(self, model_dir: str | Path, device: str, batch_size: int = 16) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: not a local transformers CLIP model folder (no config.json)")
+        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pil = [Image.fromarray(to_uint8(img)) for img in images[i:i + self.batch_size]]
+            inputs = self.processor(text=prompts[i:i + self.batch_size], images=pil, return_tensors="pt",
+                                    padding=True, truncation=True)
+            res = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
             out.append((res.image_embeds * res.text_embeds).sum(-1).float().cpu())  # both unit-norm
-    return torch.cat(out)
+        return torch.cat(out)
+
+
+@dataclass
+class Tally:
+    """One model's running sums over prompt chunks (nothing image-sized is kept but the grid rows)."""
+
+    step_err: dict = field(default_factory=dict)  # step -> [Σ err², Σ ref², Σ t, samples]
+    latent_sq: float = 0.0
+    latent_numel: int = 0
+    per_image: dict = field(default_factory=lambda: {k: [] for k in ("latent_psnr", "latent_ssim", "psnr", "ssim")})
+    scores: dict = field(default_factory=dict)  # "clip_score" / "pickscore" -> per-image values
+    features: list = field(default_factory=list)  # Inception features per chunk
+    grid: list = field(default_factory=list)
+
+    def add_unet(self, pred: torch.Tensor, bank: SampleBank) -> None:
+        err = ((pred.double() - bank.target.double()) ** 2).flatten(1).sum(1)  # [S]
+        ref = (bank.target.double() ** 2).flatten(1).sum(1)
+        for k in bank.step.unique().tolist():
+            sel = bank.step == k
+            acc = self.step_err.setdefault(k, [0.0, 0.0, 0.0, 0])
+            acc[0] += float(err[sel].sum())
+            acc[1] += float(ref[sel].sum())
+            acc[2] += float(bank.t[sel].sum())
+            acc[3] += int(sel.sum())
+
+    def add_pair(self, latents: torch.Tensor, ref_latents: torch.Tensor, images: torch.Tensor,
+                 ref_images: torch.Tensor) -> None:
+        self.latent_sq += float(((latents.double() - ref_latents.double()) ** 2).sum())
+        self.latent_numel += latents.numel()
+        lat_range = (ref_latents.flatten(1).amax(1) - ref_latents.flatten(1).amin(1)).clamp_min(1e-12)
+        self.per_image["latent_psnr"] += psnr(latents, ref_latents, lat_range).tolist()
+        self.per_image["latent_ssim"] += ssim(latents, ref_latents, lat_range).tolist()
+        self.per_image["psnr"] += psnr(images, ref_images, 1.0).tolist()
+        self.per_image["ssim"] += ssim(images, ref_images, 1.0).tolist()
+
+    def add_images(self, images: torch.Tensor, prompts: list[str], scorers: dict, inception, grid_rows: int) -> None:
+        for key, scorer in scorers.items():
+            self.scores.setdefault(key, []).extend(scorer(images, prompts).tolist())
+        if inception is not None:
+            from vqdm.quantizer.fid import inception_features
+
+            self.features.append(inception_features(inception, images))
+        self.grid += list(images[:max(0, grid_rows - len(self.grid))])
+
+    def result(self, fid_stats) -> dict:
+        out: dict = {}
+        if self.step_err:
+            total = [sum(v[i] for v in self.step_err.values()) for i in (0, 1)]
+            out["unet_rel_mse"] = total[0] / total[1]
+            out["unet_rel_mse_per_step"] = [{"step": k, "timestep": v[2] / v[3], "rel_mse": v[0] / v[1]}
+                                            for k, v in sorted(self.step_err.items())]
+        if self.latent_numel:
+            out["latent_mse"] = self.latent_sq / self.latent_numel
+            out.update({k: sum(v) / len(v) for k, v in self.per_image.items()})
+        out.update({k: sum(v) / len(v) for k, v in self.scores.items()})
+        if fid_stats is not None:
+            from vqdm.quantizer.fid import feature_statistics, frechet_distance
+
+            out["fid"] = frechet_distance(*feature_statistics(torch.cat(self.features)), *fid_stats)
+        return out
 
 
 def to_uint8(img: torch.Tensor):
@@ -186,13 +244,13 @@ def write_markdown(path: Path, results: dict, meta: dict) -> None:
     lines.append(f"| reference | 16 | — | — | — | — | — | — | {_fmt(ref.get('clip_score'))} | "
                  f"{_fmt(ref.get('pickscore'))} | {_fmt(ref.get('fid'))} |")
     for name, m in results.items():
-        lines.append(f"| `{name}` | {_fmt(m.get('bits_per_weight_unet'), 3)} | {_fmt(m['unet_rel_mse'])} | "
-                     f"{_fmt(m['latent_mse'])} | {_fmt(m['latent_psnr'])} | {_fmt(m['latent_ssim'])} | "
-                     f"{_fmt(m['psnr'])} | {_fmt(m['ssim'])} | {_fmt(m.get('clip_score'))} | "
-                     f"{_fmt(m.get('pickscore'))} | {_fmt(m.get('fid'))} |")
-    steps = [st["step"] for st in next(iter(results.values()))["unet_rel_mse_per_step"]] if results else []
+        cells = [_fmt(m.get("bits_per_weight_unet"), 3)] + [_fmt(m.get(k)) for k in (
+            "unet_rel_mse", "latent_mse", "latent_psnr", "latent_ssim", "psnr", "ssim", "clip_score", "pickscore", "fid")]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    steps = [st["step"] for st in next(iter(results.values())).get("unet_rel_mse_per_step", [])] if results else []
     if steps:
-        lines += ["", "U-Net output relative MSE per denoising step (reference trajectory inputs):", "",
+        lines += ["", f"U-Net output relative MSE per denoising step (inputs from the reference trajectories of the "
+                      f"first {meta['unet_mse_prompts']} prompts):", "",
                   "| model | " + " | ".join(f"step {k}" for k in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for name, m in results.items():
@@ -216,7 +274,13 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
              clip_model: str | Path | None = None, pickscore_model: str | Path | None = None,
              fid_stats: str | Path | None = None, inception: str | Path | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
-    """Compare `candidates` with `reference` (see module docstring); returns the eval.json dict."""
+    """Compare `candidates` with `reference` (see module docstring); returns the eval.json dict.
+
+    Prompts are processed in chunks of `cfg.chunk_prompts`: every model samples the chunk, metrics
+    are accumulated and the images dropped, so memory does not grow with --num-prompts (5,000 COCO
+    prompts at 1024² would be 60 GB of images per model). The teacher-forced U-Net error uses the
+    first `cfg.unet_mse_prompts` prompts (rounded up to whole chunks).
+    """
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -230,95 +294,87 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
     for c in cands:
         if not c.is_dir():
             raise FileNotFoundError(f"--candidate {c}: no such folder")
-    stats = None
-    if fid_stats is not None:
-        from vqdm.quantizer.fid import load_statistics
-
-        stats = load_statistics(fid_stats)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    stats = net = None
+    if fid_stats is not None:
+        from vqdm.quantizer.fid import load_inception, load_statistics
+
+        stats, net = load_statistics(fid_stats), load_inception(inception, device)
+    scorers = {key: ImageScorer(d, device) for key, d in (("clip_score", clip_model), ("pickscore", pickscore_model))
+               if d is not None}
 
     family = detect_family(reference)
     cfg = (cfg or EvalConfig()).resolved(family)
     sampling = cfg.sampling()
-    prompts_all = load_prompts(cfg.prompts_file)
-    batches = plan_batches(sampling, prompts_all)
+    batches = plan_batches(sampling, load_prompts(cfg.prompts_file))
     prompts = [p for b in batches for p in b.prompts]
 
     pipe = load_pipeline(reference, dtype=dtype, device=device)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # decode in fp32 (the SDXL VAE overflows in fp16)
     ref_unet = pipe.unet
-    bar = tqdm(total=len(batches) * (1 + len(cands)), desc="eval sampling", unit="batch", disable=not progress)
-    with SampleRecorder(ref_unet) as rec:
-        ref_latents = sample_latents(pipe, sampling, batches, recorder=rec, progress=bar)
-    bank = rec.bank()
-    ref_images = decode_images(pipe, ref_latents)
-
     from vqdm.models.artifact import unet_fingerprint
 
     ref_sha = unet_fingerprint(source_dir=reference) if list((reference / "unet").glob("*.safetensors")) else None
-    results: dict[str, dict] = {}
-    images_by_label: list[tuple[str, torch.Tensor]] = [("reference", ref_images)]
-    notes = []
-    for label, path in zip(_labels(cands), cands):
-        unet, info = load_candidate_unet(path, dtype, device)
+    labels, unets, infos, notes = _labels(cands), {}, {}, []
+    for label, path in zip(labels, cands):  # all loaded at once: each samples every chunk
+        unets[label], info = load_candidate_unet(path, dtype, device)
         base = info.pop("base_unet_sha256", None)
         if base is not None and ref_sha is not None and base != ref_sha:
             notes.append(f"`{label}` was quantized from a different U-Net than the reference")
             log.warning("%s was quantized from a different U-Net than %s", path, reference)
-        pipe.unet = unet
-        try:
-            latents = sample_latents(pipe, sampling, batches, progress=bar)
+        infos[label] = info
+    tallies = {label: Tally() for label in ["reference", *labels]}
+
+    per_chunk = max(1, cfg.chunk_prompts // cfg.batch_size)
+    chunks = [batches[i:i + per_chunk] for i in range(0, len(batches), per_chunk)]
+    bar = tqdm(total=len(batches) * (1 + len(cands)), desc="eval sampling", unit="batch", disable=not progress)
+    done = mse_prompts = 0
+    latent_hw = None
+    for chunk in chunks:
+        chunk_prompts = [p for b in chunk for p in b.prompts]
+        bank = None
+        if done < cfg.unet_mse_prompts:
+            with SampleRecorder(ref_unet) as rec:
+                ref_latents = sample_latents(pipe, sampling, chunk, recorder=rec, progress=bar)
+            bank = rec.bank()
+            mse_prompts += len(chunk_prompts)
+        else:
+            ref_latents = sample_latents(pipe, sampling, chunk, progress=bar)
+        latent_hw = ref_latents.shape[-2:]
+        ref_images = decode_images(pipe, ref_latents)
+        tallies["reference"].add_images(ref_images, chunk_prompts, scorers, net, cfg.grid_rows)
+        for label, unet in unets.items():
+            pipe.unet = unet
+            try:
+                latents = sample_latents(pipe, sampling, chunk, progress=bar)
+            finally:
+                pipe.unet = ref_unet
             images = decode_images(pipe, latents)
-            pred = unet_predictions(unet, bank, batch_size=max(1, cfg.batch_size))
-        finally:
-            pipe.unet = ref_unet
-        rel, per_step = unet_rel_mse(pred, bank)
-        lat_range = (ref_latents.flatten(1).amax(1) - ref_latents.flatten(1).amin(1)).clamp_min(1e-12)
-        results[label] = {
-            **info,
-            "unet_rel_mse": rel,
-            "unet_rel_mse_per_step": per_step,
-            "latent_mse": float(((latents.double() - ref_latents.double()) ** 2).mean()),
-            "latent_psnr": float(psnr(latents, ref_latents, lat_range).mean()),
-            "latent_ssim": float(ssim(latents, ref_latents, lat_range).mean()),
-            "psnr": float(psnr(images, ref_images, 1.0).mean()),
-            "ssim": float(ssim(images, ref_images, 1.0).mean()),
-        }
-        images_by_label.append((label, images))
-        del unet
+            t = tallies[label]
+            t.add_pair(latents, ref_latents, images, ref_images)
+            t.add_images(images, chunk_prompts, scorers, net, cfg.grid_rows)
+            if bank is not None:
+                t.add_unet(unet_predictions(unet, bank, batch_size=max(1, cfg.batch_size)), bank)
+        done += len(chunk_prompts)
     bar.close()
 
-    ref_scores: dict[str, float] = {}
-    for key, model_dir in (("clip_score", clip_model), ("pickscore", pickscore_model)):
-        if model_dir is None:
-            continue
-        for label, imgs in images_by_label:
-            value = float(image_scores(model_dir, imgs, prompts, device).mean())
-            (ref_scores if label == "reference" else results[label])[key] = value
-    if stats is not None:
-        from vqdm.quantizer.fid import feature_statistics, frechet_distance, inception_features, load_inception
-
-        net = load_inception(inception, device)
-        for label, imgs in images_by_label:
-            mu, sigma = feature_statistics(inception_features(net, imgs))
-            (ref_scores if label == "reference" else results[label])["fid"] = frechet_distance(mu, sigma, *stats)
-        if len(prompts) < 2048:
-            notes.append(f"FID over {len(prompts)} images is biased upward and noisy: compare models at the same "
-                         "N only (the paper uses 5,000 COCO prompts)")
-
-    h, w = ref_latents.shape[-2:]
+    results = {label: {**infos[label], **tallies[label].result(stats)} for label in labels}
+    if stats is not None and len(prompts) < 2048:
+        notes.append(f"FID over {len(prompts)} images is biased upward and noisy: compare models at the same N "
+                     "only (the paper uses 5,000 COCO prompts)")
     meta = {
         "reference": str(reference), "family": family, "device": device, "dtype": str(dtype).replace("torch.", ""),
-        "scheduler": type(pipe.scheduler).__name__, "settings": asdict(cfg),
+        "scheduler": type(pipe.scheduler).__name__, "settings": asdict(cfg), "unet_mse_prompts": mse_prompts,
         "prompts_sha256": prompts_digest(prompts), "prompts": prompts,
-        "latent_ssim_window": ssim_window(h, w), "reference_scores": ref_scores, "notes": notes,
-        "seconds": time.perf_counter() - t_start,
+        "latent_ssim_window": ssim_window(*latent_hw), "reference_scores": tallies["reference"].result(stats),
+        "notes": notes, "seconds": time.perf_counter() - t_start,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     (out / "eval_meta.json").write_text(json.dumps(meta, indent=2))
     write_markdown(out / "eval.md", results, meta)
-    make_grid(images_by_label, cfg.grid_rows, tile=min(256, ref_images.shape[-1])).save(out / "grid.png")
+    columns = [(label, torch.stack(t.grid)) for label, t in tallies.items()]
+    make_grid(columns, cfg.grid_rows, tile=min(256, columns[0][1].shape[-1])).save(out / "grid.png")
     return results

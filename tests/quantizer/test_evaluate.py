@@ -139,7 +139,7 @@ def test_eval_reference_vs_itself_and_a_2bit_artifact(tiny_sdxl_dir, student, tm
     out = tmp_path / "eval"
     args = ["eval", "--reference", str(tiny_sdxl_dir), "--candidate", str(tiny_sdxl_dir), "--candidate", str(student),
             "--out", str(out), "--num-prompts", "3", "--steps", "3", "--resolution", "128", "--grid-rows", "2",
-            "--clip-model", str(clip), "--no-progress"]
+            "--chunk-prompts", "2", "--unet-mse-prompts", "1", "--clip-model", str(clip), "--no-progress"]
     assert main([*args, "--fid-stats", str(tmp_path / "stats.npz"), "--inception", str(tmp_path / "inception.safetensors")]) == 0
 
     res = json.loads((out / "eval.json").read_text())
@@ -157,6 +157,7 @@ def test_eval_reference_vs_itself_and_a_2bit_artifact(tiny_sdxl_dir, student, tm
     assert all(s["rel_mse"] > 0 for s in vq["unet_rel_mse_per_step"])
     assert vq["kind"] == "vq" and vq["num_codebooks"] == 2 and same["kind"] == "dense"
     assert len(meta["prompts"]) == 3 and meta["settings"]["guidance"] == 5.0
+    assert meta["unet_mse_prompts"] == 2  # chunks of 2 prompts: the first chunk's trajectories
 
     md = (out / "eval.md").read_text()
     assert f"| `{student}` |" in md and "| reference |" in md and "step 2" in md and "∞" in md

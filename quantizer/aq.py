@@ -1,0 +1,263 @@
+"""Additive quantization of one layer (SPEC §2–§3): `quantize_weight(W, H, AQConfig) -> QuantizedWeight`.
+
+    Ŵ[i, g·j : g·(j+1)] = s_i · Σ_{m<K} C_m[b_ijm],   minimise L(Ŵ) = tr((Ŵ−W) H (Ŵ−W)ᵀ)/n
+
+1. s_i = ‖w_i‖₂; residual k-means on the g-vectors of W/s gives codebooks and codes (`kmeans`).
+2. Rounds until one improves L by less than `relative_tolerance` (or `max_rounds`):
+   `adam_steps` Adam steps on codebooks and scales with the codes fixed, then one beam-search pass
+   over all codes (`beam_search`).
+The Adam gradient is written out by hand: G = (Ŵ−W)·H is one [n, d]×[d, d] GEMM per step, and
+∂L/∂Ŵ = 2G/n is scattered back to codewords (index_add) and scales (row dot products).
+Autograd would spend a second GEMM on the same quantity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vqdm.errors import ConfigError
+from vqdm.quantizer.beam_search import beam_search_pass, decode_unscaled
+from vqdm.quantizer.kmeans import residual_kmeans_init
+from vqdm.quantizer.layer_error import quadratic_loss
+
+SUPPORTED_NBITS = (8,)  # codes are stored as uint8 (SPEC §2)
+MAX_KMEANS_ITERS = 100  # SPEC §3.4: at most 100 Lloyd iterations per codebook
+
+
+class AQConfigError(ConfigError, ValueError):
+    """An AQConfig field out of range; a ConfigError for the CLI and a ValueError for callers."""
+
+
+@dataclass
+class AQConfig:
+    """Settings of the per-layer AQ search. Defaults are the SPEC's (§3.4–3.5)."""
+
+    num_codebooks: int = 3  # K: 2, 3, 4 give the vqdm-2bit/-3bit/-4bit formats at g = 8
+    nbits: int = 8  # B: 2^B codewords per codebook; codes are uint8, so 8 only
+    group_size: int = 8  # g: consecutive inputs sharing one code per codebook; must divide d
+    beam_size: int = 8  # hypotheses per row in the code search (1 = greedy)
+    adam_steps: int = 100  # Adam steps on codebooks and scales per round
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.95)
+    amsgrad: bool = True
+    kmeans_iters: int = 100  # Lloyd iterations per codebook at initialisation (≤ 100)
+    kmeans_tol: float = 1e-4  # stop Lloyd early when the mean distance improves by less (relative)
+    relative_tolerance: float = 0.01  # stop when a round improves L by less than this fraction
+    max_rounds: int = 100  # cap on Adam + beam-search rounds
+    seed: int | None = 0  # None: draw one from torch's global RNG (reproducible under torch.manual_seed)
+    device: str | None = None  # None: the device W is on
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, supported: str) -> None:
+            if not ok:
+                raise AQConfigError(f"AQConfig.{name}={getattr(self, name)!r} is not supported: {supported}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.num_codebooks) and self.num_codebooks >= 1, "num_codebooks",
+             "need an integer K >= 1 (2, 3, 4 are the vqdm-2bit/-3bit/-4bit formats)")
+        need(self.nbits in SUPPORTED_NBITS, "nbits", "codes are stored as uint8, so B must be 8 (256 codewords)")
+        need(is_int(self.group_size) and self.group_size >= 1, "group_size",
+             "need an integer g >= 1 that divides the layer's input size (the kernels use g = 8)")
+        need(is_int(self.beam_size) and self.beam_size >= 1, "beam_size", "need an integer >= 1 (1 = greedy)")
+        need(is_int(self.adam_steps) and self.adam_steps >= 0, "adam_steps", "need an integer >= 0")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr", "need a finite number > 0")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON round trips give lists
+        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas),
+             "betas", "need two numbers in [0, 1), e.g. (0.0, 0.95)")
+        need(is_int(self.kmeans_iters) and 0 <= self.kmeans_iters <= MAX_KMEANS_ITERS, "kmeans_iters",
+             f"need an integer in [0, {MAX_KMEANS_ITERS}] (SPEC: at most {MAX_KMEANS_ITERS} Lloyd iterations)")
+        need(isinstance(self.kmeans_tol, (int, float)) and self.kmeans_tol >= 0, "kmeans_tol", "need a number >= 0")
+        need(isinstance(self.relative_tolerance, (int, float)) and 0 <= self.relative_tolerance < 1,
+             "relative_tolerance", "need a fraction in [0, 1), e.g. 0.01 to stop below a 1% gain per round")
+        need(is_int(self.max_rounds) and self.max_rounds >= 0, "max_rounds", "need an integer >= 0 (0: k-means init only)")
+        need(self.seed is None or is_int(self.seed), "seed", "need an integer or None")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                need(False, "device", "need a torch device string such as 'cpu' or 'cuda:0', or None")
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.nbits
+
+
+def aq_bits_per_weight(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
+    """SPEC §2: K·B/g + K·2^B·g·16/(n·d) + 16/d (codes, fp16 codebooks, fp16 per-output scales)."""
+    from vqdm.models.accounting import layer_bits  # the one formula, shared with `vqdm plan`
+
+    return layer_bits(n, d, num_codebooks, nbits, group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized layer: the three stored tensors plus what the search did."""
+
+    codes: torch.Tensor  # [n, d/g, K] uint8
+    codebooks: torch.Tensor  # [K, 2^B, g] float32
+    scales: torch.Tensor  # [n] float32
+    stats: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ [n, d] float32 through the reference decode (`vqdm.kernels.reference.dequantize`)."""
+        from vqdm.kernels.reference import dequantize
+
+        return dequantize(self.codes, self.codebooks.float(), self.scales.float())
+
+    @property
+    def rel_error(self) -> float:
+        return self.stats["rel_error"]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stats["bits_per_weight"]
+
+    @property
+    def seconds(self) -> float:
+        return self.stats["seconds"]
+
+    @property
+    def rounds(self) -> int:
+        return self.stats["rounds"]
+
+
+def _check_inputs(w: torch.Tensor, h: torch.Tensor, cfg: AQConfig) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"W must be a matrix [n, d], got shape {tuple(w.shape)} (convs: use weight_matrix)")
+    n, d = w.shape
+    if h.shape != (d, d):
+        raise ValueError(f"H must be [d, d] = [{d}, {d}] for W of shape {tuple(w.shape)}, got {tuple(h.shape)}")
+    if d % cfg.group_size:
+        raise ValueError(f"group_size {cfg.group_size} does not divide the layer's {d} inputs")
+    if n * (d // cfg.group_size) < cfg.codebook_size:
+        raise ValueError(f"W {tuple(w.shape)} has {n * (d // cfg.group_size)} groups of {cfg.group_size}, "
+                         f"fewer than the {cfg.codebook_size} codewords of a codebook: too small for AQ")
+    if not torch.isfinite(w).all():
+        raise ValueError("W has NaN or infinite entries")
+    if not torch.isfinite(h).all():
+        raise ValueError("H has NaN or infinite entries: check the calibration statistics")
+
+
+def _adam_phase(
+    w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, cfg: AQConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`adam_steps` Adam steps on (codebooks, scales), codes fixed; returns the best pair seen.
+
+    The loss at each step comes free with the gradient ((G·R).sum()), so keeping the best
+    iterate costs nothing and guarantees the phase never ends above where it started.
+    """
+    n, d = w.shape
+    num_books, q_size, g = codebooks.shape
+    books = codebooks.clone().requires_grad_(False)
+    s = scales.clone().requires_grad_(False)
+    opt = torch.optim.Adam([books, s], lr=cfg.lr, betas=cfg.betas, amsgrad=cfg.amsgrad)
+    flat_idx = [(codes[..., m] + m * q_size).reshape(-1) for m in range(num_books)]  # into books.view(K·2^B, g)
+    best = (math.inf, books.clone(), s.clone())
+    for step in range(cfg.adam_steps + 1):
+        u = decode_unscaled(codes, books).reshape(n, d)  # [n, d] unscaled decode
+        resid = s[:, None] * u - w  # Ŵ − W
+        grad_w = resid @ h  # G = (Ŵ − W)·H, [n, d]
+        loss = float((grad_w * resid).sum(dtype=torch.float64)) / n
+        if loss < best[0]:
+            best = (loss, books.clone(), s.clone())
+        if step == cfg.adam_steps:
+            break
+        grad_w.mul_(2.0 / n)  # ∂L/∂Ŵ
+        s.grad = (grad_w * u).sum(1)
+        grad_u = (grad_w * s[:, None]).reshape(-1, g)  # ∂L/∂U per g-vector, [n·d/g, g]
+        grad_books = torch.zeros(num_books * q_size, g, dtype=w.dtype, device=w.device)
+        for idx in flat_idx:
+            grad_books.index_add_(0, idx, grad_u)
+        books.grad = grad_books.view(num_books, q_size, g)
+        opt.step()
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = None) -> QuantizedWeight:
+    """AQ of one layer: W [n, d] and H [d, d] (mean x xᵀ, any float dtype) -> QuantizedWeight.
+
+    Math in float32 on `config.device` (default: W's device), loss values in float64. The result's
+    tensors are on that device; `stats` holds rel_error (L(Ŵ)/L(0)), loss, base_loss, bits_per_weight,
+    seconds, rounds, per-phase seconds and a per-round history.
+    """
+    cfg = config or AQConfig()
+    _check_inputs(w, h, cfg)
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device) if cfg.device is not None else w.device
+    n, d = w.shape
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
+    w32 = w.detach().to(device, torch.float32)
+    h32 = h.detach().to(device, torch.float32)
+    h32 = (h32 + h32.T) * 0.5  # the formulas assume a symmetric H; accumulation can leave ~1 ulp asymmetry
+
+    # Loss values in float64 from the caller's H when it already is float64 here (no 8·d² copy kept).
+    h_loss = h if h.dtype == torch.float64 and h.device == device else h32
+    base_loss = max(quadratic_loss(w32, h_loss), 0.0)  # L(0) = tr(W H Wᵀ)/n
+
+    def loss_of(codes: torch.Tensor, books: torch.Tensor, s: torch.Tensor) -> float:
+        w_hat = decode_unscaled(codes, books).reshape(n, d) * s[:, None]
+        return quadratic_loss(w_hat - w32, h_loss)
+
+    # 1. init: per-output scales and residual k-means on the normalised rows
+    t0 = time.perf_counter()
+    scales = w32.norm(dim=1)
+    w_normed = w32 / scales.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    books, codes = residual_kmeans_init(w_normed, cfg.num_codebooks, cfg.codebook_size, cfg.group_size,
+                                        iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, generator=gen)
+    seconds = {"kmeans": time.perf_counter() - t0, "adam": 0.0, "beam": 0.0, "loss": 0.0}
+    t0 = time.perf_counter()
+    loss = loss_of(codes, books, scales)
+    seconds["loss"] += time.perf_counter() - t0
+    init_loss = loss
+    history: list[dict] = []
+
+    # 2. rounds of Adam (codebooks, scales) then one beam-search pass (codes)
+    for rnd in range(cfg.max_rounds):
+        start = loss
+        t0 = time.perf_counter()
+        if cfg.adam_steps:
+            books, scales = _adam_phase(w32, h32, codes, books, scales, cfg)
+        seconds["adam"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss_adam = loss_of(codes, books, scales) if cfg.adam_steps else start
+        seconds["loss"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new_codes, _ = beam_search_pass(w32, h32, codes, books, scales, cfg.beam_size, gen)
+        seconds["beam"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss_beam = loss_of(new_codes, books, scales)
+        seconds["loss"] += time.perf_counter() - t0
+        changed = float((new_codes != codes).any(-1).float().mean())
+        if loss_beam <= loss_adam:
+            codes = new_codes
+        else:  # only float noise can do this (each step is monotone in exact arithmetic): keep the old codes
+            loss_beam, changed = loss_adam, 0.0
+        loss = loss_beam
+        history.append({"round": rnd + 1, "loss_after_adam": loss_adam, "loss_after_beam": loss_beam,
+                        "rel_error": loss / base_loss if base_loss > 0 else 0.0, "groups_changed": changed})
+        if start <= 0 or (start - loss) < cfg.relative_tolerance * start:
+            break
+
+    stats = {
+        "rel_error": loss / base_loss if base_loss > 0 else 0.0,
+        "init_rel_error": init_loss / base_loss if base_loss > 0 else 0.0,
+        "loss": loss,
+        "base_loss": base_loss,
+        "bits_per_weight": aq_bits_per_weight(n, d, cfg.num_codebooks, cfg.nbits, cfg.group_size),
+        "seconds": time.perf_counter() - t_start,
+        "seconds_by_phase": seconds,
+        "rounds": len(history),
+        "history": history,
+        "seed": seed,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
+    }
+    return QuantizedWeight(codes.to(torch.uint8), books.contiguous(), scales.contiguous(), stats)

@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from vqdm.kernels.decoded import conv2d_decoded, conv_weight_view, linear_decoded
+from vqdm.kernels.decoded import conv2d_decoded, conv_weight_for, linear_decoded
 from vqdm.kernels.reference import check_format
 
 # Output bytes (fp32) decoded per chunk. Measured on AMD EPYC Zen4, 2 cores, 1 MB L2/core, torch
@@ -115,7 +115,7 @@ def vq_linear_cpu_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
 def vq_conv2d_cpu_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                          bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
                          stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """Decode into scratch (in (k_h, k_w, C_in) order = channels_last), then oneDNN conv."""
+    """Decode into scratch, in (k_h, k_w, C_in) order, then oneDNN conv (layout: `conv_weight_for`)."""
     w = decode_cpu_scratch(codes, codebooks, scales, x.dtype)
-    return conv2d_decoded(x, conv_weight_view(w, in_channels // groups, kernel_size), bias,
-                        stride, padding, dilation, groups)
+    return conv2d_decoded(x, conv_weight_for(x, w, in_channels // groups, tuple(kernel_size)), bias,
+                          stride, padding, dilation, groups)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqdm.kernels.decoded import conv2d_decoded, conv_weight_view
+from vqdm.kernels.decoded import conv2d_decoded, conv_weight_for, conv_weight_view
 from vqdm.kernels.reference import check_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -267,18 +267,7 @@ def vq_linear_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: tor
 def vq_conv2d_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                             bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """Decode once, then cuDNN via F.conv2d.
-
-    The decoded matrix is a channels_last conv weight as it stands. cuDNN then runs the conv in
-    NHWC, which costs converting x in and y back to x's layout; making the weight NCHW costs one
-    permute-copy of the weight. Whichever moves fewer elements is done.
-    """
+    """Decode once, then cuDNN via F.conv2d (weight layout: `decoded.conv_weight_for`)."""
     w = decode_triton(codes, codebooks, scales, x.dtype)
-    cin = in_channels // groups
-    w4 = conv_weight_view(w, cin, tuple(kernel_size))
-    if kernel_size[0] * kernel_size[1] > 1:
-        rows = x.numel() // max(x.shape[1], 1)  # N·H·W of the input
-        activation_elems = rows * (x.shape[1] + codes.shape[0])  # x in + y out (same-size output assumed)
-        if w.numel() <= activation_elems:
-            w4 = w4.contiguous()
-    return conv2d_decoded(x, w4, bias, stride, padding, dilation, groups)
+    return conv2d_decoded(x, conv_weight_for(x, w, in_channels // groups, tuple(kernel_size)), bias, stride,
+                          padding, dilation, groups)

@@ -16,24 +16,15 @@ log = logging.getLogger("vqdm.server")
 EMBEDDED_PRESET = "tiny-sdxl"
 
 
-# Cheap knobs for start-up: one round, few optimiser steps, greedy code search. Names the
-# quantizer's AQConfig does not have are left out (and logged), so a renamed knob costs speed,
-# not a crash.
+# Cheap knobs for start-up: one round, few optimiser steps, greedy code search.
 EMBEDDED_KNOBS = {"beam_size": 1, "adam_steps": 5, "max_rounds": 1, "kmeans_iters": 5}
 
 
 def embedded_config(num_codebooks: int):
     """A quantizer setting that takes seconds for the whole tiny U-Net, not the paper's."""
-    import dataclasses
-
     from vqdm.quantizer import AQConfig
 
-    fields = {f.name for f in dataclasses.fields(AQConfig)}
-    missing = sorted(set(EMBEDDED_KNOBS) - fields)
-    if missing:
-        log.info("embedded default: AQConfig has no %s; using its defaults there", ", ".join(missing))
-    knobs = {k: v for k, v in EMBEDDED_KNOBS.items() if k in fields}
-    return AQConfig(num_codebooks=num_codebooks, nbits=8, group_size=8, **knobs)
+    return AQConfig(num_codebooks=num_codebooks, nbits=8, group_size=8, **EMBEDDED_KNOBS)
 
 
 def build_embedded(seed: int = 0, num_codebooks: int = 2):

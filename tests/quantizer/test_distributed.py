@@ -1,6 +1,7 @@
 """Two gloo processes, each sampling half of the prompts, all-reduce to the H of one process."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -107,4 +108,8 @@ def test_two_processes_split_layers_and_match_one(tiny_sdxl_dir, tmp_path, monke
     for k in files[0]:
         assert torch.equal(files[0][k], files[1][k]), k
     errors = [{n: s["rel_error"] for n, s in st["finished"][0]["layers"].items()} for st in states]
-    assert errors[0] == errors[1]
+    # The reported error is a float64 trace over H, whose reduction order may differ between the
+    # ranks' BLAS calls; the codes, codebooks and scales above are the bit-exact claim.
+    assert errors[0].keys() == errors[1].keys()
+    for name, err in errors[1].items():
+        assert errors[0][name] == pytest.approx(err, rel=1e-12), name

@@ -7,10 +7,6 @@ import pytest
 
 @pytest.fixture(scope="module")
 def embedded():
-    import vqdm.quantizer
-
-    if not hasattr(vqdm.quantizer, "quantize_weight"):
-        pytest.skip("vqdm.quantizer.quantize_weight is not in this checkout yet")
     import time
 
     from vqdm.server.embedded import build_embedded

@@ -1,0 +1,133 @@
+"""Seconds to AQ-quantize one layer of each main SDXL shape, where the time goes, and the whole U-Net.
+
+    .venv/bin/python benchmarks/quant_speed.py --json benchmarks/results/quant_speed_cpu.json
+    .venv/bin/python benchmarks/quant_speed.py --shapes 1280x1280 --rounds 1     # a quick look
+
+Shapes (n outputs × d inputs): attention 1280×1280, feed-forward up 10240×1280, feed-forward down
+1280×5120 and the 3×3 conv 1280×(3·3·1280) = 1280×11520, at K = 4 (B = 8, g = 8, beam 8, 100 Adam
+steps a round: the SPEC settings). Every shape runs `--rounds` rounds of Adam + beam search after the
+residual k-means init; per-phase seconds come from `quantize_weight`'s own timers. Random weights
+and a calibration H from random activations with unequal channel scales: the work per round does
+not depend on the values, only the number of rounds to converge does, which `--converge` measures
+on the 1280×1280 layer (the SPEC stop rule, < 1% gain per round).
+
+Projection: each of SDXL's 771 quantized layers is costed as init + rounds × (seconds per round),
+both scaled from the measured shape with the nearest d by n·d (beam search and Adam are linear in
+n for a fixed d; the d-dependence comes from the nearest measured d). It is an estimate of one
+process on this machine; `torchrun` splits layers over ranks (docs/quantizer_driver.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {"attn 1280x1280": (1280, 1280), "ff.up 10240x1280": (10240, 1280), "ff.down 1280x5120": (1280, 5120),
+          "conv3x3 1280x11520": (1280, 11520)}
+CALIBRATION_ROWS = 2048
+
+
+def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W ~ N(0, 1/d) and H = mean x xᵀ of activations with log-normal channel scales (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=gen) / math.sqrt(d)
+    channel = torch.exp(torch.randn(d, generator=gen))
+    x = torch.randn(CALIBRATION_ROWS, d, generator=gen) * channel
+    h = (x.T @ x).double() / CALIBRATION_ROWS
+    h += torch.eye(d, dtype=torch.float64) * 1e-3 * h.diagonal().mean()  # full rank with few rows
+    return w, h
+
+
+def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool) -> dict:
+    from vqdm.quantizer import AQConfig, quantize_weight
+
+    w, h = synthetic_problem(n, d, seed)
+    cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
+                   relative_tolerance=0.01 if converge else 0.0)
+    qw = quantize_weight(w, h, cfg)
+    phases = dict(qw.stats["seconds_by_phase"])
+    done = qw.rounds
+    per_round = (phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
+    total = qw.seconds
+    row = {"shape": name, "n": n, "d": d, "K": k, "rounds": done, "seconds": total, "seconds_by_phase": phases,
+           "init_seconds": phases["kmeans"], "seconds_per_round": per_round,
+           "beam_fraction": phases["beam"] / total, "adam_fraction": phases["adam"] / total,
+           "kmeans_fraction": phases["kmeans"] / total, "rel_error": qw.rel_error,
+           "rel_error_history": [r["rel_error"] for r in qw.stats["history"]]}
+    print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {phases['kmeans']:6.1f} s  "
+          f"per round {per_round:6.1f} s  beam {row['beam_fraction']:.0%} adam {row['adam_fraction']:.0%} "
+          f"rel_error {qw.rel_error:.4f}", flush=True)
+    return row
+
+
+def project_unet(rows: list[dict], rounds: float) -> dict:
+    """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d."""
+    from vqdm.models import build_unet, layer_dims, select_layers
+
+    unet = build_unet("sdxl", device="meta")
+    total = init = 0.0
+    by_shape: dict[str, float] = {}
+    for _, module in select_layers(unet):
+        n, d = layer_dims(module)
+        ref = min(rows, key=lambda r: abs(math.log(r["d"] / d)))
+        scale = (n * d) / (ref["n"] * ref["d"])
+        cost = scale * (ref["init_seconds"] + rounds * ref["seconds_per_round"])
+        init += scale * ref["init_seconds"]
+        total += cost
+        by_shape[ref["shape"]] = by_shape.get(ref["shape"], 0.0) + cost
+    return {"rounds_assumed": rounds, "seconds": total, "hours": total / 3600, "init_seconds": init,
+            "seconds_by_reference_shape": by_shape}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{d}" for n, d in SHAPES.values()),
+                    help="n x d pairs, comma-separated (default: the four SDXL shapes)")
+    ap.add_argument("--codebooks", type=int, default=4, help="K (default 4)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds per shape after the init (default 2)")
+    ap.add_argument("--converge", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run 1280x1280 to the SPEC stop rule to count rounds (default on)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    names = {f"{n}x{d}": k for k, (n, d) in SHAPES.items()}
+    rows = []
+    for spec in args.shapes.split(","):
+        n, d = (int(v) for v in spec.lower().split("x"))
+        rows.append(time_layer(names.get(spec, spec), n, d, args.codebooks, args.rounds, args.seed, converge=False))
+    converged = None
+    if args.converge:
+        converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True)
+    rounds = converged["rounds"] if converged else args.rounds
+    projection = project_unet(rows, rounds)
+    print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, one process, "
+          f"{args.threads} threads): {projection['hours']:.1f} h")
+    print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | Adam |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows + ([converged] if converged else []):
+        print(f"| {r['shape']} | {r['K']} | {r['rounds']} | {r['seconds']:.1f} | {r['init_seconds']:.1f} | "
+              f"{r['seconds_per_round']:.1f} | {r['beam_fraction']:.0%} | {r['adam_fraction']:.0%} |")
+    result = {"benchmark": "quant_speed", "layers": rows, "converged": converged, "projection": projection,
+              "settings": {"K": args.codebooks, "nbits": 8, "group_size": 8, "beam_size": 8, "adam_steps": 100,
+                           "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": args.threads, "torch": torch.__version__},
+              "command": "benchmarks/quant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

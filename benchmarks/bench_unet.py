@@ -9,7 +9,7 @@ the VQ U-Net is built on the meta device and materialised as VQ directly, never 
 Batch: CFG batch 2 for SDXL, 1 for Turbo (guidance 0). Keys (SPEC §7): latency_ratio_fp32,
 latency_ratio_bf16, weight_memory_ratio_fp32, peak_rss_ratio; GPU runs add latency_ratio_fp16.
 `--budgets` (fractions of the dense weight bytes) adds the cache-budget sweep for the plot
-(benchmarks/plot_cache.py). VQ codes are random: speed does not depend on their values.
+(`--plot JSON... --out PNG` draws it). VQ codes are random: speed does not depend on their values.
 """
 from __future__ import annotations
 

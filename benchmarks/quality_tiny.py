@@ -73,11 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     from vqdm.quantizer.evaluate import EvalConfig, evaluate
     from vqdm.quantizer.trajectories import collect_hessians, load_prompts, preset_config
 
-    try:
-        from vqdm.quantizer import gptq_quantize, quantize_weight, rtn_quantize  # noqa: F401
-    except ImportError as e:
-        sys.exit(f"quality_tiny needs the per-layer quantizers (vqdm.quantizer: rtn/gptq/quantize_weight): {e}")
-
     quick = args.quick
     s = {  # every setting in one place, recorded in the JSON
         "resolution": 128,

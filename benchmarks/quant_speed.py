@@ -14,7 +14,7 @@ on the 1280×1280 layer (the SPEC stop rule, < 1% gain per round).
 Projection: each of SDXL's 771 quantized layers is costed as init + rounds × (seconds per round),
 both scaled from the measured shape with the nearest d by n·d (beam search and Adam are linear in
 n for a fixed d; the d-dependence comes from the nearest measured d). It is an estimate of one
-process on this machine; `torchrun` splits layers over ranks (docs/quantizer_driver.md).
+process on this machine; `torchrun` splits layers over ranks (docs/quantizer.md).
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--beam", type=int, metavar="N", help="beam width of the code search (default 8)")
     q.add_argument("--adam-steps", type=int, metavar="N", help="Adam steps per round on codebooks and scales (default 100)")
     q.add_argument("--max-rounds", type=int, metavar="N", help="cap on Adam + beam-search rounds per layer")
+    q.add_argument("--kmeans-iters", type=int, metavar="N", help="Lloyd iterations per codebook at init (default 100)")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # CLI flag -> AQConfig field, in one place.
-AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_rounds"}
+AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters"}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from vqdm.quantizer.trajectories import preset_config
 
 # The settings of the shared `sdxl_run` (conftest `tiny_args`), as library arguments.
 CALIB = dict(num_prompts=2, steps=2, resolution=64, batch_size=2)
-AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1}
+AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5}
 
 
 def _tensors(path):

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": dict(num_prompts=8 if quick else 32, steps=4 if quick else 10, batch_size=4),
         "aq": dict(beam_size=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 10),
         "distill": dict(num_prompts=16 if quick else 64, rounds=2, steps=4 if quick else 10, train_steps=20 if quick else 200,
-                        batch_size=4, grad_accum=4, lr=3e-4, gen_batch_size=4, heldout_prompts=0),
+                        batch_size=4, grad_accum=4, lr=2e-5, gen_batch_size=4, heldout_prompts=0),
         "eval": dict(num_prompts=4 if quick else 16, steps=4 if quick else 20, seed=1000),
     }
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-"))
@@ -115,21 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         label = f"AQ-{k}bit"
         folder = work / label
         t0 = time.perf_counter()
-        if not folder.exists():
+        reused = folder.exists()  # --workdir of an earlier run: its seconds are in that run's JSON
+        if not reused:
             quantize_model(teacher, "sdxl", k, folder, calibration=calib, aq_options=s["aq"], progress=False)
         manifest = json.loads((folder / "unet" / "manifest.json").read_text())
         rows[label] = {"method": "aq", "bits": k, "bits_per_weight_quantized": manifest["bits_per_weight"]["quantized"],
-                       "quantize_seconds": time.perf_counter() - t0}
+                       "quantize_seconds": None if reused else time.perf_counter() - t0, "reused": reused}
         candidates[label] = folder
         print(f"{label}: quantized", flush=True)
         dlabel = f"{label}+distill"
         dfolder = work / dlabel
         t0 = time.perf_counter()
-        if not dfolder.exists():
+        reused = dfolder.exists()
+        if not reused:
             cfg = distill_preset("sdxl", resolution=s["resolution"], prompts_file=train_file, **s["distill"])
             distill(teacher, folder, dfolder, cfg, progress=False)
         dist = json.loads((dfolder / "unet" / "manifest.json").read_text())["distillation"]
-        rows[dlabel] = {**rows[label], "distill_seconds": time.perf_counter() - t0,
+        rows[dlabel] = {**rows[label], "distill_seconds": None if reused else time.perf_counter() - t0, "reused": reused,
                         "distill_loss_first": dist["loss_first"], "distill_loss_last": dist["loss_last"]}
         candidates[dlabel] = dfolder
         print(f"{dlabel}: distilled", flush=True)

@@ -12,8 +12,8 @@ not depend on the values, only the number of rounds to converge does, which `--c
 on the 1280×1280 layer (the SPEC stop rule, < 1% gain per round).
 
 Projection: each of SDXL's 771 quantized layers is costed as init + rounds × (seconds per round),
-both scaled from the measured shape with the nearest d by n·d (beam search and Adam are linear in
-n for a fixed d; the d-dependence comes from the nearest measured d). It is an estimate of one
+both scaled by n·d from the measured shape with the nearest d (ties: nearest n); beam search and
+Adam are linear in n for a fixed d, the d-dependence comes from the nearest measured d. It is an estimate of one
 process on this machine; `torchrun` splits layers over ranks (docs/quantizer.md).
 """
 from __future__ import annotations
@@ -45,12 +45,12 @@ def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return w, h
 
 
-def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool) -> dict:
+def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu") -> dict:
     from vqdm.quantizer import AQConfig, quantize_weight
 
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
-                   relative_tolerance=0.01 if converge else 0.0)
+                   relative_tolerance=0.01 if converge else 0.0, device=device)
     qw = quantize_weight(w, h, cfg)
     phases = dict(qw.stats["seconds_by_phase"])
     done = qw.rounds
@@ -76,7 +76,8 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
     by_shape: dict[str, float] = {}
     for _, module in select_layers(unet):
         n, d = layer_dims(module)
-        ref = min(rows, key=lambda r: abs(math.log(r["d"] / d)))
+        # nearest measured shape in (log d, log n), d first: the H-products scale with d², the rest with n·d
+        ref = min(rows, key=lambda r: (abs(math.log(r["d"] / d)), abs(math.log(r["n"] / n))))
         scale = (n * d) / (ref["n"] * ref["d"])
         cost = scale * (ref["init_seconds"] + rounds * ref["seconds_per_round"])
         init += scale * ref["init_seconds"]
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run 1280x1280 to the SPEC stop rule to count rounds (default on)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", help="where AQ runs: cpu or cuda (default cpu)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -104,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in args.shapes.split(","):
         n, d = (int(v) for v in spec.lower().split("x"))
-        rows.append(time_layer(names.get(spec, spec), n, d, args.codebooks, args.rounds, args.seed, converge=False))
+        rows.append(time_layer(names.get(spec, spec), n, d, args.codebooks, args.rounds, args.seed, converge=False,
+                               device=args.device))
     converged = None
     if args.converge:
-        converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True)
+        converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True,
+                               device=args.device)
     rounds = converged["rounds"] if converged else args.rounds
     projection = project_unet(rows, rounds)
     print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, one process, "
-          f"{args.threads} threads): {projection['hours']:.1f} h")
+          f"{args.device}, {args.threads} threads): {projection['hours']:.1f} h")
     print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | Adam |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows + ([converged] if converged else []):
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"K": args.codebooks, "nbits": 8, "group_size": 8, "beam_size": 8, "adam_steps": 100,
                            "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": args.threads, "torch": torch.__version__},
+                          "threads": args.threads, "torch": torch.__version__, "device": args.device,
+                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               "command": "benchmarks/quant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -26,19 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # area not built yet in this checkout
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(mod).register(sub)
     return parser
+
+
+def _quiet_torchvision_fallback(record: logging.LogRecord) -> bool:
+    # transformers warns on every diffusers import that CLIP's image processor falls back to PIL
+    # without torchvision; vqdm never uses an image processor, so the line only confuses users.
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def main(argv: list[str] | None = None) -> int:
     from vqdm.errors import VQDMError
 
+    logging.getLogger("transformers.utils.import_utils").addFilter(_quiet_torchvision_fallback)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -23,7 +23,7 @@ import torch
 from vqdm.errors import ConfigError
 from vqdm.quantizer.beam_search import beam_search_pass, decode_unscaled
 from vqdm.quantizer.kmeans import residual_kmeans_init
-from vqdm.quantizer.layer_error import quadratic_loss
+from vqdm.quantizer.layer_error import check_weight_and_h, quadratic_loss
 
 SUPPORTED_NBITS = (8,)  # codes are stored as uint8 (SPEC §2)
 MAX_KMEANS_ITERS = 100  # SPEC §3.4: at most 100 Lloyd iterations per codebook
@@ -129,11 +129,8 @@ class QuantizedWeight:
 
 
 def _check_inputs(w: torch.Tensor, h: torch.Tensor, cfg: AQConfig) -> None:
-    if w.dim() != 2:
-        raise ValueError(f"W must be a matrix [n, d], got shape {tuple(w.shape)} (convs: use weight_matrix)")
+    check_weight_and_h(w, h)
     n, d = w.shape
-    if h.shape != (d, d):
-        raise ValueError(f"H must be [d, d] = [{d}, {d}] for W of shape {tuple(w.shape)}, got {tuple(h.shape)}")
     if d % cfg.group_size:
         raise ValueError(f"group_size {cfg.group_size} does not divide the layer's {d} inputs")
     if n * (d // cfg.group_size) < cfg.codebook_size:

@@ -13,17 +13,18 @@ import torch
 _ROW_CHUNK = 1024
 
 
-def _check(w: torch.Tensor, h: torch.Tensor) -> None:
+def check_weight_and_h(w: torch.Tensor, h: torch.Tensor) -> None:
+    """W [n, d] and H [d, d], or a ValueError naming the shapes (shared by every quantizer)."""
     if w.dim() != 2:
-        raise ValueError(f"weight must be a matrix [n, d], got shape {tuple(w.shape)}")
+        raise ValueError(f"W must be a matrix [n, d], got shape {tuple(w.shape)} (convs: use weight_matrix)")
     d = w.shape[1]
     if h.shape != (d, d):
-        raise ValueError(f"H must be [d, d] = [{d}, {d}] for a weight with d={d} inputs, got {tuple(h.shape)}")
+        raise ValueError(f"H must be [d, d] = [{d}, {d}] for W of shape {tuple(w.shape)}, got {tuple(h.shape)}")
 
 
 def quadratic_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
     """tr(Δ H Δᵀ)/n for Δ [n, d] and H [d, d], in float64."""
-    _check(delta, h)
+    check_weight_and_h(delta, h)
     h64 = h.to(torch.float64)
     total = torch.zeros((), dtype=torch.float64, device=delta.device)
     for rows in delta.split(_ROW_CHUNK):

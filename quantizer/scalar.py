@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from vqdm.quantizer.layer_error import check_weight_and_h
+
 GPTQ_BLOCK = 128  # columns per lazy-update block (the reference implementation's choice)
 GPTQ_DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal
 
@@ -87,9 +89,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: i
     reference, and their column is quantized on that group's grid like any other.
     """
     _check(w, bits, group_size)
+    check_weight_and_h(w, h)
     n, d = w.shape
-    if h.shape != (d, d):
-        raise ValueError(f"H must be [d, d] = [{d}, {d}] for W of shape {tuple(w.shape)}, got {tuple(h.shape)}")
     # The factorisation in float64 where it is cheap; fp32 (the reference's precision) for the widest convs.
     fdtype = torch.float64 if d <= 8192 else torch.float32
     hh = h.detach().to(w.device, fdtype).clone()

@@ -12,6 +12,22 @@ TINY_ARGS = ["--num-prompts", "2", "--steps", "2", "--resolution", "64", "--batc
              "--beam", "2", "--adam-steps", "2", "--max-rounds", "1", "--kmeans-iters", "5", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Small tensors and tiny models on a shared 2-core machine: a second thread fights other
+    processes and ran the distillation tests ~10x slower. Module scope, so module-scoped fixtures
+    that do the heavy work (quantizing, distilling) run under it too.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_args() -> list[str]:
     return list(TINY_ARGS)

@@ -15,12 +15,7 @@ from vqdm.quantizer.beam_search import decode_unscaled
 FAST = dict(adam_steps=30, max_rounds=2, kmeans_iters=20)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_layer(n=256, d=256, seed=0):

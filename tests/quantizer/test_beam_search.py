@@ -9,13 +9,7 @@ import torch
 from vqdm.quantizer.beam_search import beam_search_pass, candidate_losses, decode_unscaled
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors on a shared 2-core machine: a second intra-op thread only adds contention.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(n=12, d=16, g=4, k=2, q=16, seed=0, dtype=torch.float64):

@@ -32,14 +32,7 @@ HELD_OUT = ("a lighthouse on a cliff at dusk", "a bowl of ramen, studio photo", 
             "a red tram crossing a bridge")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: two intra-op threads fight other processes and run
-    # these tests ~10x slower than one.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantize_fn(k: int):

@@ -18,12 +18,7 @@ from vqdm.quantizer.fid import FIDInceptionV3, feature_statistics, frechet_dista
 from vqdm.quantizer.image_metrics import gaussian_window, psnr, ssim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: see test_distill
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- metrics ---------------------------------------------------------------------------------------

@@ -8,12 +8,7 @@ from vqdm.quantizer import AQConfig, quantize_weight, relative_error
 from vqdm.quantizer.kmeans import kmeans, nearest, residual_kmeans_init
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nearest_matches_cdist():

@@ -8,12 +8,7 @@ from vqdm.quantizer import gptq_quantize, relative_error, rtn_quantize, scalar_b
 from vqdm.quantizer.scalar import group_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated(n=96, d=256, seed=0):

@@ -19,7 +19,7 @@ from vqdm.server.batching import Dispatcher
 from vqdm.server.errors import install_error_handlers
 from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from vqdm.server.registry import ModelLoader
+from vqdm.server.loader import ModelLoader
 from vqdm.server.settings import Settings
 from vqdm.server.state import ServerState
 
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from vqdm.server.registry import load_models, resolve_device
+        from vqdm.server.loader import load_models, resolve_device
 
         devices = [resolve_device(d) for d in settings.devices]
         metrics = Metrics()

@@ -25,7 +25,7 @@ from vqdm.server.metrics import Metrics
 from vqdm.server.settings import Settings
 
 if TYPE_CHECKING:
-    from vqdm.server.registry import ServedModel
+    from vqdm.server.loader import ServedModel
 
 log = logging.getLogger("vqdm.server")
 _MAX_REMEMBERED_JOBS = 10_000

@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from vqdm.server.errors import APIError
     from vqdm.server.imaging import FORMATS, encode_image
-    from vqdm.server.registry import load_model, resolve_device
+    from vqdm.server.loader import load_model, resolve_device
     from vqdm.server.runner import Member, run_batch
     from vqdm.server.schemas import ImageGenerationRequest
     from vqdm.server.settings import ModelSpec, Settings

@@ -23,7 +23,7 @@ from vqdm.server import samplers
 from vqdm.server.jobs import GenerationParams
 
 if TYPE_CHECKING:
-    from vqdm.server.registry import Replica
+    from vqdm.server.loader import Replica
 
 # Tensors the SDXL pipeline hands to `callback_on_step_end`; shrinking a batch edits all four.
 _STEP_TENSORS = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]

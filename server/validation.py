@@ -13,7 +13,7 @@ from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.settings import Settings
 
 if TYPE_CHECKING:
-    from vqdm.server.registry import ServedModel
+    from vqdm.server.loader import ServedModel
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 

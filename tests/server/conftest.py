@@ -32,7 +32,7 @@ def turbo_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_models(tiny_artifact, turbo_folder):
     """[tiny (VQ artifact), turbo (dense folder)], loaded with the server's own loader."""
-    from vqdm.server.registry import load_model
+    from vqdm.server.loader import load_model
     from vqdm.server.settings import ModelSpec, Settings
 
     settings = Settings(devices=["cpu"])

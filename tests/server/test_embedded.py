@@ -35,7 +35,7 @@ def test_every_selected_layer_is_vq_and_close_to_its_weight(embedded):
 
 def test_serves_through_the_runner(embedded):
     from vqdm.server.jobs import GenerationParams
-    from vqdm.server.registry import prepare_replica
+    from vqdm.server.loader import prepare_replica
     from vqdm.server.runner import Member, run_batch
     from vqdm.server.settings import Settings
 

@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from vqdm.models import load_pipeline, make_model, select_layers
-    from vqdm.quantizer.distill import distill, distill_preset
-    from vqdm.quantizer.driver import quantize_model
-    from vqdm.quantizer.evaluate import EvalConfig, evaluate
-    from vqdm.quantizer.trajectories import collect_hessians, load_prompts, preset_config
+    from vqdm.quantizer.distill.run import distill, distill_preset
+    from vqdm.quantizer.quantize.run import quantize_model
+    from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
+    from vqdm.quantizer.sampling import collect_hessians, load_prompts, preset_config
 
     quick = args.quick
     s = {  # every setting in one place, recorded in the JSON

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from transformers import AutoModel, AutoTokenizer
 
-    from vqdm.quantizer.trajectories import load_prompts
+    from vqdm.quantizer.sampling import load_prompts
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -3,12 +3,12 @@
     from vqdm.quantizer import AQConfig, quantize_weight, rtn_quantize, gptq_quantize
     qw = quantize_weight(W, H, AQConfig(num_codebooks=3, nbits=8, group_size=8, beam_size=8))
 
-The calibration driver, distillation and evaluation live in their own modules
-(`vqdm.quantizer.driver`, `.distill`, `.evaluate`) and are imported on use.
+The quantize pipeline, distillation and evaluation live in their own modules
+(`vqdm.quantizer.quantize`, `.distill`, `.evaluate` packages) and are imported on use.
 """
-from vqdm.quantizer.aq import AQConfig, AQConfigError, QuantizedWeight, aq_bits_per_weight, quantize_weight
-from vqdm.quantizer.layer_error import layer_loss, rel_err, relative_error
-from vqdm.quantizer.scalar import gptq_quantize, rtn_quantize, scalar_bits_per_weight
+from vqdm.quantizer.layer.aq import AQConfig, AQConfigError, QuantizedWeight, aq_bits_per_weight, quantize_weight
+from vqdm.quantizer.layer.error import layer_loss, rel_err, relative_error
+from vqdm.quantizer.layer.scalar import gptq_quantize, rtn_quantize, scalar_bits_per_weight
 
 __all__ = [
     "AQConfig", "AQConfigError", "QuantizedWeight", "aq_bits_per_weight", "gptq_quantize", "layer_loss",

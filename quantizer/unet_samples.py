@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vqdm.quantizer.trajectories import Batch, CalibrationConfig, calibration_scheduler, check_resolution
+from vqdm.quantizer.sampling import Batch, CalibrationConfig, calibration_scheduler, check_resolution
 
 
 @dataclass
@@ -139,7 +139,7 @@ class SampleRecorder:
 
 def record_trajectories(pipe, cfg: CalibrationConfig, batches: list[Batch], progress=None) -> SampleBank:
     """Sample `batches` with the pipeline (calibration's loop) and return every U-Net call it made."""
-    from vqdm.quantizer.trajectories import run_trajectories
+    from vqdm.quantizer.sampling import run_trajectories
 
     with SampleRecorder(pipe.unet) as rec:
         run_trajectories(pipe, cfg, batches, before_batch=rec.new_batch, progress=progress)

@@ -31,7 +31,8 @@ def test_built_wheel_holds_only_the_vqdm_package(tmp_path):
         entry_points = zf.read(next(n for n in zf.namelist() if n.endswith("entry_points.txt"))).decode()
         names = set(zf.namelist())
     assert {t for t in tops if not t.endswith(".dist-info")} == {"vqdm"}
-    for sub in ("kernels", "models", "quantizer", "server"):
+    for sub in ("kernels", "models", "quantizer", "server", "quantizer/layer", "quantizer/quantize",
+                "quantizer/distill", "quantizer/evaluate"):
         assert f"vqdm/{sub}/__init__.py" in names
     assert "vqdm/quantizer/prompts.txt" in names or not (REPO / "quantizer" / "prompts.txt").exists()
     assert "vqdm = vqdm.cli:main" in entry_points

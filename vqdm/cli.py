@@ -10,8 +10,8 @@ import sys
 # Modules providing `register(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES = (
     "vqdm.models.cli",
-    "vqdm.quantizer.cli",
-    "vqdm.quantizer.distill_cli",
+    "vqdm.quantizer.quantize.cli",
+    "vqdm.quantizer.distill.cli",
     "vqdm.server.cli",
 )
 

@@ -54,7 +54,7 @@ def sdxl_run(tiny_sdxl_dir, tmp_path_factory):
     A spy around the real `collect_hessians` records, for every calibration pass, which layers
     it measured and which layers of the student were already VQ at that moment.
     """
-    import vqdm.quantizer.driver as driver
+    import vqdm.quantizer.quantize.run as driver
     from vqdm.cli import main
     from vqdm.models import vq_modules
 

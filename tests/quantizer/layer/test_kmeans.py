@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqdm.quantizer import AQConfig, quantize_weight, relative_error
-from vqdm.quantizer.kmeans import kmeans, nearest, residual_kmeans_init
+from vqdm.quantizer.layer.kmeans import kmeans, nearest, residual_kmeans_init
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqdm.quantizer import gptq_quantize, relative_error, rtn_quantize, scalar_bits_per_weight
-from vqdm.quantizer.scalar import group_params
+from vqdm.quantizer.layer.scalar import group_params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,11 +12,11 @@ from vqdm.errors import ConfigError
 from vqdm.models import build_unet, load_pipeline, quantize_layers, vq_modules
 from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact, load_vq_unet, save_artifact
 from vqdm.models.artifact import unet_fingerprint
-from vqdm.quantizer.checkpoint import CheckpointError
-from vqdm.quantizer.distill import (DecodedWeights, DistillStopped, accumulate_gradients, check_codes_unchanged,
+from vqdm.quantizer.quantize.checkpoint import CheckpointError
+from vqdm.quantizer.distill.run import (DecodedWeights, DistillStopped, accumulate_gradients, check_codes_unchanged,
                                     codes_snapshot, distill, distill_preset, output_mse, prepare_student)
-from vqdm.quantizer.distill_checkpoint import checkpoint_dir
-from vqdm.quantizer.trajectories import Batch, CalibrationConfig, prompt_seed
+from vqdm.quantizer.distill.checkpoint import checkpoint_dir
+from vqdm.quantizer.sampling import Batch, CalibrationConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
 # Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples. lr 3e-4: random tiny
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def quantize_fn(k: int):
     """The real AQ quantizer at cheap settings, identity H (the student only has to be a genuine VQ model)."""
     from vqdm.quantizer import quantize_weight
-    from vqdm.quantizer.driver import make_aq_config
+    from vqdm.quantizer.quantize.run import make_aq_config
 
     cfg = make_aq_config(k, beam_size=2, adam_steps=2, max_rounds=1)
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vqdm.models import weight_matrix
-from vqdm.quantizer.calibration import HessianCollector, SecondMoment, conv_rows, plan_passes
-from vqdm.quantizer.trajectories import CalibrationConfig, load_prompts, plan_batches, preset_config
+from vqdm.quantizer.quantize.hessians import HessianCollector, SecondMoment, conv_rows, plan_passes
+from vqdm.quantizer.sampling import CalibrationConfig, load_prompts, plan_batches, preset_config
 
 
 def im2col_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

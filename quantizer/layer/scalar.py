@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from vqdm.quantizer.layer_error import check_weight_and_h
+from vqdm.quantizer.layer.error import check_weight_and_h
 
 GPTQ_BLOCK = 128  # columns per lazy-update block (the reference implementation's choice)
 GPTQ_DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal

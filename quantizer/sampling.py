@@ -201,7 +201,7 @@ def collect_hessians(pipe, names: list[str], cfg: CalibrationConfig, prompts: li
     Row sampling (`cfg.max_rows_per_call`) is reseeded per batch from (seed, batch index), so the
     draws, like the latents, do not depend on how batches are spread over ranks.
     """
-    from vqdm.quantizer.calibration import HessianCollector, dist_info
+    from vqdm.quantizer.quantize.hessians import HessianCollector, dist_info
 
     rank, world = dist_info()
     total = math.ceil(cfg.num_prompts / cfg.batch_size)

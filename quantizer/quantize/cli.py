@@ -57,8 +57,8 @@ AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from vqdm.quantizer.driver import init_distributed, quantize_model
-    from vqdm.quantizer.trajectories import preset_config
+    from vqdm.quantizer.quantize.run import init_distributed, quantize_model
+    from vqdm.quantizer.sampling import preset_config
 
     calib = preset_config(args.preset, prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
                           resolution=args.resolution, guidance=args.guidance, seed=args.seed,

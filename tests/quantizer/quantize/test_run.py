@@ -9,9 +9,9 @@ from safetensors import safe_open
 
 from vqdm.cli import main
 from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
-from vqdm.quantizer.checkpoint import CheckpointError, checkpoint_dir
-from vqdm.quantizer.driver import QuantizeStopped, quantize_model
-from vqdm.quantizer.trajectories import preset_config
+from vqdm.quantizer.quantize.checkpoint import CheckpointError, checkpoint_dir
+from vqdm.quantizer.quantize.run import QuantizeStopped, quantize_model
+from vqdm.quantizer.sampling import preset_config
 
 # The settings of the shared `sdxl_run` (conftest `tiny_args`), as library arguments.
 CALIB = dict(num_prompts=2, steps=2, resolution=64, batch_size=2)

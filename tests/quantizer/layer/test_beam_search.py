@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from vqdm.quantizer.beam_search import beam_search_pass, candidate_losses, decode_unscaled
+from vqdm.quantizer.layer.beam_search import beam_search_pass, candidate_losses, decode_unscaled
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

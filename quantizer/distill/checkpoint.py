@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vqdm.quantizer.checkpoint import CheckpointError, _atomic_write_bytes, _differences
+from vqdm.quantizer.quantize.checkpoint import CheckpointError, _atomic_write_bytes, _differences
 
 FORMAT = "vqdm-distill-checkpoint"
 VERSION = 1

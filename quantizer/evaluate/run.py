@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from vqdm.errors import ConfigError
 from vqdm.models import Preset, detect_family, load_pipeline
-from vqdm.quantizer.image_metrics import psnr, ssim, ssim_window
-from vqdm.quantizer.trajectories import CalibrationConfig, load_prompts, plan_batches, prompts_digest
+from vqdm.quantizer.evaluate.image_metrics import psnr, ssim, ssim_window
+from vqdm.quantizer.sampling import CalibrationConfig, load_prompts, plan_batches, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, SampleRecorder, sample_latents, unet_predictions
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Tally:
         for key, scorer in scorers.items():
             self.scores.setdefault(key, []).extend(scorer(images, prompts).tolist())
         if inception is not None:
-            from vqdm.quantizer.fid import inception_features
+            from vqdm.quantizer.evaluate.fid import inception_features
 
             self.features.append(inception_features(inception, images))
         self.grid += list(images[:max(0, grid_rows - len(self.grid))])
@@ -193,7 +193,7 @@ class Tally:
             out.update({k: sum(v) / len(v) for k, v in self.per_image.items()})
         out.update({k: sum(v) / len(v) for k, v in self.scores.items()})
         if fid_stats is not None:
-            from vqdm.quantizer.fid import feature_statistics, frechet_distance
+            from vqdm.quantizer.evaluate.fid import feature_statistics, frechet_distance
 
             out["fid"] = frechet_distance(*feature_statistics(torch.cat(self.features)), *fid_stats)
         return out
@@ -298,7 +298,7 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
     dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     stats = net = None
     if fid_stats is not None:
-        from vqdm.quantizer.fid import load_inception, load_statistics
+        from vqdm.quantizer.evaluate.fid import load_inception, load_statistics
 
         stats, net = load_statistics(fid_stats), load_inception(inception, device)
     scorers = {key: ImageScorer(d, device) for key, d in (("clip_score", clip_model), ("pickscore", pickscore_model))

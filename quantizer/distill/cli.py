@@ -95,7 +95,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vqdm.models import detect_family, read_model_index
-    from vqdm.quantizer.distill import distill, distill_preset
+    from vqdm.quantizer.distill.run import distill, distill_preset
 
     if args.preset is None:
         read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
@@ -120,7 +120,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vqdm.quantizer.evaluate import EvalConfig, evaluate
+    from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
 
     cfg = EvalConfig(num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
                      resolution=args.resolution, seed=args.seed, prompts_file=args.prompts,

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from vqdm.errors import ConfigError, ModelFolderError, VQDMError
 from vqdm.models import SUBSETS, detect_family, layer_bits, load_pipeline, quantize_layers, read_model_index
 from vqdm.models import select_layers, subset_of, weight_matrix
-from vqdm.quantizer.calibration import dist_info, plan_passes
-from vqdm.quantizer.checkpoint import Checkpoint
-from vqdm.quantizer.trajectories import (CalibrationConfig, check_resolution, collect_hessians, load_prompts,
+from vqdm.quantizer.quantize.hessians import dist_info, plan_passes
+from vqdm.quantizer.quantize.checkpoint import Checkpoint
+from vqdm.quantizer.sampling import (CalibrationConfig, check_resolution, collect_hessians, load_prompts,
                                          preset_config, prompts_digest, unet_evaluations)
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def _rel_error(qw, w: torch.Tensor, h: torch.Tensor) -> float:
         value = qw.stats.get("rel_error")
     if value is not None:
         return float(value)
-    from vqdm.quantizer.layer_error import relative_error
+    from vqdm.quantizer.layer.error import relative_error
 
     return float(relative_error(w, qw.dequantize(), h))
 

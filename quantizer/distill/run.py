@@ -36,8 +36,8 @@ from vqdm.errors import ConfigError, ModelFolderError, VQDMError
 from vqdm.kernels import dequantize
 from vqdm.kernels.decoded import conv_weight_view
 from vqdm.models import VQConv2d, detect_family, load_pipeline, read_model_index, vq_modules
-from vqdm.quantizer.distill_checkpoint import DistillCheckpoint
-from vqdm.quantizer.trajectories import (Batch, CalibrationConfig, load_prompts, plan_batches, prompt_seed,
+from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
+from vqdm.quantizer.sampling import (Batch, CalibrationConfig, load_prompts, plan_batches, prompt_seed,
                                          prompts_digest)
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
 
@@ -167,7 +167,7 @@ def heldout_batches(cfg: DistillConfig, prompts: list[str]) -> list[Batch]:
 
 def sample_order(seed: int, round_index: int, num_samples: int, start: int, count: int) -> torch.Tensor:
     """Sample indices start..start+count of the round's stream: a fresh permutation every epoch."""
-    from vqdm.quantizer.driver import layer_seed
+    from vqdm.quantizer.quantize.run import layer_seed
 
     out, pos = [], start
     while pos < start + count:

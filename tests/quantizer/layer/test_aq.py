@@ -9,7 +9,7 @@ import torch
 from vqdm.errors import ConfigError
 from vqdm.quantizer import (AQConfig, AQConfigError, aq_bits_per_weight, layer_loss, quantize_weight, rel_err,
                             relative_error, rtn_quantize, scalar_bits_per_weight)
-from vqdm.quantizer.beam_search import decode_unscaled
+from vqdm.quantizer.layer.beam_search import decode_unscaled
 
 # Cheap search settings: the properties tested do not depend on the SPEC's 100 Adam steps.
 FAST = dict(adam_steps=30, max_rounds=2, kmeans_iters=20)

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from vqdm.errors import ConfigError
-from vqdm.quantizer.beam_search import beam_search_pass, decode_unscaled
-from vqdm.quantizer.kmeans import residual_kmeans_init
-from vqdm.quantizer.layer_error import check_weight_and_h, quadratic_loss
+from vqdm.quantizer.layer.beam_search import beam_search_pass, decode_unscaled
+from vqdm.quantizer.layer.kmeans import residual_kmeans_init
+from vqdm.quantizer.layer.error import check_weight_and_h, quadratic_loss
 
 SUPPORTED_NBITS = (8,)  # codes are stored as uint8 (SPEC §2)
 MAX_KMEANS_ITERS = 100  # SPEC §3.4: at most 100 Lloyd iterations per codebook

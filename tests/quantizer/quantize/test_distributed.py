@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vqdm.quantizer.trajectories import CalibrationConfig
+from vqdm.quantizer.sampling import CalibrationConfig
 
 SUBSET = "down_blocks.1"  # convs (3x3, 1x1 shortcut, strided downsampler) and attention with shared inputs
 CFG = CalibrationConfig(num_prompts=4, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=1, seed=3)
@@ -14,7 +14,7 @@ PROMPTS = ["a red fox in snow", "a lighthouse at night", "a bowl of ramen"]
 
 def _subset_hessians(model_dir):
     from vqdm.models import load_pipeline, select_layers, subset_of
-    from vqdm.quantizer.trajectories import collect_hessians
+    from vqdm.quantizer.sampling import collect_hessians
 
     pipe = load_pipeline(model_dir)
     names = [n for n, _ in select_layers(pipe.unet) if subset_of(n) == SUBSET]
@@ -65,8 +65,8 @@ AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5}
 
 
 def _quantize_first_subset(model_dir, out):
-    from vqdm.quantizer.driver import QuantizeStopped, quantize_model
-    from vqdm.quantizer.trajectories import preset_config
+    from vqdm.quantizer.quantize.run import QuantizeStopped, quantize_model
+    from vqdm.quantizer.sampling import preset_config
 
     calib = preset_config("sdxl", num_prompts=2, steps=2, resolution=64, batch_size=1)
     try:
@@ -91,7 +91,7 @@ def test_two_processes_split_layers_and_match_one(tiny_sdxl_dir, tmp_path, monke
 
     from safetensors.torch import load_file
 
-    from vqdm.quantizer.checkpoint import checkpoint_dir
+    from vqdm.quantizer.quantize.checkpoint import checkpoint_dir
 
     monkeypatch.syspath_prepend(str(pytestconfig.rootpath))
     two, one = tmp_path / "two", tmp_path / "one"

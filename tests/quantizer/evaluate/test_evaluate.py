@@ -14,8 +14,8 @@ from vqdm.cli import main
 from vqdm.errors import ConfigError
 from vqdm.models import load_pipeline, quantize_layers
 from vqdm.models.artifact import save_artifact, unet_fingerprint
-from vqdm.quantizer.fid import FIDInceptionV3, feature_statistics, frechet_distance, load_inception
-from vqdm.quantizer.image_metrics import gaussian_window, psnr, ssim
+from vqdm.quantizer.evaluate.fid import FIDInceptionV3, feature_statistics, frechet_distance, load_inception
+from vqdm.quantizer.evaluate.image_metrics import gaussian_window, psnr, ssim
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

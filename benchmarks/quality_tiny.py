@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from vqdm.models import load_pipeline, make_model, select_layers
-    from vqdm.quantizer.distill.run import distill, distill_preset
+    from vqdm.quantizer.distill.run import distill
     from vqdm.quantizer.quantize.run import quantize_model
     from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
-    from vqdm.quantizer.sampling import collect_hessians, load_prompts, preset_config
+    from vqdm.quantizer.quantize.hessians import collect_hessians
+    from vqdm.quantizer.recipes import recipe
+    from vqdm.quantizer.sampling import load_prompts
 
     quick = args.quick
     s = {  # every setting in one place, recorded in the JSON
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "eval_prompts.txt").write_text("\n".join(held_out) + "\n")
     train_file = str(work / "train_prompts.txt")
 
-    calib = preset_config("sdxl", resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
+    calib = recipe("sdxl").calibration.replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
     rows: dict[str, dict] = {}
     candidates: dict[str, Path] = {}
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         reused = dfolder.exists()
         if not reused:
-            cfg = distill_preset("sdxl", resolution=s["resolution"], prompts_file=train_file, **s["distill"])
+            cfg = recipe("sdxl").distill.replace(resolution=s["resolution"], prompts_file=train_file, **s["distill"])
             distill(teacher, folder, dfolder, cfg, progress=False)
         dist = json.loads((dfolder / "unet" / "manifest.json").read_text())["distillation"]
         rows[dlabel] = {**rows[label], "distill_seconds": None if reused else time.perf_counter() - t0, "reused": reused,

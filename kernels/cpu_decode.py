@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdm.kernels.decoded import conv2d_decoded, conv_weight_for, linear_decoded
-from vqdm.kernels.reference import check_format
+from vqdm.vq_format import check_format
 
 # Output bytes (fp32) decoded per chunk. Measured on AMD EPYC Zen4, 2 cores, 1 MB L2/core, torch
 # 2.13: 0.4 MB chunks 16 ms, 1.5 MB 9.3 ms, 3 MB 10.1 ms, 12 MB 11.9 ms for a 1280x11520 weight.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqdm.kernels.reference import check_format
+from vqdm.vq_format import check_format
 
 
 @torch.no_grad()

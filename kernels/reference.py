@@ -1,10 +1,6 @@
 """Plain-torch reference for the VQ weight format; every fast path is tested against it.
 
-Format (SPEC §2), for a weight W [n, d] cut into groups of g consecutive inputs:
-    Ŵ[i, g·j : g·(j+1)] = s_i · Σ_m C_m[b[i, j, m]]
-    codes     [n, d/g, K]  uint8   (B = 8: codeword index per group and codebook)
-    codebooks [K, 2^B, g]  float
-    scales    [n]          float   (one per output channel)
+The format and its decode live in `vqdm.vq_format` (`dequantize` here is `vq_format.decode`).
 Convolutions are stored as [C_out, k_h·k_w·C_in] with columns in (k_h, k_w, C_in) order.
 All functions here are differentiable in codebooks and scales.
 """
@@ -13,36 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def check_format(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> None:
-    """Raise ValueError with a readable message when the three tensors do not fit together."""
-    if codes.dim() != 3:
-        raise ValueError(f"codes must be [n, d/g, K], got shape {tuple(codes.shape)}")
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
-    if codebooks.dim() != 3:
-        raise ValueError(f"codebooks must be [K, 2^B, g], got shape {tuple(codebooks.shape)}")
-    n, _, k = codes.shape
-    if codebooks.shape[0] != k:
-        raise ValueError(
-            f"codes have {k} codebooks but codebooks tensor holds {codebooks.shape[0]}"
-        )
-    if codebooks.shape[1] > 256:
-        raise ValueError(f"uint8 codes address at most 256 codewords, codebooks have {codebooks.shape[1]}")
-    if scales.shape != (n,):
-        raise ValueError(f"scales must be [n]={n}, got shape {tuple(scales.shape)}")
-
-
-def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Decode to a dense weight [n, d] in the codebooks' dtype."""
-    check_format(codes, codebooks, scales)
-    n, groups, k = codes.shape
-    g = codebooks.shape[2]
-    idx = codes.long()
-    w = codebooks[0][idx[:, :, 0]]  # [n, d/g, g]
-    for m in range(1, k):
-        w = w + codebooks[m][idx[:, :, m]]
-    return w.reshape(n, groups * g) * scales.to(w.dtype)[:, None]
+from vqdm.vq_format import decode as dequantize
 
 
 def vq_linear_reference(

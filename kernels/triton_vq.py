@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vqdm.kernels.decoded import conv2d_decoded, conv_weight_for, conv_weight_view
-from vqdm.kernels.reference import check_format
+from vqdm.vq_format import check_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

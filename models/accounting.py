@@ -6,21 +6,20 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from vqdm.models.layer_selection import layer_dims, select_layers
+from vqdm.models.vq_layers import VQ_MODULES
+from vqdm.vq_format import VQFormat
 
 DENSE_BITS = 16  # non-quantized parameters are stored as fp16
 
 
 def layer_bits(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
     """Bits per weight of one VQ layer: codes + fp16 codebooks + fp16 per-output scales."""
-    k = num_codebooks
-    return k * nbits / group_size + k * (2**nbits) * group_size * 16 / (n * d) + 16 / d
+    return VQFormat(num_codebooks, nbits, group_size).bits_per_weight(n, d)
 
 
 def layer_bytes(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> int:
     """Bytes at rest: uint8 codes [n, d/g, K], fp16 codebooks [K, 2^B, g], fp16 scales [n]."""
-    if nbits != 8:
-        raise ValueError("codes are stored as uint8: only nbits=8 is supported")
-    return n * (d // group_size) * num_codebooks + num_codebooks * (2**nbits) * group_size * 2 + 2 * n
+    return VQFormat(num_codebooks, nbits, group_size).layer_bytes(n, d)
 
 
 @dataclass
@@ -74,8 +73,6 @@ def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: i
 
 def resident_weight_bytes(unet: nn.Module) -> dict[str, int]:
     """Bytes of a loaded (possibly VQ) U-Net as stored in memory, and its dense fp16/fp32 equivalents."""
-    from vqdm.models.vq_layers import VQ_MODULES
-
     stored = sum(t.numel() * t.element_size() for t in unet.parameters())
     stored += sum(t.numel() * t.element_size() for t in unet.buffers())
     dense_params = sum(p.numel() for p in unet.parameters())

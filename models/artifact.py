@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from vqdm import __version__
 from vqdm.errors import ArtifactError
+from vqdm.models.accounting import layer_bits, plan_unet
+from vqdm.models.layer_selection import select_layers
+from vqdm.models.quantized_unet import replace_with_vq, vq_modules
 
 FORMAT_NAME = "vqdm-artifact"
 FORMAT_VERSION = 1
@@ -61,8 +67,6 @@ def unet_fingerprint(unet: nn.Module | None = None, source_dir: str | Path | Non
 
 
 def _tool_version() -> str:
-    from vqdm import __version__
-
     return __version__
 
 
@@ -96,11 +100,6 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
     unet_sha256), and optionally "calibration" / "distillation". The folder is assembled next to
     `out_dir` and renamed into place, so an interrupted write never looks like a finished artifact.
     """
-    from safetensors.torch import save_file
-
-    from vqdm.models.accounting import layer_bits
-    from vqdm.models.quantized_unet import vq_modules
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (use --force to overwrite)")
@@ -167,8 +166,6 @@ def _make_readable(root: Path) -> None:
 
 def _plan_from_config(config: dict, num_codebooks: int, group_size: int):
     from diffusers import UNet2DConditionModel
-
-    from vqdm.models.accounting import plan_unet
 
     with torch.device("meta"):
         meta = UNet2DConditionModel.from_config(dict(config))
@@ -238,11 +235,6 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
                  verify: bool = True):
     """(unet, manifest): the U-Net rebuilt from config with VQ layers in place and weights loaded."""
     from diffusers import UNet2DConditionModel
-    from safetensors import SafetensorError, safe_open
-
-    from vqdm.models.layer_selection import select_layers
-    from vqdm.models.quantized_unet import replace_with_vq
-
     path = Path(path)
     manifest = read_manifest(path)
     if verify:

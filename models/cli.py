@@ -5,7 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
+from vqdm.models.accounting import plan_unet
+from vqdm.models.artifact import inspect_artifact
+from vqdm.models.builders import build_unet, make_model
 from vqdm.models.configs import PRESETS
+from vqdm.models.loading import read_model_index, read_unet_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_make_model(args: argparse.Namespace) -> int:
     import shutil
 
-    from vqdm.models.builders import make_model
-
     out = Path(args.out)
     if out.exists():
         if not args.force:
@@ -52,10 +54,6 @@ def _gb(n: int) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
     from diffusers import UNet2DConditionModel
-
-    from vqdm.models.accounting import plan_unet
-    from vqdm.models.builders import build_unet
-    from vqdm.models.loading import read_model_index, read_unet_config
 
     if args.preset:
         unet = build_unet(args.preset, device="meta")
@@ -77,8 +75,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vqdm.models.artifact import inspect_artifact
-
     info = inspect_artifact(args.artifact)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from vqdm.errors import ModelFolderError
+from vqdm.models.artifact import load_artifact
 
 SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline",)
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -59,8 +60,6 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     path = Path(path)
     read_model_index(path)
     if (path / "unet" / "manifest.json").is_file():
-        from vqdm.models.artifact import load_artifact
-
         return load_artifact(path, dtype=dtype, device=device)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,

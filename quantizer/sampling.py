@@ -1,8 +1,8 @@
-"""Calibration trajectories (SPEC §3.2): the real sampling loop of the pipeline, prompt by prompt.
+"""The sampling loop shared by calibration, distillation and evaluation (SPEC §3.2), prompt by prompt.
 
 The U-Net sees exactly what it sees in use: SDXL runs DDIM with classifier-free guidance (both
 halves of the CFG batch reach the hooks), SDXL-Turbo runs its own scheduler without CFG at 1–4
-steps. Only latents are produced (the VAE never runs). Every random draw is seeded per prompt
+steps. Only latents are produced (the VAE never runs here; `vqdm.models.vae` decodes them). Every random draw is seeded per prompt
 from (seed, global prompt index), and batches are formed globally before ranks take their share,
 so one process and N processes run the same U-Net calls and their statistics sum to the same H.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,8 +24,9 @@ DEFAULT_PROMPTS = "prompts.txt"  # packaged with vqdm.quantizer
 
 
 @dataclass
-class CalibrationConfig:
-    """How the statistics are gathered. Presets hold the SPEC defaults; tests override them."""
+class SamplingConfig:
+    """Which prompts are sampled and how: calibration, distillation's teacher and evaluation.
+    The per-family defaults are in `vqdm.quantizer.recipes`; tests override them."""
 
     num_prompts: int
     steps: int
@@ -59,32 +59,11 @@ class CalibrationConfig:
     def uses_cfg(self) -> bool:
         return self.guidance > 1.0  # diffusers' rule: CFG only above 1
 
-    def replace(self, **overrides) -> "CalibrationConfig":
+    def replace(self, **overrides) -> "SamplingConfig":
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# SPEC §3.2. SDXL: 256 prompts x 50 DDIM steps x 2 CFG halves = 25,600 U-Net image evaluations at
-# 1024². Turbo: 10,240 prompts (the prompt file cycled with fresh seeds) at 1-4 steps (2.5 on
-# average) without CFG = 25,600 evaluations at 512², the same number of evaluations; each has a
-# quarter of the tokens, still >= 6.5 M rows for the lowest-resolution layers (d <= 23,040).
-CALIBRATION_PRESETS: dict[str, CalibrationConfig] = {
-    "sdxl": CalibrationConfig(num_prompts=256, steps=50, guidance=5.0, resolution=1024, scheduler="ddim",
-                              batch_size=2),
-    "sdxl-turbo": CalibrationConfig(num_prompts=10_240, steps=4, guidance=0.0, resolution=512, scheduler="native",
-                                    vary_steps=True, batch_size=8),
-}
-
-
-def preset_config(preset: str, **overrides) -> CalibrationConfig:
-    """The SPEC defaults of `preset` ('sdxl' / 'sdxl-turbo') with non-None overrides applied."""
-    try:
-        base = CALIBRATION_PRESETS[preset]
-    except KeyError:
-        raise ConfigError(f"unknown --preset {preset!r}: choose {' or '.join(CALIBRATION_PRESETS)}") from None
-    return base.replace(**overrides)
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
@@ -119,7 +98,7 @@ class Batch:
     steps: int
 
 
-def plan_batches(cfg: CalibrationConfig, prompts: list[str], rank: int = 0, world_size: int = 1) -> list[Batch]:
+def plan_batches(cfg: SamplingConfig, prompts: list[str], rank: int = 0, world_size: int = 1) -> list[Batch]:
     """This rank's batches. Prompt i is prompts[i mod len] with seed (cfg.seed, i); batch b goes to rank b mod world."""
     out = []
     for b, start in enumerate(range(0, cfg.num_prompts, cfg.batch_size)):
@@ -137,19 +116,25 @@ def prompt_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
-def unet_evaluations(cfg: CalibrationConfig) -> int:
+def named_seed(seed: int, name: str) -> int:
+    """A seed from (run seed, name), e.g. a layer's: independent of order, rank and resume point."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def unet_evaluations(cfg: SamplingConfig) -> int:
     """Image evaluations of the U-Net over the whole calibration (CFG halves counted)."""
     batches = plan_batches(cfg, ["x"])
     return sum(len(b.prompts) * b.steps for b in batches) * (2 if cfg.uses_cfg else 1)
 
 
 @contextlib.contextmanager
-def calibration_scheduler(pipe, kind: str):
-    """The pipeline's scheduler switched to DDIM for calibration ("ddim", SDXL), restored after."""
+def sampling_scheduler(pipe, kind: str):
+    """The pipeline's scheduler switched to DDIM ("ddim", SDXL calibration/distillation), restored after."""
     if kind != "ddim":
         yield pipe
         return
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # lazy: diffusers costs seconds of start-up
 
     saved = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(saved.config)
@@ -159,24 +144,31 @@ def calibration_scheduler(pipe, kind: str):
         pipe.scheduler = saved
 
 
-def run_trajectories(pipe, cfg: CalibrationConfig, batches: list[Batch],
-                     before_batch: Callable[[Batch], None] | None = None, progress=None) -> None:
+def run_trajectories(pipe, cfg: SamplingConfig, batches: list[Batch],
+                     before_batch: Callable[[Batch], None] | None = None, progress=None,
+                     keep_latents: bool = False) -> torch.Tensor | None:
     """Sample every batch to latents with the pipeline; hooks on its U-Net see every step.
 
-    `before_batch(batch)` runs first for each batch (the collector reseeds its row sampling there).
-    `progress` is an optional tqdm-like object advanced by one per batch.
+    `before_batch(batch)` runs first for each batch (the collector reseeds its row sampling there,
+    the sample recorder learns the batch's prompts). `progress` is an optional tqdm-like object
+    advanced by one per batch. With `keep_latents` the final latents [N, C, H, W] (CPU float32) of
+    every prompt are returned in order, which evaluation needs and calibration does not.
     """
     check_resolution(pipe, cfg.resolution)
-    with calibration_scheduler(pipe, cfg.scheduler), torch.no_grad():
+    out = []
+    with sampling_scheduler(pipe, cfg.scheduler), torch.no_grad():
         for batch in batches:
             if before_batch is not None:
                 before_batch(batch)
             # CPU generators: the same noise whatever the device, so runs are comparable across machines.
             gens = [torch.Generator("cpu").manual_seed(s) for s in batch.seeds]
-            pipe(prompt=list(batch.prompts), num_inference_steps=batch.steps, guidance_scale=cfg.guidance,
-                 height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="latent")
+            res = pipe(prompt=list(batch.prompts), num_inference_steps=batch.steps, guidance_scale=cfg.guidance,
+                       height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="latent")
+            if keep_latents:
+                out.append(res.images.detach().to("cpu", torch.float32))
             if progress is not None:
                 progress.update(1)
+    return torch.cat(out) if keep_latents else None
 
 
 def check_resolution(pipe, resolution: int) -> None:
@@ -185,36 +177,3 @@ def check_resolution(pipe, resolution: int) -> None:
     multiple = pipe.vae_scale_factor * 2**levels
     if resolution % multiple:
         raise ConfigError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
-
-
-@dataclass
-class LayerStatistics:
-    hessians: dict[str, torch.Tensor]  # layer -> H [d, d] float64 (shared groups: one tensor object)
-    counts: dict[str, int]  # rows behind each H
-    groups: dict[str, list[str]]  # owner -> layers sharing its H
-
-
-def collect_hessians(pipe, names: list[str], cfg: CalibrationConfig, prompts: list[str], *,
-                     progress=None) -> LayerStatistics:
-    """H of the named U-Net layers over this rank's share of the calibration, summed over all ranks.
-
-    Row sampling (`cfg.max_rows_per_call`) is reseeded per batch from (seed, batch index), so the
-    draws, like the latents, do not depend on how batches are spread over ranks.
-    """
-    from vqdm.quantizer.quantize.hessians import HessianCollector, dist_info
-
-    rank, world = dist_info()
-    total = math.ceil(cfg.num_prompts / cfg.batch_size)
-    if total < world:
-        raise ConfigError(f"{total} calibration batch(es) cannot be spread over {world} processes: "
-                          "raise --num-prompts or lower --batch-size")
-    batches = plan_batches(cfg, prompts, rank, world)
-    if progress is not None:
-        progress.reset(total=len(batches))
-    collector = HessianCollector(pipe.unet, names, max_rows_per_call=cfg.max_rows_per_call)
-    with collector:
-        run_trajectories(pipe, cfg, batches, progress=progress,
-                         before_batch=lambda b: collector.reseed(prompt_seed(cfg.seed, b.index)))
-    collector.all_reduce()
-    counts, groups = collector.counts(), collector.groups()
-    return LayerStatistics(collector.hessians(), counts, groups)

@@ -5,8 +5,8 @@ conditioning (text embeddings, pooled embedding, time ids) and the U-Net's outpu
 a sample holds both halves (unconditional, conditional) of the batch the pipeline builds, so a
 loss over samples covers both, as SPEC §4 asks; without CFG (Turbo) a sample is one row.
 
-`SampleRecorder` hooks a U-Net while `trajectories.run_trajectories` (calibration's sampling loop,
-reused as is) or `sample_latents` drives the pipeline; `SampleBank` holds what it saw on the CPU
+`SampleRecorder` hooks a U-Net while `sampling.run_trajectories` (the one sampling loop)
+drives the pipeline; `SampleBank` holds what it saw on the CPU
 in the pipeline's dtype, conditioning once per prompt (it is the same at every step).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vqdm.quantizer.sampling import Batch, CalibrationConfig, calibration_scheduler, check_resolution
+from vqdm.quantizer.sampling import Batch, SamplingConfig, run_trajectories
 
 
 @dataclass
@@ -137,35 +137,11 @@ class SampleRecorder:
         return SampleBank(x, t, target, prompt, step, embeds, text, ids)
 
 
-def record_trajectories(pipe, cfg: CalibrationConfig, batches: list[Batch], progress=None) -> SampleBank:
-    """Sample `batches` with the pipeline (calibration's loop) and return every U-Net call it made."""
-    from vqdm.quantizer.sampling import run_trajectories
-
+def record_trajectories(pipe, cfg: SamplingConfig, batches: list[Batch], progress=None) -> SampleBank:
+    """Sample `batches` with the pipeline (the shared sampling loop) and return every U-Net call it made."""
     with SampleRecorder(pipe.unet) as rec:
         run_trajectories(pipe, cfg, batches, before_batch=rec.new_batch, progress=progress)
     return rec.bank()
-
-
-def sample_latents(pipe, cfg: CalibrationConfig, batches: list[Batch], recorder: SampleRecorder | None = None,
-                   progress=None) -> torch.Tensor:
-    """Final latents [N, C, H, W] (CPU) of every prompt of `batches`, in order.
-
-    The same call as `run_trajectories` (scheduler, seeds, CPU generators), keeping the output,
-    which evaluation needs and calibration does not.
-    """
-    check_resolution(pipe, cfg.resolution)
-    out = []
-    with calibration_scheduler(pipe, cfg.scheduler), torch.no_grad():
-        for batch in batches:
-            if recorder is not None:
-                recorder.new_batch(batch)
-            gens = [torch.Generator("cpu").manual_seed(s) for s in batch.seeds]
-            res = pipe(prompt=list(batch.prompts), num_inference_steps=batch.steps, guidance_scale=cfg.guidance,
-                       height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="latent")
-            out.append(res.images.detach().to("cpu", torch.float32))
-            if progress is not None:
-                progress.update(1)
-    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -95,17 +95,10 @@ def decode_latents(pipe, latents) -> list:
     """The pipeline's own VAE decode and post-processing, callable on a subset of rows."""
     import torch
 
-    vae = pipe.vae
+    from vqdm.models.vae import vae_decode  # the decode evaluation uses too
+
     with torch.inference_mode():
-        latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        image = vae_decode(pipe, latents)
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type="pil")

@@ -7,18 +7,20 @@ import importlib
 import logging
 import sys
 
+from vqdm import __version__
+from vqdm.errors import VQDMError
+
 # Modules providing `register(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES = (
     "vqdm.models.cli",
     "vqdm.quantizer.quantize.cli",
     "vqdm.quantizer.distill.cli",
+    "vqdm.quantizer.evaluate.cli",
     "vqdm.server.cli",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vqdm import __version__
-
     parser = argparse.ArgumentParser(prog="vqdm", description=(
         "Compress SDXL / SDXL-Turbo U-Nets to 2-4 bits per weight with additive vector "
         "quantization, and serve them over HTTP."))
@@ -37,8 +39,6 @@ def _quiet_torchvision_fallback(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vqdm.errors import VQDMError
-
     logging.getLogger("transformers.utils.import_utils").addFilter(_quiet_torchvision_fallback)
     parser = build_parser()
     args = parser.parse_args(argv)

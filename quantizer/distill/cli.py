@@ -1,9 +1,13 @@
-"""`vqdm distill` and `vqdm eval` (SPEC §7)."""
+"""`vqdm distill` (SPEC §7)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
+from vqdm.models import detect_family, read_model_index
+from vqdm.quantizer.distill.run import distill
+from vqdm.quantizer.quantize.config import DTYPES
+from vqdm.quantizer.recipes import recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,67 +52,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    r.add_argument("--teacher-dtype", choices=DTYPES, help="teacher dtype (default: float16 on cuda, float32 on cpu)")
+    r.add_argument("--teacher-dtype", choices=list(DTYPES), help="teacher dtype (default: float16 on cuda, float32 on cpu)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
     p.set_defaults(func=cmd_distill)
 
-    e = sub.add_parser(
-        "eval", help="compare artifacts with a reference model: U-Net error, PSNR/SSIM, CLIP, FID, image grid",
-        description="Sample the same prompts and seeds with the reference and each candidate (only the U-Net "
-                    "differs) and write DIR/eval.json, DIR/eval_meta.json, DIR/eval.md and DIR/grid.png.")
-    e.add_argument("--reference", required=True, metavar="DIR", help="dense diffusers folder (the original model)")
-    e.add_argument("--candidate", required=True, action="append", metavar="DIR",
-                   help="artifact (or dense folder) to compare; repeat for several")
-    e.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
-    e.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
-    e.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts to sample (default 8)")
-    e.add_argument("--steps", type=int, metavar="S", help="sampling steps (default: SDXL 30, Turbo 4)")
-    e.add_argument("--resolution", type=int, metavar="R", help="image side (default: SDXL 1024, Turbo 512)")
-    e.add_argument("--guidance", type=float, metavar="G", help="CFG scale (default: SDXL 5, Turbo 0)")
-    e.add_argument("--seed", type=int, default=0, metavar="N", help="prompt i uses seed (seed, i)")
-    e.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per pipeline call")
-    e.add_argument("--grid-rows", type=int, default=4, metavar="N", help="prompts shown in grid.png")
-    e.add_argument("--chunk-prompts", type=int, default=8, metavar="N",
-                   help="prompts every model samples before their metrics are added up (memory: one chunk of images)")
-    e.add_argument("--unet-mse-prompts", type=int, default=64, metavar="N",
-                   help="prompts whose reference trajectories feed the per-step U-Net error (default 64; 0: skip)")
-    e.add_argument("--clip-model", metavar="DIR", help="local transformers CLIP folder for the CLIP score")
-    e.add_argument("--pickscore-model", metavar="DIR", help="local PickScore (CLIP-H) folder for PickScore")
-    e.add_argument("--fid-stats", metavar="FILE", help="reference statistics .npz (mu, sigma) for FID")
-    e.add_argument("--inception", metavar="FILE",
-                   help="FID Inception-v3 weights as .safetensors (pytorch-fid's pt_inception-2015-12-05 converted: "
-                        "torch.load(weights_only=True) then safetensors.torch.save_file)")
-    e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    e.add_argument("--dtype", choices=DTYPES, help="U-Net dtype (default: float16 on cuda, float32 on cpu)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.set_defaults(func=cmd_eval)
-
-
-def _dtype(name: str | None):
-    import torch
-
-    return None if name is None else getattr(torch, name)
-
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vqdm.models import detect_family, read_model_index
-    from vqdm.quantizer.distill.run import distill, distill_preset
-
     if args.preset is None:
         read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
     family = args.preset or detect_family(Path(args.teacher))
-    cfg = distill_preset(
-        family, prompts_file=args.prompts, num_prompts=args.num_prompts, rounds=args.rounds, steps=args.steps,
+    cfg = recipe(family).distill.replace(
+        prompts_file=args.prompts, num_prompts=args.num_prompts, rounds=args.rounds, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, gen_batch_size=args.gen_batch_size,
         heldout_prompts=args.heldout_prompts, train_steps=args.train_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
-                     teacher_dtype=_dtype(args.teacher_dtype), resume=args.resume, force=args.force,
+                     teacher_dtype=DTYPES.get(args.teacher_dtype), resume=args.resume, force=args.force,
                      stop_after_step=args.stop_after_step, progress=not args.no_progress)
     curve = result.loss_curve
     print(f"distilled {len(curve)} steps: loss {curve[0]:.4g} -> {curve[-1]:.4g}" if curve else "no training steps")
@@ -116,20 +78,4 @@ def cmd_distill(args: argparse.Namespace) -> int:
         before, after = result.heldout_mse_before, result.heldout_mse_after
         print(f"held-out student-teacher MSE {before:.4g} -> {after:.4g} ({100 * (after / before - 1):+.1f}%)")
     print(f"wrote {result.out} in {result.seconds / 60:.1f} min")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
-
-    cfg = EvalConfig(num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-                     resolution=args.resolution, seed=args.seed, prompts_file=args.prompts,
-                     batch_size=args.batch_size, grid_rows=args.grid_rows, chunk_prompts=args.chunk_prompts,
-                     unet_mse_prompts=args.unet_mse_prompts)
-    evaluate(args.reference, args.candidate, args.out, cfg, clip_model=args.clip_model,
-             pickscore_model=args.pickscore_model, fid_stats=args.fid_stats, inception=args.inception,
-             device=args.device, dtype=_dtype(args.dtype), progress=not args.no_progress)
-    from pathlib import Path
-
-    print(Path(args.out, "eval.md").read_text())
     return 0

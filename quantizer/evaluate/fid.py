@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from vqdm.errors import ConfigError
 
@@ -169,8 +171,6 @@ class FIDInceptionV3(nn.Module):
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """The FID Inception with weights from a local safetensors file (pytorch-fid parameter names)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Inception weights not found (safetensors in pytorch-fid's layout; "
@@ -226,8 +226,6 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 
 def load_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, sigma) from an .npz with arrays `mu` and `sigma` (no pickles)."""
-    import numpy as np
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: FID reference statistics not found")

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 
 from vqdm.errors import ConfigError
-from vqdm.quantizer.layer.beam_search import beam_search_pass, decode_unscaled
-from vqdm.quantizer.layer.kmeans import residual_kmeans_init
+from vqdm.quantizer.layer.beam_search import beam_search_pass
 from vqdm.quantizer.layer.error import check_weight_and_h, quadratic_loss
-
-SUPPORTED_NBITS = (8,)  # codes are stored as uint8 (SPEC §2)
+from vqdm.quantizer.layer.kmeans import residual_kmeans_init
+from vqdm.vq_format import SUPPORTED_NBITS, VQFormat, decode, decode_groups
 MAX_KMEANS_ITERS = 100  # SPEC §3.4: at most 100 Lloyd iterations per codebook
 
 
@@ -91,9 +90,7 @@ class AQConfig:
 
 def aq_bits_per_weight(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
     """SPEC §2: K·B/g + K·2^B·g·16/(n·d) + 16/d (codes, fp16 codebooks, fp16 per-output scales)."""
-    from vqdm.models.accounting import layer_bits  # the one formula, shared with `vqdm plan`
-
-    return layer_bits(n, d, num_codebooks, nbits, group_size)
+    return VQFormat(num_codebooks, nbits, group_size).bits_per_weight(n, d)
 
 
 @dataclass
@@ -106,10 +103,8 @@ class QuantizedWeight:
     stats: dict = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
-        """Ŵ [n, d] float32 through the reference decode (`vqdm.kernels.reference.dequantize`)."""
-        from vqdm.kernels.reference import dequantize
-
-        return dequantize(self.codes, self.codebooks.float(), self.scales.float())
+        """Ŵ [n, d] float32 through the reference decode (`vqdm.vq_format.decode`)."""
+        return decode(self.codes, self.codebooks.float(), self.scales.float())
 
     @property
     def rel_error(self) -> float:
@@ -158,7 +153,7 @@ def _adam_phase(
     flat_idx = [(codes[..., m] + m * q_size).reshape(-1) for m in range(num_books)]  # into books.view(K·2^B, g)
     best = (math.inf, books.clone(), s.clone())
     for step in range(cfg.adam_steps + 1):
-        u = decode_unscaled(codes, books).reshape(n, d)  # [n, d] unscaled decode
+        u = decode_groups(codes, books).reshape(n, d)  # [n, d] unscaled decode
         resid = s[:, None] * u - w  # Ŵ − W
         grad_w = resid @ h  # G = (Ŵ − W)·H, [n, d]
         loss = float((grad_w * resid).sum(dtype=torch.float64)) / n
@@ -175,6 +170,33 @@ def _adam_phase(
         books.grad = grad_books.view(num_books, q_size, g)
         opt.step()
     return best[1], best[2]
+
+
+def _round(w32: torch.Tensor, h32: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+           loss: float, cfg: AQConfig, gen: torch.Generator, loss_of, seconds: dict):
+    """One round: Adam on (codebooks, scales), then a beam-search pass over the codes.
+
+    Returns (codes, books, scales, loss, record); `seconds` accumulates the phase times.
+    """
+    t0 = time.perf_counter()
+    if cfg.adam_steps:
+        books, scales = _adam_phase(w32, h32, codes, books, scales, cfg)
+    seconds["adam"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_adam = loss_of(codes, books, scales) if cfg.adam_steps else loss
+    seconds["loss"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new_codes, _ = beam_search_pass(w32, h32, codes, books, scales, cfg.beam_size, gen)
+    seconds["beam"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_beam = loss_of(new_codes, books, scales)
+    seconds["loss"] += time.perf_counter() - t0
+    changed = float((new_codes != codes).any(-1).float().mean())
+    if loss_beam <= loss_adam:
+        codes = new_codes
+    else:  # only float noise can do this (each step is monotone in exact arithmetic): keep the old codes
+        loss_beam, changed = loss_adam, 0.0
+    return codes, books, scales, loss_beam, {"loss_after_adam": loss_adam, "groups_changed": changed}
 
 
 @torch.no_grad()
@@ -201,7 +223,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
     base_loss = max(quadratic_loss(w32, h_loss), 0.0)  # L(0) = tr(W H Wᵀ)/n
 
     def loss_of(codes: torch.Tensor, books: torch.Tensor, s: torch.Tensor) -> float:
-        w_hat = decode_unscaled(codes, books).reshape(n, d) * s[:, None]
+        w_hat = decode_groups(codes, books).reshape(n, d) * s[:, None]
         return quadratic_loss(w_hat - w32, h_loss)
 
     # 1. init: per-output scales and residual k-means on the normalised rows
@@ -220,27 +242,10 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
     # 2. rounds of Adam (codebooks, scales) then one beam-search pass (codes)
     for rnd in range(cfg.max_rounds):
         start = loss
-        t0 = time.perf_counter()
-        if cfg.adam_steps:
-            books, scales = _adam_phase(w32, h32, codes, books, scales, cfg)
-        seconds["adam"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        loss_adam = loss_of(codes, books, scales) if cfg.adam_steps else start
-        seconds["loss"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        new_codes, _ = beam_search_pass(w32, h32, codes, books, scales, cfg.beam_size, gen)
-        seconds["beam"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        loss_beam = loss_of(new_codes, books, scales)
-        seconds["loss"] += time.perf_counter() - t0
-        changed = float((new_codes != codes).any(-1).float().mean())
-        if loss_beam <= loss_adam:
-            codes = new_codes
-        else:  # only float noise can do this (each step is monotone in exact arithmetic): keep the old codes
-            loss_beam, changed = loss_adam, 0.0
-        loss = loss_beam
-        history.append({"round": rnd + 1, "loss_after_adam": loss_adam, "loss_after_beam": loss_beam,
-                        "rel_error": loss / base_loss if base_loss > 0 else 0.0, "groups_changed": changed})
+        codes, books, scales, loss, record = _round(w32, h32, codes, books, scales, loss, cfg, gen, loss_of, seconds)
+        history.append({"round": rnd + 1, "loss_after_adam": record["loss_after_adam"], "loss_after_beam": loss,
+                        "rel_error": loss / base_loss if base_loss > 0 else 0.0,
+                        "groups_changed": record["groups_changed"]})
         if start <= 0 or (start - loss) < cfg.relative_tolerance * start:
             break
 

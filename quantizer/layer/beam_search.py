@@ -32,20 +32,13 @@ from __future__ import annotations
 
 import torch
 
+from vqdm.vq_format import decode_groups
+
 # Groups per block of the running product P = R·H[:, block]: one [rows, d]×[d, 32·g] GEMM per block
 # keeps the per-pass product cost at one rows×d×d GEMM while P stays small.
 BLOCK_GROUPS = 32
 # Rows per chunk: [rows, beam, 2^B] fp32 scores = 8192·8·256·4 B = 64 MiB per scratch tensor.
 MAX_ROWS = 8192
-
-
-def decode_unscaled(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Σ_m C_m[codes[..., m]]: [n, d/g, K] codes -> [n, d/g, g] (no scales)."""
-    idx = codes.long()
-    u = codebooks[0][idx[..., 0]]
-    for m in range(1, codebooks.shape[0]):
-        u = u + codebooks[m][idx[..., m]]
-    return u
 
 
 def candidate_losses(
@@ -61,7 +54,7 @@ def candidate_losses(
     n, d = w.shape
     g = books.shape[2]
     cols = slice(group * g, (group + 1) * g)
-    w_hat = decode_unscaled(codes, books).reshape(n, d) * s[:, None]
+    w_hat = decode_groups(codes, books).reshape(n, d) * s[:, None]
     resid = w - w_hat
     loss = ((resid @ h) * resid).sum(1)  # ℓ_i, [n]
     c_old = books[codebook][codes[:, group, codebook].long()]  # [n, g]
@@ -122,7 +115,7 @@ def search_group(
     # (ties and float noise must not churn codes or raise the exact loss).
     better = hyp_score[:, 0] < old_score
     new_codes = torch.where(better[:, None], hyp_codes[:, 0], codes_j)
-    new_u = torch.where(better[:, None], decode_unscaled(new_codes[:, None, :], codebooks)[:, 0], u_j)
+    new_u = torch.where(better[:, None], decode_groups(new_codes[:, None, :], codebooks)[:, 0], u_j)
     return new_codes, new_u, old_score, torch.where(better, hyp_score[:, 0], old_score)
 
 
@@ -149,7 +142,7 @@ def beam_search_pass(
     for r0 in range(0, n, max_rows):
         rows = slice(r0, min(n, r0 + max_rows))
         s = scales[rows]
-        u = decode_unscaled(codes[rows], codebooks)  # [r, G, g]: decoded once per pass and chunk
+        u = decode_groups(codes[rows], codebooks)  # [r, G, g]: decoded once per pass and chunk
         resid = w[rows] - s[:, None] * u.reshape(-1, d)  # [r, d]
         for blk in blocks:
             cols = (blk[:, None] * g + offsets).reshape(-1)  # the block's columns

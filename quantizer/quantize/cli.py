@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from vqdm.quantizer.quantize.run import init_distributed, quantize_model
+from vqdm.quantizer.recipes import recipe
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -57,12 +60,9 @@ AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from vqdm.quantizer.quantize.run import init_distributed, quantize_model
-    from vqdm.quantizer.sampling import preset_config
-
-    calib = preset_config(args.preset, prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
-                          resolution=args.resolution, guidance=args.guidance, seed=args.seed,
-                          batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
+    calib = recipe(args.preset).calibration.replace(
+        prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, resolution=args.resolution,
+        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
     aq = {field: getattr(args, flag) for flag, field in AQ_FLAGS.items()}
     rank, _ = init_distributed()
     result = quantize_model(

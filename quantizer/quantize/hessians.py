@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqdm.errors import ConfigError
 from vqdm.models.layer_selection import layer_dims
+from vqdm.quantizer.sampling import SamplingConfig, plan_batches, prompt_seed, run_trajectories
 
 # Rows are streamed in chunks of at most this many input values (fp32 ≈ 256 MB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
@@ -328,3 +330,34 @@ def plan_passes(layers: Sequence[tuple[str, nn.Module]], max_bytes: int | None) 
     if current:
         passes.append(current)
     return passes
+
+
+@dataclass
+class LayerStatistics:
+    hessians: dict[str, torch.Tensor]  # layer -> H [d, d] float64 (shared groups: one tensor object)
+    counts: dict[str, int]  # rows behind each H
+    groups: dict[str, list[str]]  # owner -> layers sharing its H
+
+
+def collect_hessians(pipe, names: list[str], cfg: SamplingConfig, prompts: list[str], *,
+                     progress=None) -> LayerStatistics:
+    """H of the named U-Net layers over this rank's share of the calibration, summed over all ranks.
+
+    Row sampling (`cfg.max_rows_per_call`) is reseeded per batch from (seed, batch index), so the
+    draws, like the latents, do not depend on how batches are spread over ranks.
+    """
+    rank, world = dist_info()
+    total = math.ceil(cfg.num_prompts / cfg.batch_size)
+    if total < world:
+        raise ConfigError(f"{total} calibration batch(es) cannot be spread over {world} processes: "
+                          "raise --num-prompts or lower --batch-size")
+    batches = plan_batches(cfg, prompts, rank, world)
+    if progress is not None:
+        progress.reset(total=len(batches))
+    collector = HessianCollector(pipe.unet, names, max_rows_per_call=cfg.max_rows_per_call)
+    with collector:
+        run_trajectories(pipe, cfg, batches, progress=progress,
+                         before_batch=lambda b: collector.reseed(prompt_seed(cfg.seed, b.index)))
+    collector.all_reduce()
+    counts, groups = collector.counts(), collector.groups()
+    return LayerStatistics(collector.hessians(), counts, groups)

@@ -13,10 +13,11 @@ from vqdm.models import build_unet, load_pipeline, quantize_layers, vq_modules
 from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact, load_vq_unet, save_artifact
 from vqdm.models.artifact import unet_fingerprint
 from vqdm.quantizer.quantize.checkpoint import CheckpointError
+from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.run import (DecodedWeights, DistillStopped, accumulate_gradients, check_codes_unchanged,
-                                    codes_snapshot, distill, distill_preset, output_mse, prepare_student)
-from vqdm.quantizer.distill.checkpoint import checkpoint_dir
-from vqdm.quantizer.sampling import Batch, CalibrationConfig, prompt_seed
+                                        codes_snapshot, distill, output_mse, prepare_student)
+from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.sampling import Batch, SamplingConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
 # Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples. lr 3e-4: random tiny
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def quantize_fn(k: int):
     """The real AQ quantizer at cheap settings, identity H (the student only has to be a genuine VQ model)."""
     from vqdm.quantizer import quantize_weight
-    from vqdm.quantizer.quantize.run import make_aq_config
+    from vqdm.quantizer.quantize.config import make_aq_config
 
     cfg = make_aq_config(k, beam_size=2, adam_steps=2, max_rounds=1)
 
@@ -61,7 +62,7 @@ def make_student(teacher, out, k: int = 2):
 def heldout_mse(teacher, artifact, family: str) -> float:
     """Student–teacher U-Net output MSE on prompts and seeds the run never saw."""
     pipe = load_pipeline(teacher)
-    cfg = CalibrationConfig(num_prompts=len(HELD_OUT), steps=int(FAMILY_ARGS[family][1]),
+    cfg = SamplingConfig(num_prompts=len(HELD_OUT), steps=int(FAMILY_ARGS[family][1]),
                             guidance=5.0 if family == "sdxl" else 0.0, resolution=64,
                             scheduler="ddim" if family == "sdxl" else "native")
     batches = [Batch(i, (p,), (prompt_seed(987, i),), cfg.steps) for i, p in enumerate(HELD_OUT)]
@@ -125,7 +126,7 @@ def test_resume_equals_uninterrupted(runs):
     out = r["root"] / "resumed"
     with pytest.raises(DistillStopped, match="--resume"):
         main(["-v", *r["args"], "--out", str(out), "--stop-after-step", "17"])
-    ckpt = checkpoint_dir(out)
+    ckpt = DistillCheckpoint.dir_for(out)
     assert not out.exists() and (ckpt / "state.json").is_file()
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 17 and len(state["loss_curve"]) == 17
@@ -150,7 +151,7 @@ def test_resume_equals_uninterrupted(runs):
 
 def test_refuses_a_teacher_the_student_was_not_quantized_from(runs, tiny_turbo_dir, tmp_path):
     with pytest.raises(ConfigError, match="quantized from another U-Net"):
-        distill(tiny_turbo_dir, runs["sdxl"]["student"], tmp_path / "x", distill_preset("sdxl"), progress=False)
+        distill(tiny_turbo_dir, runs["sdxl"]["student"], tmp_path / "x", recipe("sdxl").distill, progress=False)
     with pytest.raises(Exception, match="is a vqdm artifact"):
         distill(runs["sdxl"]["student"], runs["sdxl"]["student"], tmp_path / "y", progress=False)
 
@@ -158,13 +159,13 @@ def test_refuses_a_teacher_the_student_was_not_quantized_from(runs, tiny_turbo_d
 def test_dense_weight_gradients_equal_per_call_reference(simple_quantizer, tiny_sdxl_dir):
     """Decode-once + dense dL/dW pushed through the decode == the kernels' reference path per call."""
     pipe = load_pipeline(tiny_sdxl_dir)
-    cfg = CalibrationConfig(num_prompts=2, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=2)
+    cfg = SamplingConfig(num_prompts=2, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=2)
     bank = record_trajectories(pipe, cfg, [Batch(0, ("a fox", "a boat"), (1, 2), 2)])
     grads = {}
     for mode in ("dense", "per-call"):
         unet = build_unet("tiny-sdxl", seed=3)
         quantize_layers(unet, 2, simple_quantizer(2))
-        params = prepare_student(unet, distill_preset("sdxl", weight_grad=mode))
+        params = prepare_student(unet, recipe("sdxl").distill.replace(weight_grad=mode))
         decoded = DecodedWeights(unet) if mode == "dense" else None
         micro = [torch.tensor([0, 1]), torch.tensor([2, 3])]
         if decoded is not None:

@@ -9,7 +9,7 @@ import torch
 from vqdm.errors import ConfigError
 from vqdm.quantizer import (AQConfig, AQConfigError, aq_bits_per_weight, layer_loss, quantize_weight, rel_err,
                             relative_error, rtn_quantize, scalar_bits_per_weight)
-from vqdm.quantizer.layer.beam_search import decode_unscaled
+from vqdm.vq_format import decode_groups
 
 # Cheap search settings: the properties tested do not depend on the SPEC's 100 Adam steps.
 FAST = dict(adam_steps=30, max_rounds=2, kmeans_iters=20)
@@ -174,5 +174,5 @@ def test_relative_error_equals_output_error_on_the_samples():
 def test_decode_matches_reference_format(layer):
     w, h = layer
     qw = quantize_weight(w, h, AQConfig(num_codebooks=2, adam_steps=5, max_rounds=1, kmeans_iters=5))
-    mine = decode_unscaled(qw.codes, qw.codebooks).reshape(256, 256) * qw.scales[:, None]
+    mine = decode_groups(qw.codes, qw.codebooks).reshape(256, 256) * qw.scales[:, None]
     torch.testing.assert_close(mine, qw.dequantize())

@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from vqdm.quantizer.layer.beam_search import beam_search_pass, candidate_losses, decode_unscaled
+from vqdm.quantizer.layer.beam_search import beam_search_pass, candidate_losses
+from vqdm.vq_format import decode_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ def make_layer(n=12, d=16, g=4, k=2, q=16, seed=0, dtype=torch.float64):
 def row_losses(w, h, codes, books, scales):
     """Brute force: ℓ_i = (w_i − ŵ_i) H (w_i − ŵ_i)ᵀ from a full float64 decode."""
     n, d = w.shape
-    r = w.double() - decode_unscaled(codes, books.double()).reshape(n, d) * scales.double()[:, None]
+    r = w.double() - decode_groups(codes, books.double()).reshape(n, d) * scales.double()[:, None]
     return ((r @ h.double()) * r).sum(1)
 
 

@@ -5,16 +5,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vqdm.quantizer.sampling import CalibrationConfig
+from vqdm.quantizer.sampling import SamplingConfig
 
 SUBSET = "down_blocks.1"  # convs (3x3, 1x1 shortcut, strided downsampler) and attention with shared inputs
-CFG = CalibrationConfig(num_prompts=4, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=1, seed=3)
+CFG = SamplingConfig(num_prompts=4, steps=2, guidance=5.0, resolution=64, scheduler="ddim", batch_size=1, seed=3)
 PROMPTS = ["a red fox in snow", "a lighthouse at night", "a bowl of ramen"]
 
 
 def _subset_hessians(model_dir):
     from vqdm.models import load_pipeline, select_layers, subset_of
-    from vqdm.quantizer.sampling import collect_hessians
+    from vqdm.quantizer.quantize.hessians import collect_hessians
 
     pipe = load_pipeline(model_dir)
     names = [n for n, _ in select_layers(pipe.unet) if subset_of(n) == SUBSET]
@@ -66,9 +66,9 @@ AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5}
 
 def _quantize_first_subset(model_dir, out):
     from vqdm.quantizer.quantize.run import QuantizeStopped, quantize_model
-    from vqdm.quantizer.sampling import preset_config
+    from vqdm.quantizer.recipes import recipe
 
-    calib = preset_config("sdxl", num_prompts=2, steps=2, resolution=64, batch_size=1)
+    calib = recipe("sdxl").calibration.replace(num_prompts=2, steps=2, resolution=64, batch_size=1)
     try:
         quantize_model(model_dir, "sdxl", 3, out, calibration=calib, aq_options=AQ, progress=False, stop_after_subset=0)
     except QuantizeStopped:
@@ -91,7 +91,7 @@ def test_two_processes_split_layers_and_match_one(tiny_sdxl_dir, tmp_path, monke
 
     from safetensors.torch import load_file
 
-    from vqdm.quantizer.quantize.checkpoint import checkpoint_dir
+    from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 
     monkeypatch.syspath_prepend(str(pytestconfig.rootpath))
     two, one = tmp_path / "two", tmp_path / "one"
@@ -102,8 +102,8 @@ def test_two_processes_split_layers_and_match_one(tiny_sdxl_dir, tmp_path, monke
         _quantize_first_subset(tiny_sdxl_dir, one)
     finally:
         torch.set_num_threads(threads)
-    states = [json.loads((checkpoint_dir(o) / "state.json").read_text()) for o in (two, one)]
-    files = [load_file(str(checkpoint_dir(o) / s["finished"][0]["file"])) for o, s in zip((two, one), states)]
+    states = [json.loads((QuantizeCheckpoint.dir_for(o) / "state.json").read_text()) for o in (two, one)]
+    files = [load_file(str(QuantizeCheckpoint.dir_for(o) / s["finished"][0]["file"])) for o, s in zip((two, one), states)]
     assert len(files[0]) == 5 * 3 and files[0].keys() == files[1].keys()
     for k in files[0]:
         assert torch.equal(files[0][k], files[1][k]), k

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from vqdm.models import weight_matrix
 from vqdm.quantizer.quantize.hessians import HessianCollector, SecondMoment, conv_rows, plan_passes
-from vqdm.quantizer.sampling import CalibrationConfig, load_prompts, plan_batches, preset_config
+from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.sampling import SamplingConfig, load_prompts, plan_batches
 
 
 def im2col_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -164,14 +165,14 @@ def test_plan_passes_bounds_memory():
 def test_prompts_and_batches(tmp_path):
     prompts = load_prompts()
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
-    cfg = CalibrationConfig(num_prompts=7, steps=4, guidance=0, resolution=64, vary_steps=True, batch_size=2)
+    cfg = SamplingConfig(num_prompts=7, steps=4, guidance=0, resolution=64, vary_steps=True, batch_size=2)
     single = plan_batches(cfg, ["a", "b", "c"])
     assert [b.prompts for b in single] == [("a", "b"), ("c", "a"), ("b", "c"), ("a",)]
     assert [b.steps for b in single] == [1, 2, 3, 4]
     split = plan_batches(cfg, ["a", "b", "c"], 0, 2) + plan_batches(cfg, ["a", "b", "c"], 1, 2)
     assert sorted(split, key=lambda b: b.index) == single  # ranks partition the same batches
     assert len({s for b in single for s in b.seeds}) == 7
-    assert preset_config("sdxl").steps == 50 and preset_config("sdxl", steps=2).steps == 2
+    assert recipe("sdxl").calibration.steps == 50 and recipe("sdxl").calibration.replace(steps=2).steps == 2
     empty = tmp_path / "p.txt"
     empty.write_text("\n  \n")
     from vqdm.errors import ConfigError

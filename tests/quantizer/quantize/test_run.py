@@ -9,9 +9,10 @@ from safetensors import safe_open
 
 from vqdm.cli import main
 from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
-from vqdm.quantizer.quantize.checkpoint import CheckpointError, checkpoint_dir
+from vqdm.quantizer.checkpoint import CheckpointError
+from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 from vqdm.quantizer.quantize.run import QuantizeStopped, quantize_model
-from vqdm.quantizer.sampling import preset_config
+from vqdm.quantizer.recipes import recipe
 
 # The settings of the shared `sdxl_run` (conftest `tiny_args`), as library arguments.
 CALIB = dict(num_prompts=2, steps=2, resolution=64, batch_size=2)
@@ -24,7 +25,7 @@ def _tensors(path):
 
 
 def _run(model, out, **kwargs):
-    return quantize_model(model, "sdxl", 3, out, calibration=preset_config("sdxl", **CALIB), aq_options=AQ,
+    return quantize_model(model, "sdxl", 3, out, calibration=recipe("sdxl").calibration.replace(**CALIB), aq_options=AQ,
                           progress=False, **kwargs)
 
 
@@ -32,7 +33,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(sdxl_run, tiny_sdxl_dir, 
     out = tmp_path / "resumed"
     with pytest.raises(QuantizeStopped, match="--resume"):
         _run(tiny_sdxl_dir, out, stop_after_subset=2)
-    ckpt = checkpoint_dir(out)
+    ckpt = QuantizeCheckpoint.dir_for(out)
     assert not out.exists()  # nothing that looks like a finished artifact
     assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors", ".safetensors", ".safetensors"]
     state = json.loads((ckpt / "state.json").read_text())
@@ -57,7 +58,7 @@ def test_memory_bounded_passes_and_resume_checks(sdxl_run, tiny_sdxl_dir, tmp_pa
     out = tmp_path / "passes"
     with pytest.raises(QuantizeStopped):
         _run(tiny_sdxl_dir, out, stop_after_subset=0, max_stats_bytes=8 * 288 * 288)  # one conv H per pass
-    ckpt = checkpoint_dir(out)
+    ckpt = QuantizeCheckpoint.dir_for(out)
     state = json.loads((ckpt / "state.json").read_text())
     assert state["finished"][0]["info"]["passes"] == 5
     ref = _tensors(sdxl_run.out / WEIGHTS_FILE)
@@ -67,7 +68,7 @@ def test_memory_bounded_passes_and_resume_checks(sdxl_run, tiny_sdxl_dir, tmp_pa
         assert torch.equal(got[f"{name}.codebooks"].half(), ref[f"{name}.codebooks"]), name
 
     with pytest.raises(CheckpointError, match="steps"):
-        quantize_model(tiny_sdxl_dir, "sdxl", 3, out, calibration=preset_config("sdxl", **{**CALIB, "steps": 3}),
+        quantize_model(tiny_sdxl_dir, "sdxl", 3, out, calibration=recipe("sdxl").calibration.replace(**{**CALIB, "steps": 3}),
                        aq_options=AQ, max_stats_bytes=8 * 288 * 288, resume=True, progress=False)
     with pytest.raises(Exception, match="--resume to continue"):
         _run(tiny_sdxl_dir, out)
@@ -76,7 +77,7 @@ def test_memory_bounded_passes_and_resume_checks(sdxl_run, tiny_sdxl_dir, tmp_pa
 
 def test_checkpoint_rejects_a_corrupt_state(tiny_sdxl_dir, tmp_path):
     out = tmp_path / "corrupt"
-    ckpt = checkpoint_dir(out)
+    ckpt = QuantizeCheckpoint.dir_for(out)
     ckpt.mkdir()
     (ckpt / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):

@@ -1,0 +1,79 @@
+"""`vqdm distill` settings (SPEC §4); the per-family defaults are in `vqdm.quantizer.recipes`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from vqdm.errors import ConfigError
+from vqdm.quantizer.sampling import SamplingConfig
+
+PRECISIONS = ("auto", "bf16", "fp32")
+WEIGHT_GRADS = ("dense", "per-call")
+
+
+@dataclass
+class DistillConfig:
+    """One distillation run. Presets hold the SPEC §4 recipe; the CLI overrides fields."""
+
+    num_prompts: int  # over all rounds; the prompt file is cycled with fresh seeds
+    rounds: int
+    steps: int  # teacher sampling steps (Turbo, vary_steps: batches cycle 1..steps)
+    guidance: float
+    resolution: int
+    scheduler: str  # "ddim" (SDXL) or "native" (the folder's; Turbo)
+    vary_steps: bool
+    train_steps: int  # optimizer steps over all rounds
+    batch_size: int  # samples per micro-batch (a sample: one prompt at one step, both CFG halves)
+    grad_accum: int  # micro-batches per optimizer step
+    lr: float = 1e-6
+    beta1: float = 0.9
+    beta2: float = 0.999
+    seed: int = 0
+    prompts_file: str | None = None
+    gen_batch_size: int = 1  # prompts per teacher pipeline call
+    heldout_prompts: int = 4  # teacher trajectories of unseen prompts/seeds, MSE before and after
+    precision: str = "auto"  # autocast: "auto" = bf16 on CUDA when supported, else fp32
+    gradient_checkpointing: bool = True
+    weight_grad: str = "dense"
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_prompts >= 1, f"--num-prompts must be at least 1, got {self.num_prompts}"),
+            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
+            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.resolution >= 8 and self.resolution % 8 == 0,
+             f"--resolution must be a positive multiple of 8, got {self.resolution}"),
+            (self.train_steps >= self.rounds, f"--train-steps ({self.train_steps}) must be at least --rounds ({self.rounds})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),
+            (self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1, got {self.gen_batch_size}"),
+            (self.heldout_prompts >= 0, f"--heldout-prompts must be >= 0, got {self.heldout_prompts}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.weight_grad in WEIGHT_GRADS, f"--weight-grad must be one of {WEIGHT_GRADS}, got {self.weight_grad!r}"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
+            (math.ceil(self.num_prompts / self.gen_batch_size) >= self.rounds,
+             f"{self.num_prompts} prompt(s) in batches of {self.gen_batch_size} cannot fill {self.rounds} rounds"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def replace(self, **overrides) -> "DistillConfig":
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings of the teacher trajectories."""
+        return SamplingConfig(num_prompts=self.num_prompts, steps=self.steps, guidance=self.guidance,
+                                 resolution=self.resolution, scheduler=self.scheduler, vary_steps=self.vary_steps,
+                                 batch_size=self.gen_batch_size, seed=self.seed, prompts_file=self.prompts_file)

@@ -1,0 +1,48 @@
+"""The SPEC recipes of each model family, in one registry: `recipe("sdxl").calibration` (§3.2) and
+`recipe("sdxl-turbo").distill` (§4). Evaluation's sampling defaults are the architecture preset's
+(`vqdm.models.Preset`: steps, guidance, resolution)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vqdm.errors import ConfigError
+from vqdm.quantizer.distill.config import DistillConfig
+from vqdm.quantizer.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    calibration: SamplingConfig  # `vqdm quantize`: the trajectories H is gathered on
+    distill: DistillConfig  # `vqdm distill`: teacher trajectories and training
+
+
+RECIPES: dict[str, Recipe] = {
+    # SPEC §3.2. SDXL: 256 prompts x 50 DDIM steps x 2 CFG halves = 25,600 U-Net image evaluations
+    # at 1024². Turbo: 10,240 prompts (the prompt file cycled with fresh seeds) at 1-4 steps (2.5 on
+    # average) without CFG = 25,600 evaluations at 512², the same number of evaluations; each has a
+    # quarter of the tokens, still >= 6.5 M rows for the lowest-resolution layers (d <= 23,040).
+    # SPEC §4. SDXL: 4 rounds x 512 prompts, 50 DDIM steps, guidance 5, 1024², effective batch 64,
+    # 1,600 steps = 102,400 samples = every sample of the 4 rounds once. Turbo: no CFG, its own
+    # scheduler at 1-4 steps (2.5 on average): 10,240 prompts a round give the same 25,600 samples.
+    "sdxl": Recipe(
+        calibration=SamplingConfig(num_prompts=256, steps=50, guidance=5.0, resolution=1024, scheduler="ddim",
+                                   batch_size=2),
+        distill=DistillConfig(num_prompts=2048, rounds=4, steps=50, guidance=5.0, resolution=1024, scheduler="ddim",
+                              vary_steps=False, train_steps=1600, batch_size=4, grad_accum=16, gen_batch_size=2),
+    ),
+    "sdxl-turbo": Recipe(
+        calibration=SamplingConfig(num_prompts=10_240, steps=4, guidance=0.0, resolution=512, scheduler="native",
+                                   vary_steps=True, batch_size=8),
+        distill=DistillConfig(num_prompts=40_960, rounds=4, steps=4, guidance=0.0, resolution=512,
+                              scheduler="native", vary_steps=True, train_steps=1600, batch_size=8, grad_accum=8,
+                              gen_batch_size=8),
+    ),
+}
+
+
+def recipe(family: str) -> Recipe:
+    """The recipe of `family` ('sdxl' / 'sdxl-turbo'); override fields with `.calibration.replace(...)`."""
+    try:
+        return RECIPES[family]
+    except KeyError:
+        raise ConfigError(f"unknown --preset {family!r}: choose {' or '.join(RECIPES)}") from None

@@ -104,12 +104,12 @@ def tools():
 class LiveServer:
     """A real `vqdm serve` process on a free loopback port, started with the given flags/env."""
 
-    def __init__(self, args: list[str], log_path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log_path, env: dict | None = None, port: int | None = None) -> None:
         import os
         import subprocess
         import sys
 
-        self.port = _free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "vqdm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -155,7 +155,7 @@ class LiveServer:
                 self.proc.wait(30)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -165,15 +165,17 @@ def _free_port() -> int:
 
 @pytest.fixture
 def live_server(tmp_path):
-    """live_server(args, env=None) -> a started LiveServer (not yet ready: call .wait_ready());
-    every one started is stopped at the end of the test."""
+    """live_server(args, env=None, port=None) -> a started LiveServer (not yet ready: call
+    .wait_ready()); every one started is stopped at the end of the test. `live_server.free_port()`
+    picks a port ahead, for servers that must know each other's address."""
     started: list[LiveServer] = []
 
-    def start(args: list[str], env: dict | None = None) -> LiveServer:
-        server = LiveServer(args, tmp_path / f"server-{len(started)}.log", env)
+    def start(args: list[str], env: dict | None = None, port: int | None = None) -> LiveServer:
+        server = LiveServer(args, tmp_path / f"server-{len(started)}.log", env, port)
         started.append(server)
         return server
 
+    start.free_port = free_port
     yield start
     for server in started:
         server.stop()

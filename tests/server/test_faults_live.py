@@ -307,3 +307,26 @@ def test_corrupt_or_padded_artifact_refuses_to_start(tiny_artifact, live_server,
         assert needle in s.log(), s.log()[-3000:]
         report(f"artifact at start: {folder.name}", [], f"exit {s.proc.returncode} in {time.monotonic() - t0:.1f}s "
                                                         "naming the file; no traffic accepted")
+
+
+def test_sticky_cuda_error_marks_unhealthy(tiny_artifact, live_server):
+    s = live_server(common(tiny_artifact) + ["--max-batch-size", "1"], FAULTS_ENV).wait_ready()
+    base = s.base
+    t_fault = time.monotonic()
+    blocker = start_blocker(base, "cuda-blocker")
+    poisoned = Outcome(base, body("poison [fault:cuda-error@2]"), "cuda-poisoned")
+    wait_state(base, "cuda-poisoned", {"queued"})
+    behind = Outcome(base, body("behind it", steps=2), "cuda-behind")
+    wait_state(base, "cuda-behind", {"queued"})
+    release_blocker(base, "cuda-blocker")
+    outcomes = [o.join() for o in (poisoned, behind)]
+    unhealthy_after = time.monotonic() - t_fault
+    assert blocker.join().status == 499
+    for o in outcomes:
+        assert o.status == 503 and o.code == "worker_unhealthy", (o.label, o.status, o.code)
+        assert "CUDA" not in o.body["error"]["message"]
+    health = httpx.get(base + "/healthz", timeout=30)
+    assert health.status_code == 503 and "device error" in health.json()["error"]
+    assert any(r.get("exc") and "illegal memory access" in r["exc"] for r in s.log_records())
+    report("sticky CUDA error at step 2 (+1 queued)", outcomes,
+           f"/healthz 503 at once ({unhealthy_after:.1f}s incl. the blocker) → restart")

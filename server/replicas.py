@@ -10,7 +10,8 @@ carries no token, so a label not found here is asked of every peer. Forwarded ca
 client's Authorization header (every replica holds the same keys) and a marker header so that
 they are never forwarded again.
 
-Without `advertise_url` (one replica) ids are plain `req_<hex>` and nothing is forwarded.
+Without `advertise_url` ids are plain `req_<hex>`: with peers set, a call for a job not found here
+is then asked of every peer (as for labels); with no peers nothing is forwarded.
 """
 from __future__ import annotations
 

@@ -155,9 +155,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: a request's "
                                  "images run in one batch; raise max_batch_size or lower max_n")
             self.max_n = self.max_batch_size
-        if self.peers and not self.advertise_url:
-            raise ValueError("peers are set but advertise_url is not: peers route to a replica by the address "
-                             "it advertises (e.g. VQDM_ADVERTISE_URL=http://$(POD_IP):8000)")
         return self
 
     def model_specs(self) -> list[ModelSpec]:

@@ -1,13 +1,16 @@
 """Start-up and request latency of `vqdm serve` (the embedded default) on a quiet machine and beside
 busy cores, with the server's thread policy (server.threads) and, for comparison, a forced count.
 
-    python benchmarks/cpu_contention.py [--burners 1] [--requests 5] [--threads auto,2] [--json FILE]
+    python benchmarks/cpu_contention.py [--burners 1] [--requests 5] [--threads auto,2] [--repeat 2]
+                                        [--json FILE]
 
 Each case starts a fresh server and measures: seconds from spawn to /readyz 200, then the median
 wall time of `--requests` sequential requests (the model's default size, 4 steps). "busy" runs
 `--burners` processes of `while True: pass` (nice 0) beside it for the whole case. `--threads 2`
 passes --cpu-threads 2 (what torch picks by itself on a 2-core machine): the case the thread
 policy fixes. A case that is not ready within `--ready-timeout` seconds is reported as such.
+`--repeat` alternates quiet and busy runs that many times (on a shared machine the background
+load drifts; alternating spreads the drift over both) and reports each case's median.
 """
 from __future__ import annotations
 
@@ -76,15 +79,27 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--threads", default="auto", help="comma list: auto and/or counts")
     ap.add_argument("--ready-timeout", type=float, default=300)
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"CPUs (affinity): {len(os.sched_getaffinity(0))}; load average before: {os.getloadavg()}", flush=True)
+    runs = []
+    for threads in args.threads.split(","):
+        for _ in range(args.repeat):
+            for burners in (0, args.burners):
+                row = run_case(threads, burners, args.requests, args.ready_timeout)
+                runs.append(row)
+                print(json.dumps(row), flush=True)
     rows = []
     for threads in args.threads.split(","):
         for burners in (0, args.burners):
-            row = run_case(threads, burners, args.requests, args.ready_timeout)
+            same = [r for r in runs if r["threads"] == threads and r["burners"] == burners]
+            ready = [r["ready_s"] for r in same]
+            row = {"threads": threads, "burners": burners,
+                   "ready_s": None if None in ready else statistics.median(ready)}
+            if row["ready_s"] is not None:
+                row["request_median_s"] = statistics.median(r["request_median_s"] for r in same)
             rows.append(row)
-            print(json.dumps(row), flush=True)
     print("\n| threads | busy cores | ready (s) | request median (s) |\n|---|---|---|---|")
     for r in rows:
         ready = r["ready_s"] if r["ready_s"] is not None else f"> {args.ready_timeout:.0f}"
@@ -96,7 +111,7 @@ def main() -> int:
                   f"{busy['request_median_s'] / quiet['request_median_s']:.2f}x busy vs quiet")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"runs": runs, "medians": rows}, f, indent=2)
     return 0
 
 

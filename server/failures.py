@@ -19,7 +19,9 @@ _POISON_MARKERS = ("CUDA error", "cuDNN error", "CUBLAS_STATUS_EXECUTION_FAILED"
 def is_out_of_memory(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    # CUDA: torch.OutOfMemoryError; CPU: the default allocator's RuntimeError.
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def poisons_device(e: BaseException) -> bool:

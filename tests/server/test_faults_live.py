@@ -126,7 +126,8 @@ def assert_answers_healthy(base: str) -> None:
 
 
 def common(artifact) -> list[str]:
-    return ["--model", f"tiny={artifact}", "--api-key", KEY, "--max-side", "256"]
+    # --max-steps: blockers run thousands of steps, so that they outlast any setup on a loaded machine.
+    return ["--model", f"tiny={artifact}", "--api-key", KEY, "--max-side", "256", "--max-steps", "5000"]
 
 
 def body(prompt: str, steps: int = 3, **extra) -> dict:
@@ -135,7 +136,7 @@ def body(prompt: str, steps: int = 3, **extra) -> dict:
 
 def start_blocker(base: str, label: str) -> Outcome:
     """A long job that holds the worker so that later jobs queue up together; cancelled by DELETE."""
-    blocker = Outcome(base, body("blocker", steps=150), label)
+    blocker = Outcome(base, body("blocker", steps=3000), label)
     wait_state(base, label, {"running"}, min_step=1)
     return blocker
 
@@ -246,7 +247,7 @@ def test_hung_step_trips_the_watchdog(tiny_artifact, live_server):
 def test_sigterm_with_jobs_running_and_queued_finishes_them(tiny_artifact, live_server):
     s = live_server(common(tiny_artifact) + ["--max-batch-size", "1", "--shutdown-timeout", "240"]).wait_ready()
     base = s.base
-    running = Outcome(base, body("running at sigterm", steps=30), "at-term-running")
+    running = Outcome(base, body("running at sigterm", steps=200), "at-term-running")
     wait_state(base, "at-term-running", {"running"}, min_step=1)
     queued = Outcome(base, body("queued at sigterm", steps=5), "at-term-queued", stream=True)
     wait_state(base, "at-term-queued", {"queued"})
@@ -261,7 +262,7 @@ def test_sigterm_with_jobs_running_and_queued_finishes_them(tiny_artifact, live_
     assert s.proc.wait(60) in (0, -signal.SIGTERM)
     assert "shut down" in [r["msg"] for r in s.log_records()]
     assert "Traceback" not in s.log() and "ASGI" not in s.log()
-    report("SIGTERM with 1 running + 1 queued (drain 240 s)", outcomes,
+    report("SIGTERM with 1 running (200 steps) + 1 queued (drain 240 s)", outcomes,
            f"both finished; exit {time.monotonic() - t_term:.1f}s after SIGTERM")
 
 

@@ -22,7 +22,7 @@ def test_status_and_cancel_through_either_replica(tiny_artifact, live_server):
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     servers = []
     for i in range(2):
-        args = ["--model", f"tiny={tiny_artifact}", "--max-side", "256", "--advertise-url", urls[i],
+        args = ["--model", f"tiny={tiny_artifact}", "--max-side", "256", "--max-steps", "5000", "--advertise-url", urls[i],
                 "--peer", urls[0], "--peer", urls[1]]  # the same list everywhere, as from one ConfigMap
         for key in KEYS:
             args += ["--api-key", key]
@@ -68,7 +68,7 @@ def test_status_and_cancel_through_either_replica(tiny_artifact, live_server):
 
 def _stream(base: str, label: str, events: list) -> None:
     with httpx.Client(base_url=base, headers={**auth(0), "X-Request-Id": label}, timeout=300) as c:
-        with c.stream("POST", GEN, json={"prompt": "long", "num_inference_steps": 150, "size": "64x64",
+        with c.stream("POST", GEN, json={"prompt": "long", "num_inference_steps": 3000, "size": "64x64",
                                          "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):

@@ -24,28 +24,37 @@ def test_same_label_two_keys(make_client):
     c = make_client(api_keys=["tenant-key-one", "tenant-key-two"], max_steps=5000)
     results = {}
 
-    def long_job():
-        results["k1"] = c.post(GEN, json={"prompt": "long", "num_inference_steps": 3000},
-                               headers={**K1, "X-Request-Id": "shared"})
+    def post(name, body, headers):
+        results[name] = c.post(GEN, json=body, headers=headers)
 
-    t = threading.Thread(target=long_job)
-    t.start()
+    t1 = threading.Thread(target=post, args=("k1", {"prompt": "long", "num_inference_steps": 3000},
+                                             {**K1, "X-Request-Id": "shared"}))
+    t1.start()
     mine = _wait_running(c, "shared", K1)
-    # Key 2 uses the same label while key 1's job runs: accepted (no 409 revealing key 1's label).
-    r2 = c.post(GEN, json={"prompt": "short", "num_inference_steps": 1, "model": "turbo", "size": "64x64"},
-                headers={**K2, "X-Request-Id": "shared"})
-    assert r2.status_code == 200 and r2.json()["id"] != mine["id"]
-    # Each key's label finds its own job; key 2 cannot see or cancel key 1's job, by label or by id.
-    assert c.get("/v1/requests/shared", headers=K2).json()["id"] == r2.json()["id"]
-    assert c.get(f"/v1/requests/{mine['id']}", headers=K2).status_code == 404
-    assert c.delete(f"/v1/requests/{mine['id']}", headers=K2).status_code == 404
-    assert c.get("/v1/requests/shared", headers=K1).json()["state"] == "running"
+    # Key 2 uses the same label while key 1's job runs: accepted and queued (no 409 revealing key 1's label).
+    t2 = threading.Thread(target=post, args=("k2", {"prompt": "short", "num_inference_steps": 1},
+                                             {**K2, "X-Request-Id": "shared"}))
+    t2.start()
+    deadline = time.monotonic() + 60
+    while (r := c.get("/v1/requests/shared", headers=K2)).status_code != 200:
+        assert time.monotonic() < deadline and "k2" not in results, results.get("k2") and results["k2"].text
+        time.sleep(0.02)
+    theirs = r.json()
+    assert theirs["state"] == "queued" and theirs["id"] != mine["id"] and theirs["label"] == "shared"
+    # Each key's label finds its own job; neither can see or cancel the other's, by label or by id.
+    assert c.get("/v1/requests/shared", headers=K1).json()["id"] == mine["id"]
+    for ref, headers in ((mine["id"], K2), (theirs["id"], K1)):
+        assert c.get(f"/v1/requests/{ref}", headers=headers).status_code == 404
+        assert c.delete(f"/v1/requests/{ref}", headers=headers).status_code == 404
     # Key 1 reusing its own live label is a 409 about its own job.
     dup = c.post(GEN, json={"prompt": "x"}, headers={**K1, "X-Request-Id": "shared"})
     assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_request_id"
+    assert c.delete("/v1/requests/shared", headers=K2).status_code == 200  # queued: dropped at once
     assert c.delete("/v1/requests/shared", headers=K1).status_code in (200, 202)
-    t.join(60)
+    t1.join(60)
+    t2.join(60)
     assert results["k1"].status_code == 499 and results["k1"].headers["x-request-id"] == "shared"
+    assert results["k2"].status_code == 499
 
 
 def test_vae_decodes_in_slices_and_tiles(served_models):

@@ -200,13 +200,26 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def manifest_sha256(path: str | Path) -> str:
+    """The sha256 of unet/manifest.json: with every file's hash inside it, one value names the whole
+    artifact (`vqdm inspect` prints it; compare it with the one you published)."""
+    return sha256_file(Path(path) / MANIFEST_FILE)
+
+
 def verify_files(path: str | Path, manifest: dict) -> None:
-    """Every file listed exists and matches its sha256; the weights and config are listed."""
+    """Every file listed exists and matches its sha256; the weights and config are listed; no file
+    the manifest does not list is present (it would be loaded, or could be, without a check)."""
     path = Path(path)
     files = manifest["files"]
     for required in (WEIGHTS_FILE, CONFIG_FILE):
         if required not in files:
             raise ArtifactError(path / MANIFEST_FILE, f"{required} is not listed in the manifest")
+    unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                      if p.is_file() and str(p.relative_to(path)) not in files and str(p.relative_to(path)) != MANIFEST_FILE)
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise ArtifactError(path / unlisted[0], f"not listed in the manifest{more}: remove it, or re-export the "
+                                                "artifact; vqdm loads only the files whose hashes it holds")
     for rel, digest in files.items():
         f = path / rel
         if not f.is_file():
@@ -282,7 +295,9 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     path = Path(path)
     unet, manifest = load_vq_unet(path, dtype, device, verify)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=unet, dtype=dtype, local_files_only=True)
+        # safetensors only: a component folder carrying pickles (.bin, .pt) is refused, never unpickled.
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=unet, dtype=dtype, local_files_only=True,
+                                                         use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ArtifactError(path, f"could not load the non-U-Net components: {e}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -315,6 +330,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         "distillation": manifest.get("distillation"),
         "weights_file_bytes": manifest.get("bytes", {}).get("weights_file"),
         "integrity": integrity,
+        "manifest_sha256": manifest_sha256(path),
         "median_rel_error": sorted(errors)[len(errors) // 2] if errors else None,
         "layer_errors": {entry["name"]: entry.get("rel_error") for entry in layers},
     }

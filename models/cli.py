@@ -91,4 +91,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         errs = sorted(e for e in info["layer_errors"].values() if e is not None)
         print(f"rel. error:   median {info['median_rel_error']:.4g}, max {errs[-1]:.4g} over {len(errs)} layers")
     print(f"integrity:    {info['integrity']}")
+    print(f"manifest:     sha256 {info['manifest_sha256']}")
     return 0 if info["integrity"] == "ok" else 1

@@ -3,8 +3,8 @@ workers, models) is created in the lifespan and hung on `app.state.vqdm`, never 
 
 Start-up does not block the server: the lifespan starts model loading in the background and
 returns, so /healthz answers at once and /readyz says 503 until every model is loaded and warmed
-up. Shutdown (SIGTERM under uvicorn) stops admitting jobs, lets queued and running ones finish
-for up to `shutdown_timeout_s`, then cancels what is left.
+up. Shutdown: `vqdm serve` drains on SIGTERM before uvicorn stops (server.drain); the lifespan's
+teardown drains too (for servers started otherwise), then stops the workers.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vqdm.server.errors import install_error_handlers
 from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from vqdm.server.loader import ModelLoader
+from vqdm.server.replicas import Peers
 from vqdm.server.settings import Settings
 from vqdm.server.state import ServerState
 
@@ -30,7 +31,8 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
     try:
         state.phase = "loading models"
         models = await asyncio.to_thread(loader, state.settings, state.devices)
-        state.models = state.dispatcher.models = {m.id: m for m in models}
+        state.models = {m.id: m for m in models}
+        state.dispatcher.install(state.models)
         for m in models:
             state.metrics.set_model(m.id, m.weight_bytes)
         if state.settings.warmup:
@@ -47,6 +49,16 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
         state.load_error, state.phase = f"{type(e).__name__}: {e}", "failed"
         if on_fatal is not None:
             on_fatal(state.load_error)
+
+
+async def drain(state: ServerState | None) -> None:
+    """SIGTERM: not ready from now on, refuse new jobs, finish or answer the rest within the drain
+    timeout. Safe to call twice."""
+    if state is None:
+        return
+    state.draining, state.ready = True, False
+    state.metrics.ready.set(0)
+    await state.dispatcher.drain(state.settings.shutdown_timeout_s)
 
 
 def create_app(settings: Settings | None = None, loader: ModelLoader | None = None,
@@ -89,11 +101,13 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan,
                   description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API.")
     app.state.settings = settings
+    app.state.peers = peers = Peers(settings.advertise_url, settings.peers)
     install_error_handlers(app)
     from vqdm.server.routes import router
 
     app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware,
-                       metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None))
+                       metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None),
+                       new_id=peers.new_job_id)
     return app

@@ -18,7 +18,8 @@ _SERVE_FLAGS = {
     "max_prompt_chars": "max_prompt_chars", "request_timeout": "request_timeout_s",
     "shutdown_timeout": "shutdown_timeout_s", "metrics_port": "metrics_port", "json_logs": "json_logs",
     "log_level": "log_level", "device": "devices", "dtype": "dtype", "backend": "backend",
-    "weight_cache": "weight_cache", "no_warmup": "warmup",
+    "weight_cache": "weight_cache", "no_warmup": "warmup", "warmup_size": "warmup_size",
+    "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
 }
 
 
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int)
     p.add_argument("--max-prompt-chars", type=int)
     p.add_argument("--request-timeout", type=float, metavar="SECONDS")
-    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="drain bound: SIGTERM to exit takes at most this + 5 s (default 300)")
     p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port")
     p.add_argument("--json-logs", action="store_const", const=True)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -49,6 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="VQ kernel backend (default auto)")
     p.add_argument("--weight-cache", metavar="POLICY", help="none | request | budget=BYTES")
     p.add_argument("--no-warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.add_argument("--warmup-size", choices=("auto", "max", "default"),
+                   help="max: the worst case the limits admit; default: the model's size; auto (default): max on GPU")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="no progress this long marks the server unhealthy (default 300; 0: off)")
+    p.add_argument("--cpu-threads", type=int, help="torch threads (default: CPU quota and affinity, less one)")
+    p.add_argument("--advertise-url", help="this replica's URL as peers reach it (job ids name it)")
+    p.add_argument("--peer", action="append", metavar="URL|dns:HOST:PORT",
+                   help="peer replica(s) for status/cancel of their jobs (repeatable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")
@@ -92,14 +102,19 @@ def _check_model_folders(settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
-    from vqdm.server.app import create_app
+    from vqdm.server import threads
+    from vqdm.server.app import create_app, drain
+    from vqdm.server.drain import FLUSH_S, DrainingServer
     from vqdm.server.logs import configure_logging
 
     settings = build_settings(args)
     _check_model_folders(settings)
     configure_logging(settings.log_level, settings.json_logs)
+    threads.apply(settings.cpu_threads)
     failure: list[str] = []
     holder: dict = {}
 
@@ -108,12 +123,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         holder["server"].should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
+    # uvicorn's own graceful wait only flushes the replies the drain produced (server.drain).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None, lifespan="on")
-    server = holder["server"] = uvicorn.Server(config)
+                            timeout_graceful_shutdown=FLUSH_S, lifespan="on")
+    server = holder["server"] = DrainingServer(config, lambda: drain(getattr(app.state, "vqdm", None)))
     server.run()
     if failure:
         raise ConfigError(f"start-up failed: {failure[0]}")
+    state = getattr(app.state, "vqdm", None)
+    stuck = state.dispatcher.stuck_devices() if state is not None else []
+    if stuck:  # a hung kernel would block interpreter exit (it joins worker threads): leave now
+        log.critical("exiting with the worker on %s still stuck", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(3)
     return 0
 
 
@@ -132,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if fmt not in FORMATS:
         raise ValueError(f"{out}: unknown image type {out.suffix!r}; use .png, .jpg or .webp")
     settings = Settings(devices=[args.device], dtype=args.dtype, weight_cache=args.weight_cache,
-                        max_n=max(args.n, 1))
+                        max_n=max(args.n, 1), max_batch_size=max(args.n, 1))
     device = resolve_device(args.device)
     spec = ModelSpec("local", Path(args.model)) if args.model else ModelSpec("vqdm-tiny-sdxl", None)
     if spec.path is not None:

@@ -71,6 +71,7 @@ class Job:
     id: str
     params: GenerationParams
     owner: int | None = None  # index of the API key that submitted it (None: no keys configured)
+    label: str | None = None  # the client's X-Request-Id: a correlation label, never the job's identity
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -81,7 +82,7 @@ class Job:
     batch_size: int = 0
     cancel_reason: str | None = None  # "client_disconnected" | "deleted" | "timeout" | "shutdown"
     cancel_stage: str | None = None  # "queued" | "running"
-    error: str | None = None
+    error: str | None = None  # a short code (vqdm.server.failures), never exception text
     result: JobResult | None = None
     cancel_flag: threading.Event = field(default_factory=threading.Event)
 
@@ -146,6 +147,8 @@ class Job:
             "queued_seconds": round((self.started_at or end) - self.enqueued_at, 4),
             "running_seconds": round(end - self.started_at, 4) if self.started_at else None,
         }
+        if self.label is not None:
+            out["label"] = self.label
         if self.cancel_reason:
             out["cancel_reason"] = self.cancel_reason
         if self.error:

@@ -117,6 +117,10 @@ def prepare_replica(pipe, device: str, settings: Settings) -> Replica:
     pipe.to(device)
     if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; keep it fp32 once and for all
+    # The VAE decodes one image at a time, in tiles above its native size, so that the decode of a
+    # big batch is never what runs out of memory (the U-Net's activations bound the batch instead).
+    pipe.vae.enable_slicing()
+    pipe.vae.enable_tiling()
     cache = None
     if vq_modules(pipe.unet):
         set_backend(pipe.unet, settings.backend)

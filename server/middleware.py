@@ -2,7 +2,8 @@
 buffer server-sent events).
 
 RequestContextMiddleware (outermost): request id (the client's X-Request-Id when it is sane, else
-a new one) in the response header and in every log record; one access-log line per request;
+a new one) in the response header and in every log record; the client's id is only a correlation
+label (generation jobs get server-made ids, sent as X-Vqdm-Job-Id); one access-log line per request;
 request / error counters for every response, including ones the app never routed (413).
 BodyLimitMiddleware: 413 before reading a body whose Content-Length is too big, and during the
 read for chunked bodies that grow too big.
@@ -39,17 +40,19 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, metrics_getter) -> None:
+    def __init__(self, app, metrics_getter, new_id=new_request_id) -> None:
         self.app = app
         self.metrics_getter = metrics_getter  # () -> Metrics | None (created in the lifespan)
+        self.new_id = new_id  # () -> a server-made id (replicas.Peers.new_job_id names the replica)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = _header(scope, b"x-request-id")
-        rid = given if given and _CLIENT_ID_RE.match(given) else new_request_id()
+        label = given if given and _CLIENT_ID_RE.match(given) else None
+        rid = label or self.new_id()
         state = scope.setdefault("state", {})
-        state["request_id"] = rid
+        state["request_id"], state["client_label"] = rid, label
         token = request_id_var.set(rid)
         t0 = time.perf_counter()
         status = 500
@@ -58,7 +61,10 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                extra = [(b"x-request-id", rid.encode())]
+                if state.get("vqdm_job_id"):
+                    extra.append((b"x-vqdm-job-id", state["vqdm_job_id"].encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:

@@ -14,10 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from vqdm.server.batching import NotAccepting, QueueFull
+from vqdm.server import failures
+from vqdm.server.batching import NotAccepting, QueueFull, Unhealthy
 from vqdm.server.errors import APIError, error_payload, validation_error
 from vqdm.server.imaging import encode_b64
 from vqdm.server.jobs import Job, JobState
+from vqdm.server.replicas import FORWARDED_HEADER
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.state import ServerState
 from vqdm.server.validation import validate
@@ -49,9 +51,23 @@ def authorize(request: Request, state: ServerState) -> int | None:
     return match
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "server is shutting down; retry (another replica will take it)",
+                    code="server_shutting_down", reason="shutting_down", headers={"Retry-After": "5"})
+
+
+def _unhealthy(reason: str) -> APIError:
+    return APIError(503, f"server unhealthy ({reason}); retry (another replica will take it)",
+                    code="worker_unhealthy", reason="unhealthy", headers={"Retry-After": "5"})
+
+
 def _require_ready(state: ServerState) -> None:
     if state.load_error:
         raise APIError(503, f"models failed to load: {state.load_error}", code="load_failed")
+    if state.dispatcher.unhealthy:
+        raise _unhealthy(state.dispatcher.unhealthy)
+    if state.draining:
+        raise _shutting_down()
     if not state.ready:
         raise APIError(503, f"not ready: {state.phase}", code="not_ready", headers={"Retry-After": "5"})
 
@@ -62,6 +78,8 @@ async def healthz(request: Request):
     state = get_state(request)
     if state.load_error:
         return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    if state.dispatcher.unhealthy:  # a stuck or poisoned device: let the orchestrator restart us
+        return JSONResponse({"status": "unhealthy", "error": state.dispatcher.unhealthy}, status_code=503)
     return {"status": "ok"}
 
 
@@ -99,27 +117,37 @@ async def get_model(model_id: str, request: Request):
 
 
 # -- requests -------------------------------------------------------------------------------------
-def _own_job(request: Request, state: ServerState, request_id: str) -> Job:
+async def _own_job(request: Request, state: ServerState, request_id: str) -> Job | JSONResponse:
+    """The job (by server id, or by the client's label) submitted with this request's key; a job of
+    another replica is answered by that replica (server.replicas)."""
     owner = authorize(request, state)
-    job = state.dispatcher.jobs.get(request_id)
-    if job is None or (owner is not None and job.owner != owner):
-        raise APIError(404, f"no request {request_id!r} (unknown, expired after "
-                            f"{state.settings.job_retention_s:.0f}s, or submitted with another key)",
-                       param="request_id", code="request_not_found")
-    return job
+    job = state.dispatcher.find(request_id, owner)
+    if job is not None:
+        return job
+    if not request.headers.get(FORWARDED_HEADER):
+        answer = await request.app.state.peers.forward(request.method, request_id, dict(request.headers))
+        if answer is not None:
+            return JSONResponse(answer[1], status_code=answer[0])
+    raise APIError(404, f"no request {request_id!r} (unknown, expired after "
+                        f"{state.settings.job_retention_s:.0f}s, or submitted with another key)",
+                   param="request_id", code="request_not_found")
 
 
 @router.get("/v1/requests/{request_id}")
 async def get_request(request_id: str, request: Request):
     state = get_state(request)
-    job = _own_job(request, state, request_id)
+    job = await _own_job(request, state, request_id)
+    if isinstance(job, JSONResponse):
+        return job
     return job.describe(state.dispatcher.position(job))
 
 
 @router.delete("/v1/requests/{request_id}")
 async def cancel_request(request_id: str, request: Request):
     state = get_state(request)
-    job = _own_job(request, state, request_id)
+    job = await _own_job(request, state, request_id)
+    if isinstance(job, JSONResponse):
+        return job
     if job.state.finished:
         raise APIError(409, f"request {request_id!r} already {job.state.value}; nothing to cancel",
                        param="request_id", code="request_finished")
@@ -147,19 +175,23 @@ async def generate_images(request: Request):
     if model_id in state.models:
         scope_state["vqdm_model"] = model_id  # a metric label only ever holds a served id
     params = validate(req, state.models, state.settings)
-    job_id = scope_state["request_id"]
-    live = state.dispatcher.jobs.get(job_id)
+    label = scope_state.get("client_label")
+    live = state.dispatcher.labels.get((owner, label)) if label else None  # only this key's own jobs
     if live is not None and not live.state.finished:
-        raise APIError(409, f"X-Request-Id {job_id!r} belongs to a request still in progress; use a new id",
+        raise APIError(409, f"X-Request-Id {label!r} belongs to a request of yours still in progress; use a new id",
                        code="duplicate_request_id")
-    job = Job(job_id, params, owner)
+    # The job id is always the server's; without a client label it is this request's id.
+    job = Job(request.app.state.peers.new_job_id() if label else scope_state["request_id"], params, owner, label=label)
     try:
         state.dispatcher.submit(job)
     except QueueFull as e:
         raise APIError(429, f"queue full ({state.settings.max_queue_size} requests waiting); retry in "
                             f"{e.retry_after}s", code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    except Unhealthy as e:
+        raise _unhealthy(str(e)) from None
     except NotAccepting:
-        raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"}) from None
+        raise _shutting_down() from None
+    scope_state["vqdm_job_id"] = job.id
     scope_state["vqdm_admitted"] = True
     if req.stream:
         return EventSourceResponse(_stream(request, state, job), ping=15, send_timeout=30,
@@ -173,14 +205,23 @@ def _deadline(state: ServerState, job: Job) -> float:
 
 
 def _outcome_error(job: Job) -> APIError:
-    """The error for a job that did not succeed."""
+    """The error for a job that did not succeed: a fixed short message per cause; the trace is in the
+    log under the job's id (and the client's X-Request-Id)."""
     if job.state is JobState.FAILED:
-        reason = "out_of_memory" if (job.error or "").startswith("out_of_memory") else "generation_failed"
-        return APIError(500, f"generation failed: {job.error}", code=reason, reason=reason)
+        if job.error == failures.INSUFFICIENT_MEMORY:
+            return APIError(503, "not enough device memory for this request even when run alone; use fewer "
+                                 "images or a smaller size", code="insufficient_memory", reason="insufficient_memory",
+                            headers={"x-should-retry": "false"})
+        if job.error == failures.WORKER_UNHEALTHY:
+            return APIError(503, "the server's worker failed and the server is restarting; retry", reason="unhealthy",
+                            code="worker_unhealthy", headers={"Retry-After": "5"})
+        return APIError(503, f"generation failed (request {job.id}; details in the server log)",
+                        code="generation_failed", reason="generation_failed", headers={"x-should-retry": "false"})
     if job.cancel_reason == "timeout":
         return APIError(504, "request timed out and was cancelled", code="timeout")
     if job.cancel_reason == "shutdown":
-        return APIError(503, "server shut down before the request finished", code="shutting_down")
+        return APIError(503, "server shut down before the request finished; retry", code="server_shutting_down",
+                        reason="shutting_down", headers={"Retry-After": "5"})
     return APIError(499, f"request cancelled ({job.cancel_reason})", code="request_cancelled")
 
 

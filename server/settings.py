@@ -65,11 +65,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call")
     batch_wait_ms: float = Field(0.0, ge=0, description="wait this long for batch mates when idle")
     request_timeout_s: float = Field(600.0, gt=0, description="queue + run; beyond it: 504 and the job is cancelled")
-    shutdown_timeout_s: float = Field(300.0, ge=0, description="how long shutdown waits for queued and running work")
+    shutdown_timeout_s: float = Field(
+        300.0, ge=0, description="drain: SIGTERM to exit is at most this plus a few seconds (server.drain); "
+                                 "jobs unfinished by then get 503; 0 answers them at once")
     job_retention_s: float = Field(600.0, ge=0, description="finished jobs stay visible at /v1/requests/{id}")
 
     # Input limits.
-    max_n: int = Field(4, ge=1, le=128)
+    max_n: int = Field(4, ge=1, le=128, description="images per request; at most max_batch_size (a job is never split)")
     max_steps: int = Field(150, ge=1)
     max_side: int = Field(2048, ge=64, description="pixels, either side")
     min_side: int = Field(64, ge=8)
@@ -92,13 +94,27 @@ class Settings(BaseSettings):
     weight_cache: str = Field("none", description="none | request | budget=BYTES (vqdm.models.weight_cache)")
     warmup: bool = True
     warmup_steps: int = Field(1, ge=1)
+    warmup_size: Literal["auto", "max", "default"] = Field(
+        "auto", description="max: warm up the worst case (max_batch_size images at the largest size the limits "
+                            "admit); default: one image at the model's size; auto: max on GPUs, default on CPU")
+    stall_timeout_s: float = Field(
+        300.0, ge=0, description="a running batch with no forward pass for this long marks the server unhealthy "
+                                 "(/healthz 503, restart); 0 turns the watchdog off")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads; unset: from the cgroup CPU quota and affinity (server.threads)")
+
+    # Replicas (docs/deploy.md): job ids name the replica that runs them; status and cancel are
+    # forwarded to it.
+    advertise_url: str | None = Field(None, description="this replica's address as its peers reach it")
+    peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="peer base URLs, or dns:HOST:PORT (every address HOST resolves to)")
     verify_artifacts: bool = True
 
     # The embedded default (served when no model is given).
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 
-    @field_validator("models", "api_keys", "devices", mode="before")
+    @field_validator("models", "api_keys", "devices", "peers", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_commas(value)
@@ -133,6 +149,12 @@ class Settings(BaseSettings):
             raise ValueError(f"min_side {self.min_side} exceeds max_side {self.max_side}")
         if len(set(self.devices)) != len(self.devices) or not self.devices:
             raise ValueError(f"devices must be distinct and non-empty (got {self.devices})")
+        if self.max_n > self.max_batch_size:
+            # A job is never split across batches, so n above the batch size would slip past it.
+            if "max_n" in self.model_fields_set:
+                raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: a request's "
+                                 "images run in one batch; raise max_batch_size or lower max_n")
+            self.max_n = self.max_batch_size
         return self
 
     def model_specs(self) -> list[ModelSpec]:

@@ -23,4 +23,5 @@ class ServerState:
     ready: bool = False
     phase: str = "starting"  # starting → loading models → warming up → ready | failed | shutting down
     load_error: str | None = None
+    draining: bool = False  # SIGTERM received: /readyz 503, new requests 503 (server.drain)
     started: float = field(default_factory=time.time)

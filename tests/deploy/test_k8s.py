@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vqdm.server.drain import grace_period_s
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 # Oldest Kubernetes release we promise to work on (policy/v1 PDB, autoscaling/v2 HPA, sizeLimit).
@@ -24,10 +26,12 @@ def docs(path: Path) -> list:
 
 
 def by_kind(objs: list[dict]) -> dict[str, dict]:
+    """{kind: object}; a second object of a kind (the peers' headless Service) as "Kind/name"."""
     out: dict[str, dict] = {}
     for o in objs:
-        assert o["kind"] not in out, f"two {o['kind']} objects; tests expect one of each"
-        out[o["kind"]] = o
+        key = o["kind"] if o["kind"] not in out else f"{o['kind']}/{o['metadata']['name']}"
+        assert key not in out, f"two {key} objects"
+        out[key] = o
     return out
 
 
@@ -98,7 +102,8 @@ def test_deployment_matches_the_image_and_the_server():
     assert port["containerPort"] == int(dockerfile(r"^EXPOSE\s+(\d+)")), "container port = EXPOSE"
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
-    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    # The startup probe waits for the model load (/readyz); liveness is /healthz (503 when stuck).
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert c[probe]["httpGet"] == {"path": path, "port": port["name"]}, probe
     assert c["readinessProbe"]["periodSeconds"] < c["livenessProbe"]["periodSeconds"] * 2
     security = pod["spec"]["securityContext"]
@@ -110,8 +115,11 @@ def test_deployment_matches_the_image_and_the_server():
     assert "/tmp" in mounts and set(mounts.values()) <= volumes, "writable /tmp on a read-only root"
     res = c["resources"]
     assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"]
-    omp = {e["name"]: e for e in c["env"]}["OMP_NUM_THREADS"]
-    assert omp["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu", "torch threads = CPU request"
+    env = {e["name"]: e for e in c["env"]}
+    threads = env["VQDM_CPU_THREADS"]
+    assert threads["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu", "torch threads = CPU request"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["VQDM_ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{port['containerPort']}"
     (env_from,) = c["envFrom"]
     assert env_from["configMapRef"]["name"] == objs["ConfigMap"]["metadata"]["name"]
     assert objs["ConfigMap"]["data"]["VQDM_PORT"] == str(port["containerPort"])
@@ -164,8 +172,37 @@ def test_shutdown_fits_in_the_grace_period_in_every_variant(rendered, server_set
         pod = objs["Deployment"]["spec"]["template"]["spec"]
         pre_stop = container(objs["Deployment"])["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"
-        budget = float(pre_stop[1]) + settings.shutdown_timeout_s
-        assert budget < pod["terminationGracePeriodSeconds"], f"{variant}: {budget} s of shutdown"
+        budget = grace_period_s(settings.shutdown_timeout_s, float(pre_stop[1]))
+        assert budget <= pod["terminationGracePeriodSeconds"], f"{variant}: {budget} s of shutdown"
+
+
+def test_peers_reach_every_replica_by_the_advertised_port(server_settings):
+    """VQDM_PEERS names the headless Service on the container port: the addresses it resolves to
+    are the ones each replica advertises, so a job id's replica token matches one of them."""
+    objs = base_objects()
+    settings = server_settings(objs["ConfigMap"]["data"], "base ConfigMap")
+    peers = objs["Service/vqdm-peers"]
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["selector"] == objs["Service"]["spec"]["selector"]
+    (entry,) = settings.peers
+    host, port = entry.removeprefix("dns:").rsplit(":", 1)
+    assert host == peers["metadata"]["name"] and int(port) == peers["spec"]["ports"][0]["port"]
+    port_no = container(objs["Deployment"])["ports"][0]["containerPort"]
+    assert int(port) == port_no
+
+
+def test_grace_periods_cover_the_drain_in_the_raw_manifests(server_settings):
+    """Without kubectl: the base and the GPU component, each with its own drain timeout."""
+    objs = base_objects()
+    base = server_settings(objs["ConfigMap"]["data"], "base ConfigMap")
+    pre_stop = float(container(objs["Deployment"])["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace = objs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_period_s(base.shutdown_timeout_s, pre_stop) <= grace
+    gpu_cm = docs(K8S / "components/gpu/patch-configmap.yaml")[0]["data"]
+    gpu = server_settings({**objs["ConfigMap"]["data"], **gpu_cm}, "gpu ConfigMap")
+    gpu_grace = docs(K8S / "components/gpu/patch-deployment.yaml")[0]["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+    assert grace_period_s(gpu.shutdown_timeout_s, pre_stop) <= gpu_grace
 
 
 def test_rendered_variants_are_valid_kubernetes_objects(rendered):

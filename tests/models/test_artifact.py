@@ -130,3 +130,49 @@ def test_existing_output_is_not_overwritten(artifact):
     pipe, out = artifact
     with pytest.raises(FileExistsError, match="already exists"):
         save_artifact(pipe, out, {})
+
+
+def test_unlisted_file_is_refused_by_name(artifact, tmp_path):
+    path = _copy(artifact, tmp_path)
+    (path / "vae" / "extra_weights.safetensors").write_bytes(b"not listed anywhere")
+    with pytest.raises(ArtifactError, match=r"vae/extra_weights\.safetensors: not listed in the manifest"):
+        load_artifact(path)
+
+
+class _Trap:
+    """Unpickling this writes a file: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_component_is_never_unpickled(artifact, tmp_path):
+    """A component shipped as a pickle (.bin) instead of safetensors, listed with a valid hash (an
+    artifact re-packed by someone else): refused, and the pickle is never executed."""
+    path = _copy(artifact, tmp_path)
+    marker = tmp_path / "unpickled"
+    st = path / "vae" / "diffusion_pytorch_model.safetensors"
+    st.unlink()
+    torch.save({"trap": _Trap(marker)}, path / "vae" / "diffusion_pytorch_model.bin")
+    mf = path / MANIFEST_FILE
+    manifest = json.loads(mf.read_text())
+    del manifest["files"]["vae/diffusion_pytorch_model.safetensors"]
+    mf.write_text(json.dumps(manifest))
+    _rehash(path, "vae/diffusion_pytorch_model.bin")
+    with pytest.raises(ArtifactError, match="non-U-Net components"):
+        load_artifact(path)
+    assert not marker.exists()
+
+
+def test_manifest_hash_names_the_artifact(artifact, tmp_path):
+    from vqdm.models.artifact import inspect_artifact
+
+    info = inspect_artifact(artifact[1])
+    assert info["manifest_sha256"] == sha256_file(artifact[1] / MANIFEST_FILE) and len(info["manifest_sha256"]) == 64
+    path = _copy(artifact, tmp_path)
+    mf = path / MANIFEST_FILE
+    mf.write_text(mf.read_text().replace('"tiny-sdxl"', '"someone-else"'))
+    assert inspect_artifact(path)["manifest_sha256"] != info["manifest_sha256"]

@@ -36,7 +36,11 @@ def test_inspect_reports_integrity(tmp_path, capsys, simple_quantizer):
     assert info["integrity"] == "ok" and info["layers"] == 180 and info["quantization"]["num_codebooks"] == 2
     (art / WEIGHTS_FILE).write_bytes(b"x")
     assert main(["inspect", str(art)]) == 1
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAILED" in out
+    from vqdm.models.artifact import MANIFEST_FILE, sha256_file
+
+    assert f"manifest:     sha256 {sha256_file(art / MANIFEST_FILE)}" in out  # one value names the artifact
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):

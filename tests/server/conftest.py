@@ -99,3 +99,83 @@ def tools():
 
     return types.SimpleNamespace(decode_png=decode_png, metric_samples=metric_samples, delta=delta,
                                  wait_ready=wait_ready)
+
+
+class LiveServer:
+    """A real `vqdm serve` process on a free loopback port, started with the given flags/env."""
+
+    def __init__(self, args: list[str], log_path, env: dict | None = None, port: int | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "vqdm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--json-logs", *args]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("VQDM_")}
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = 300) -> "LiveServer":
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.base + "/readyz", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server did not become ready:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        import json
+
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """live_server(args, env=None, port=None) -> a started LiveServer (not yet ready: call
+    .wait_ready()); every one started is stopped at the end of the test. `live_server.free_port()`
+    picks a port ahead, for servers that must know each other's address."""
+    started: list[LiveServer] = []
+
+    def start(args: list[str], env: dict | None = None, port: int | None = None) -> LiveServer:
+        server = LiveServer(args, tmp_path / f"server-{len(started)}.log", env, port)
+        started.append(server)
+        return server
+
+    start.free_port = free_port
+    yield start
+    for server in started:
+        server.stop()

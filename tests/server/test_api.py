@@ -55,14 +55,18 @@ def test_generate_png_jpeg_webp_with_seeds_and_request_id(make_client, tools):
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "my-job-1"
     body = r.json()
-    assert body["id"] == "my-job-1" and body["model"] == "tiny" and body["seeds"] == [11, 12] and body["seed"] == 11
+    # The job id is the server's; the client's X-Request-Id is a label that also finds the job.
+    assert body["id"].startswith("req_") and r.headers["x-vqdm-job-id"] == body["id"]
+    assert body["model"] == "tiny" and body["seeds"] == [11, 12] and body["seed"] == 11
     assert body["size"] == "128x128" and body["batch_size"] == 2
     images = [tools.decode_png(d["b64_json"]) for d in body["data"]]
     assert images[0].shape == (128, 128, 3) and abs(images[0] - images[1]).max() > 20  # seeds differ
     assert {"queue_s", "text_encode_s", "denoise_s", "vae_decode_s", "encode_s", "total_s"} <= set(body["timings"])
     status = c.get("/v1/requests/my-job-1").json()
     assert status["state"] == "succeeded" and status["step"] == status["total_steps"] == 2
-    assert c.app.state.vqdm.dispatcher.jobs["my-job-1"].result.images == []  # pixels not kept after the reply
+    assert status["id"] == body["id"] and status["label"] == "my-job-1"
+    assert c.get(f"/v1/requests/{body['id']}").json() == status
+    assert c.app.state.vqdm.dispatcher.jobs[body["id"]].result.images == []  # pixels not kept after the reply
     # Same seed, same image: image 1 of the n=2 request is seed 12 alone.
     solo = c.post(GEN, json={"prompt": "a red cube", "seed": 12, "num_inference_steps": 2}).json()
     assert abs(tools.decode_png(solo["data"][0]["b64_json"]) - images[1]).max() <= 1

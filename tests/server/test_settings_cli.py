@@ -97,3 +97,22 @@ def test_serve_exits_1_on_a_corrupt_artifact(tiny_artifact, tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vqdm serve: error: start-up failed: ArtifactError") and "sha256 does not match" in last
+
+
+def test_max_n_is_capped_by_the_batch_size():
+    import pytest
+    from pydantic import ValidationError
+
+    from vqdm.server.settings import Settings
+
+    assert Settings(max_batch_size=2).max_n == 2  # the default follows the batch size down
+    assert Settings(max_batch_size=8).max_n == 4
+    with pytest.raises(ValidationError, match="max_n 4 exceeds max_batch_size 2"):
+        Settings(max_batch_size=2, max_n=4)
+
+
+def test_drain_grace_period():
+    from vqdm.server.drain import FLUSH_S, MARGIN_S, grace_period_s
+
+    assert grace_period_s(60) == 60 + FLUSH_S + MARGIN_S
+    assert grace_period_s(0.5, pre_stop_s=5) == 5 + 1 + FLUSH_S + MARGIN_S  # rounded up, never "forever"

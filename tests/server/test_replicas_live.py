@@ -1,0 +1,77 @@
+"""Two live replicas as behind the Kubernetes Service: a job runs on one, and status and cancel
+work through either (the job id names its replica; the other forwards), by id or by the client's
+label, and only with the key that submitted it."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+KEYS = ("tenant-one-key-1", "tenant-two-key-2")
+GEN = "/v1/images/generations"
+
+
+def auth(i: int) -> dict:
+    return {"Authorization": f"Bearer {KEYS[i]}"}
+
+
+def test_status_and_cancel_through_either_replica(tiny_artifact, live_server):
+    ports = [live_server.free_port(), live_server.free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    servers = []
+    for i in range(2):
+        args = ["--model", f"tiny={tiny_artifact}", "--max-side", "256", "--max-steps", "5000", "--advertise-url", urls[i],
+                "--peer", urls[0], "--peer", urls[1]]  # the same list everywhere, as from one ConfigMap
+        for key in KEYS:
+            args += ["--api-key", key]
+        servers.append(live_server(args, port=ports[i]))
+    a, b = (s.wait_ready() for s in servers)
+
+    events: list = []
+    t = threading.Thread(target=_stream, args=(a.base, "my-label", events), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not any(e["type"] == "image_generation.progress" for e in events):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.05)
+    job_id = events[0]["id"]
+    from vqdm.server.replicas import replica_token, token_of
+
+    assert token_of(job_id) == replica_token(urls[0])  # the id names replica A
+
+    # Status through B: by id (routed to A by the id's token) and by label (asked of every peer).
+    for ref in (job_id, "my-label"):
+        r = httpx.get(f"{b.base}/v1/requests/{ref}", headers=auth(0), timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == job_id and r.json()["state"] == "running" and r.json()["label"] == "my-label"
+    # Another tenant sees nothing, on either replica, by id or label.
+    for base in (a.base, b.base):
+        for ref in (job_id, "my-label"):
+            assert httpx.get(f"{base}/v1/requests/{ref}", headers=auth(1), timeout=30).status_code == 404
+            assert httpx.delete(f"{base}/v1/requests/{ref}", headers=auth(1), timeout=30).status_code == 404
+    # An id naming no configured replica is a 404, and nothing is contacted for it.
+    stranger = "req_0badf00d_" + "0" * 32
+    assert httpx.get(f"{b.base}/v1/requests/{stranger}", headers=auth(0), timeout=30).status_code == 404
+
+    # Cancel through B: A stops the job and its client gets the 499 event.
+    r = httpx.delete(f"{b.base}/v1/requests/{job_id}", headers=auth(0), timeout=30)
+    assert r.status_code in (200, 202) and r.json()["id"] == job_id
+    t.join(120)
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 499
+    final = httpx.get(f"{b.base}/v1/requests/{job_id}", headers=auth(0), timeout=30).json()
+    assert final["state"] == "cancelled" and final["cancel_reason"] == "deleted"
+    forwarded = [r for r in b.log_records() if r.get("path", "").startswith("/v1/requests/")]
+    assert forwarded and all(r["status"] in (200, 202, 404) for r in forwarded)
+
+
+def _stream(base: str, label: str, events: list) -> None:
+    with httpx.Client(base_url=base, headers={**auth(0), "X-Request-Id": label}, timeout=300) as c:
+        with c.stream("POST", GEN, json={"prompt": "long", "num_inference_steps": 3000, "size": "64x64",
+                                         "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if events[-1]["type"] in ("error", "image_generation.completed"):
+                        return

@@ -404,6 +404,11 @@ class LoraRuntime:
             lay.down, lay.up = lay.down.to(device), lay.up.to(device)
         self.adapters[adapter.name] = adapter
 
+    def remove(self, name: str) -> None:
+        """Forget an adapter (its layers' hooks stay, adding nothing unless another adapter is active)."""
+        del self.adapters[name]
+        self._built = ((), {})
+
     def _hook_for(self, target: str):
         def hook(_module, args, output):
             branch = self._branches.get(target)

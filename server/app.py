@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from vqdm.server.batching import Dispatcher
 from vqdm.server.errors import install_error_handlers
+from vqdm.server.loras import attach_loras
 from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from vqdm.server.registry import ModelLoader
@@ -30,6 +31,7 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
     try:
         state.phase = "loading models"
         models = await asyncio.to_thread(loader, state.settings, state.devices)
+        await asyncio.to_thread(attach_loras, models, state.settings)
         state.models = state.dispatcher.models = {m.id: m for m in models}
         for m in models:
             state.metrics.set_model(m.id, m.weight_bytes)

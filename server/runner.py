@@ -179,7 +179,8 @@ def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
     hook = pipe.unet.register_forward_pre_hook(step_started)
     t0 = clock()
     try:
-        with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()):
+        with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()), \
+                (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()):
             latents = pipe(
                 prompt=prompts, negative_prompt=negatives if first.negative_prompt is not None else None,
                 height=first.height, width=first.width, num_inference_steps=first.steps,

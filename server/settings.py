@@ -94,11 +94,16 @@ class Settings(BaseSettings):
     warmup_steps: int = Field(1, ge=1)
     verify_artifacts: bool = True
 
+    # LoRA adapters (vqdm.server.loras).
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="NAME=PATH (.safetensors) or a folder of them, loaded at start-up")
+    lora_memory_budget: str = Field("1GB", description="bytes of LoRA weights per device, e.g. 1GB, 512MiB")
+
     # The embedded default (served when no model is given).
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 
-    @field_validator("models", "api_keys", "devices", mode="before")
+    @field_validator("models", "api_keys", "devices", "loras", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_commas(value)
@@ -125,6 +130,14 @@ class Settings(BaseSettings):
         from vqdm.models.weight_cache import CachePolicy
 
         CachePolicy.parse(value)  # raises with a message naming the accepted forms
+        return value
+
+    @field_validator("lora_memory_budget")
+    @classmethod
+    def _check_lora_budget(cls, value: str) -> str:
+        from vqdm.models.weight_cache import parse_bytes
+
+        parse_bytes(value)
         return value
 
     @model_validator(mode="after")

@@ -95,7 +95,13 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     from vqdm.server.routes import router
 
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    from vqdm.server.edits import EDITS_PATH
+    from vqdm.server.edits import router as edits_router
+
+    app.include_router(edits_router)
+    # An edit carries an image and a mask: its body may hold both files plus the form fields.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits={EDITS_PATH: 2 * settings.max_image_bytes + settings.max_body_bytes})
     app.add_middleware(RequestContextMiddleware,
                        metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None))
     return app

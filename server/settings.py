@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_guidance: float = Field(30.0, ge=0)
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="each file uploaded to /v1/images/edits")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="width * height of an uploaded image")
 
     # Observability.
     metrics_port: int | None = Field(None, ge=0, le=65535, description="also serve /metrics on this port")

@@ -57,6 +57,7 @@ _PROCESSOR_RE = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 # Inner layer names of kohya's sgm SDXL U-Net -> diffusers (block indices are mapped by diffusers).
 _SGM_INNER = [("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
               ("skip_connection", "conv_shortcut"), ("downsamplers_0_op", "downsamplers_0_conv")]
+_SGM_BLOCKS = [("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"), ("output_blocks_", "up_blocks_")]
 _SGM_TOP = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
             "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
             "label_emb_0_2": "add_embedding_linear_2"}
@@ -198,6 +199,9 @@ def _group_kohya(tensors, unet_config) -> dict[tuple[str, str], dict]:
         comp, flat = _KOHYA_PREFIXES[prefix], name[len(prefix):]
         if comp == "unet":
             flat = _SGM_TOP.get(flat, flat)
+            for old, new in _SGM_BLOCKS:  # diffusers renumbered the blocks but kept the sgm words
+                if flat.startswith(old):
+                    flat = new + flat[len(old):]
             for old, new in _SGM_INNER:
                 flat = flat.replace(old, new)
         part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)

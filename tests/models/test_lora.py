@@ -243,3 +243,34 @@ def test_metadata_alpha_and_unknown_adapter(vq_pipe, lora_dir):
             rt.add(load_lora(lora_dir / "other.safetensors", vq_pipe))
     finally:
         rt.close()
+
+
+def test_kohya_sgm_names_map_to_diffusers_layers(vq_pipe):
+    """kohya-ss trains SDXL on the sgm U-Net: its keys say input_blocks_4_1 for down_blocks.1.attentions.0."""
+    from vqdm.models.lora import parse_lora
+
+    sgm_to_diffusers = {
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_2_0_in_layers_2": "down_blocks.0.resnets.1.conv1",
+        "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+        "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+        "output_blocks_1_1_proj_in": "up_blocks.0.attentions.1.proj_in",
+        "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.0.conv_shortcut",
+        "input_blocks_0_0": "conv_in",
+    }
+    unet = vq_pipe.unet
+    torch.manual_seed(0)
+    sd, want = {}, {}
+    for sgm, name in sgm_to_diffusers.items():
+        m = unet.get_submodule(name)
+        if isinstance(m, (nn.Linear, VQLinear)):
+            down, up = torch.randn(2, m.in_features), torch.randn(m.out_features, 2)
+        else:
+            down, up = torch.randn(2, m.in_channels, *m.kernel_size), torch.randn(m.out_channels, 2, 1, 1)
+        sd[f"lora_unet_{sgm}.lora_down.weight"], sd[f"lora_unet_{sgm}.lora_up.weight"] = down, up
+        sd[f"lora_unet_{sgm}.alpha"] = torch.tensor(1.0)
+        want[f"unet.{name}"] = down
+    adapter = parse_lora(sd, {}, vq_pipe, "sgm", dtype=torch.float32)
+    assert set(adapter.layers) == set(want)
+    for target, down in want.items():
+        assert torch.equal(adapter.layers[target].down, down) and adapter.layers[target].scale == 0.5

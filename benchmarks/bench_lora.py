@@ -69,8 +69,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a CPU "
+                    "shared with other jobs, 1 avoids OpenMP threads spinning against each other")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype, device = DTYPES[args.dtype], args.device
     ranks = [int(r) for r in args.ranks.split(",")]
 
@@ -113,6 +117,7 @@ def main() -> None:
                       "proj_in/out)",
         "command": "python " + " ".join(sys.argv),
         "machine": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "threads": torch.get_num_threads(),
                     "loadavg_at_end": os.getloadavg()},
         "step_s": {c: round(best[c], 3) for c in configs},
         "steps_s": {c: [round(t, 3) for t in ts] for c, ts in times.items()},

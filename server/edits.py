@@ -6,7 +6,7 @@ Without a mask an edit is img2img, with one it is inpainting, through diffusers'
 StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline built per batch on the served
 pipeline's own components (a constructor call, no weights copied: there is one U-Net). Edit jobs
 go through the same queue, batching (same kind and strength only), cancellation, SSE and metrics
-as generations; `vqdm.server.runner.run_batch` calls `edit_call` and `paste_back` from here.
+as generations; the pipeline side (`edit_call`, `paste_back`) is in `edit_pipeline.py`.
 
 Masks: a mask with transparency follows OpenAI (fully transparent = repaint); an opaque one
 follows diffusers / A1111 (white = repaint). Either is thresholded at half. After decoding, the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from vqdm.server.batching import NotAccepting, QueueFull
+from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
 from vqdm.server.errors import APIError, validation_error
 from vqdm.server.jobs import Job
 from vqdm.server.schemas import ImageGenerationRequest
@@ -34,27 +34,10 @@ from vqdm.server.validation import resolve_model, validate
 
 EDITS_PATH = "/v1/images/edits"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
 # Form fields OpenAI's client may send that mean nothing to a diffusion model.
 _IGNORED_FIELDS = ("input_fidelity",)
 
 router = APIRouter()
-
-
-@dataclass(eq=False)
-class EditInput:
-    """The pixels of one edit request, already at the output size."""
-
-    image: Any  # PIL RGB [width x height]
-    mask: Any | None  # PIL L, 255 = repaint, 0 = keep; None: img2img
-    strength: float
-
-    @property
-    def kind(self) -> str:
-        return "img2img" if self.mask is None else "inpaint"
-
-    def batch_key(self) -> tuple:
-        return (self.kind, self.strength)
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> APIError:
@@ -85,41 +68,6 @@ def read_image(data: bytes, param: str, max_bytes: int, max_pixels: int):
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise _bad(f"{param} could not be decoded (truncated or corrupt?): {e}", param, "invalid_image") from None
     return img
-
-
-def mask_from(img):
-    """255 where the image is to be repainted: transparent pixels if it has any, else light ones."""
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        alpha = img.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            return alpha.point(lambda a: 255 if a < 128 else 0)
-    return img.convert("L").point(lambda v: 255 if v >= 128 else 0)
-
-
-def paste_back(generated, edit: EditInput):
-    """Inpainting: the source outside the mask, the generated pixels inside it."""
-    from PIL import Image
-
-    if edit.mask is None:
-        return generated
-    return Image.composite(generated.convert("RGB"), edit.image, edit.mask)
-
-
-def edit_call(pipe, call: dict, edits: list[EditInput]):
-    """(pipeline, kwargs) for a batch of edits sharing kind and strength; one EditInput per image row."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
-
-    first = edits[0]
-    components = {k: v for k, v in pipe.components.items()}
-    call = {**call, "image": [e.image for e in edits], "strength": first.strength}
-    if first.mask is None:
-        edit_pipe = StableDiffusionXLImg2ImgPipeline(**components)
-        call.pop("height"), call.pop("width")  # img2img takes the size from the image
-    else:
-        edit_pipe = StableDiffusionXLInpaintPipeline(**components)
-        call["mask_image"] = [e.mask for e in edits]
-    edit_pipe.set_progress_bar_config(disable=True)
-    return edit_pipe, call
 
 
 async def _read_form(request: Request, state: ServerState) -> tuple[dict[str, str], bytes, bytes | None]:

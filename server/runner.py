@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from vqdm.server import samplers
-from vqdm.server.edits import edit_call, paste_back
+from vqdm.server.edit_pipeline import edit_call, paste_back
 from vqdm.server.jobs import GenerationParams
 
 if TYPE_CHECKING:

@@ -305,6 +305,8 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe,
             want_down, want_up = _expected_shapes(layer, rank)
         except ValueError as e:
             raise LoraError(f"LoRA key {key!r}: {e}") from None
+        if len(want_down) == 2 and down.dim() == 4 and down.shape[2:] == (1, 1) and up.dim() == 4:
+            down, up = down.flatten(1), up.flatten(1)  # a 1x1-conv LoRA (SD 1.x proj_in) on a Linear layer
         if tuple(down.shape) == (rank, want_down[1]) and len(want_down) == 4 and want_down[2:] == (1, 1):
             down = down.reshape(want_down)  # a 1x1 conv stored as a matrix
         if len(want_up) == 4 and tuple(up.shape) == want_up[:2]:

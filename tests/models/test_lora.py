@@ -274,3 +274,19 @@ def test_kohya_sgm_names_map_to_diffusers_layers(vq_pipe):
     assert set(adapter.layers) == set(want)
     for target, down in want.items():
         assert torch.equal(adapter.layers[target].down, down) and adapter.layers[target].scale == 0.5
+
+
+def test_conv_shaped_lora_on_linear_layer_and_matrix_shaped_1x1_up():
+    """SD 1.x-style files store proj_in LoRAs as 1x1 convs; SDXL's proj_in is a Linear layer."""
+    import types
+
+    from vqdm.models import build_unet
+    from vqdm.models.lora import parse_lora
+
+    pipe = types.SimpleNamespace(unet=build_unet("tiny-sdxl"))
+    sd = {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.randn(4, 64, 1, 1),
+          "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": torch.randn(64, 4, 1, 1),
+          "unet.conv_in.lora_A.weight": torch.randn(4, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.randn(32, 4)}
+    layers = parse_lora(sd, {}, pipe, "x").layers
+    assert tuple(layers["unet.down_blocks.1.attentions.0.proj_in"].down.shape) == (4, 64)
+    assert tuple(layers["unet.conv_in"].up.shape) == (32, 4, 1, 1)

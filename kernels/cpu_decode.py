@@ -38,7 +38,10 @@ class _Scratch(threading.local):
         buf = self.buffers.get(dtype)
         if buf is None or buf.numel() < numel:
             self.buffers.pop(dtype, None)  # free the old one before allocating the larger one
-            buf = torch.empty(numel, dtype=dtype)
+            # A normal tensor, even when first needed under inference_mode: an inference tensor
+            # could not be written in place later by a caller outside inference mode.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype)
             self.buffers[dtype] = buf
         return buf[:numel]
 

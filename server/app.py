@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from vqdm.server.batching import Dispatcher
 from vqdm.server.errors import install_error_handlers
+from vqdm.server.loras import attach_loras
 from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from vqdm.server.loader import ModelLoader
@@ -31,6 +32,7 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
     try:
         state.phase = "loading models"
         models = await asyncio.to_thread(loader, state.settings, state.devices)
+        await asyncio.to_thread(attach_loras, models, state.settings)
         state.models = {m.id: m for m in models}
         state.dispatcher.install(state.models)
         for m in models:
@@ -106,7 +108,13 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     from vqdm.server.routes import router
 
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    from vqdm.server.edits import EDITS_PATH
+    from vqdm.server.edits import router as edits_router
+
+    app.include_router(edits_router)
+    # An edit carries an image and a mask: its body may hold both files plus the form fields.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits={EDITS_PATH: 2 * settings.max_image_bytes + settings.max_body_bytes})
     app.add_middleware(RequestContextMiddleware,
                        metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None),
                        new_id=peers.new_job_id)

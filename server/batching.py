@@ -275,6 +275,10 @@ class Dispatcher:
                 if outcome.weight_decode_s is not None:
                     self.metrics.weight_decode_duration.labels(model.id).observe(outcome.weight_decode_s)
                 self.metrics.images.labels(model.id).inc(len(images))
+                if job.params.edit is not None:
+                    self.metrics.edits.labels(model.id, job.params.edit.kind).inc()
+                for name, _ in job.params.loras:
+                    self.metrics.lora_uses.labels(model.id, name).inc()
                 job.finish(JobState.SUCCEEDED, result=JobResult(images, revised, dict(timings), rows))
             self._forget_later(job)
 

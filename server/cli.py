@@ -20,6 +20,7 @@ _SERVE_FLAGS = {
     "log_level": "log_level", "device": "devices", "dtype": "dtype", "backend": "backend",
     "weight_cache": "weight_cache", "no_warmup": "warmup", "warmup_size": "warmup_size",
     "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
+    "lora": "loras", "lora_memory_budget": "lora_memory_budget",
 }
 
 
@@ -59,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--advertise-url", help="this replica's URL as peers reach it (job ids name it)")
     p.add_argument("--peer", action="append", metavar="URL|dns:HOST:PORT",
                    help="peer replica(s) for status/cancel of their jobs (repeatable)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
+    p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA weights per device (default 1GB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")
@@ -75,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     p.add_argument("--weight-cache", default="none")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA .safetensors file at SCALE (default 1; -2..2), repeatable")
     p.set_defaults(func=cmd_generate)
 
 
@@ -95,10 +101,25 @@ def build_settings(args: argparse.Namespace):
 
 def _check_model_folders(settings) -> None:
     from vqdm.models import read_model_index
+    from vqdm.server.loras import lora_specs
 
     for spec in settings.model_specs():
         if spec.path is not None:
             read_model_index(spec.path)  # raises ModelFolderError naming what is wrong
+    for lora in lora_specs(settings.loras):
+        if not lora.path.is_file():
+            raise FileNotFoundError(f"lora {lora.name!r}: no such file {lora.path}")
+
+
+def parse_generate_lora(text: str) -> tuple[Path, float]:
+    """'PATH[:SCALE]' -> (path, scale); a trailing ':number' is the scale."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -153,8 +174,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fmt = {"jpg": "jpeg"}.get(ext, ext)
     if fmt not in FORMATS:
         raise ValueError(f"{out}: unknown image type {out.suffix!r}; use .png, .jpg or .webp")
+    from vqdm.server.loras import attach_loras
+    from vqdm.server.schemas import LoraChoice
+
+    loras = [parse_generate_lora(t) for t in args.lora]
+    names = [f"lora{i}-{path.stem}" for i, (path, _) in enumerate(loras)]
     settings = Settings(devices=[args.device], dtype=args.dtype, weight_cache=args.weight_cache,
-                        max_n=max(args.n, 1), max_batch_size=max(args.n, 1))
+                        max_n=max(args.n, 1), max_batch_size=max(args.n, 1),
+                        loras=[f"{n}={p}" for n, (p, _) in zip(names, loras)], lora_memory_budget=str(1 << 50))
     device = resolve_device(args.device)
     spec = ModelSpec("local", Path(args.model)) if args.model else ModelSpec("vqdm-tiny-sdxl", None)
     if spec.path is not None:
@@ -163,12 +190,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         read_model_index(spec.path)  # a one-line error naming what is wrong with the folder
     t0 = time.perf_counter()
     model = load_model(spec, settings, [device])
+    attach_loras([model], settings)
     load_s = time.perf_counter() - t0
     try:
         params = validate(ImageGenerationRequest(
             prompt=args.prompt, model=model.id, n=args.n, size=args.size, negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
-            output_format=fmt), {model.id: model}, settings)
+            output_format=fmt, loras=[LoraChoice(name=n, scale=s) for n, (_, s) in zip(names, loras)] or None),
+            {model.id: model}, settings)
     except APIError as e:
         raise ValueError(e.message) from None
     outcome = run_batch(model.replicas[device], [Member(params)])

@@ -45,6 +45,8 @@ class GenerationParams:
     seed: int
     output_format: str = "png"
     output_compression: int | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
+    edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
 
     @property
     def seeds(self) -> list[int]:
@@ -53,9 +55,11 @@ class GenerationParams:
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one pipeline call. Output format is not part of it: images
         are encoded per job after the batch. A negative prompt is: SDXL encodes "no negative
-        prompt" as zeros, not as the empty string, and a pipeline call takes one or the other."""
+        prompt" as zeros, not as the empty string, and a pipeline call takes one or the other.
+        The LoRA set is: one pipeline call runs with one set of adapters active. So are an edit's
+        kind and strength: img2img and inpainting are different pipelines."""
         return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler,
-                self.negative_prompt is not None)
+                self.negative_prompt is not None, self.loras, self.edit.batch_key() if self.edit else None)
 
 
 @dataclass

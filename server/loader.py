@@ -46,6 +46,7 @@ class Replica:
     scheduler_class: str
     scheduler_config: dict
     weight_cache: Any = None  # vqdm.models.weight_cache.WeightCache or None
+    loras: Any = None  # vqdm.models.lora.LoraRuntime, set by vqdm.server.loras.attach_loras
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ServedModel:
     replicas: dict[str, Replica] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     load_seconds: float = 0.0
+    loras: dict[str, dict] = field(default_factory=dict)  # name -> card of each LoRA attached to it
 
     def card(self, detail: bool = False) -> dict[str, Any]:
         """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}])."""
@@ -73,6 +75,7 @@ class ServedModel:
             "compression_vs_fp16": round(self.weight_bytes["dense_fp16"] / max(self.weight_bytes["stored"], 1), 4),
             "defaults": {"size": f"{self.default_width}x{self.default_height}", "num_inference_steps": self.default_steps,
                          "guidance_scale": self.default_guidance},
+            "loras": list(self.loras.values()),
         }
         if detail:
             out.update(source=self.source, devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))

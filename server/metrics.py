@@ -21,6 +21,10 @@ What counts as what:
   each layer call, which cannot be separated from the matmul without slowing it, so the metric
   is registered but gets no observations.
 - vqdm_in_flight_requests: jobs inside a running batch; vqdm_queue_depth: jobs waiting.
+- vqdm_lora_requests_total{model,lora}: requests that succeeded with that adapter active (`lora`
+  is a name configured with --lora, never user input).
+- vqdm_image_edits_total{model,kind}: edits that succeeded, `kind` img2img or inpaint. Edits also
+  count in vqdm_requests_total and the duration histograms, like generations.
 """
 from __future__ import annotations
 
@@ -90,6 +94,10 @@ class Metrics:
         self.build_info = Gauge("vqdm_build_info", "Always 1; labels say what is running",
                                 ["version", "backend", "device"], registry=r)
         self.ready = Gauge("vqdm_ready", "1 when models are loaded and warmed up", registry=r)
+        self.lora_uses = Counter("vqdm_lora_requests_total", "Finished requests that used a LoRA, per adapter",
+                                 ["model", "lora"], registry=r)
+        self.edits = Counter("vqdm_image_edits_total", "Finished POST /v1/images/edits requests by kind",
+                             ["model", "kind"], registry=r)
 
     def set_model(self, model_id: str, weight_bytes: dict[str, int]) -> None:
         for kind in ("stored", "dense_fp16"):

@@ -23,6 +23,7 @@ from vqdm.server.metrics import Metrics
 log = logging.getLogger("vqdm.server.access")
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERATION_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 _DEFAULT_REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                     409: "conflict", 413: "payload_too_large", 429: "queue_full", 500: "internal",
                     503: "not_ready", 504: "timeout"}
@@ -82,7 +83,7 @@ class RequestContextMiddleware:
             return
         if final >= 400 and final != 499:
             metrics.errors.labels(state.get("vqdm_error_reason") or _DEFAULT_REASONS.get(final, "other")).inc()
-        if scope["path"] == GENERATION_PATH and scope["method"] == "POST":
+        if scope["path"] in (GENERATION_PATH, EDITS_PATH) and scope["method"] == "POST":
             model = state.get("vqdm_model", "unknown")
             metrics.requests.labels(model, str(final)).inc()
             if state.get("vqdm_admitted") and final != 499:
@@ -90,20 +91,22 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}  # larger limits for upload routes (image edits)
 
-    def _too_large(self, size: str) -> APIError:
-        return APIError(413, f"request body is {size}, over this server's limit of {self.max_bytes} bytes",
+    def _too_large(self, size: str, limit: int) -> APIError:
+        return APIError(413, f"request body is {size}, over this server's limit of {limit} bytes",
                         code="request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            err = self._too_large(f"{int(length)} bytes")
+        if length is not None and length.isdigit() and int(length) > limit:
+            err = self._too_large(f"{int(length)} bytes", limit)
             mark_error(scope.setdefault("state", {}), err.reason)
             body = json.dumps(error_payload(err.message, err.type, err.param, err.code)).encode()
             await send({"type": "http.response.start", "status": 413,
@@ -118,8 +121,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._too_large(f"over {seen} bytes (chunked)")  # handled like any APIError
+                if seen > limit:
+                    raise self._too_large(f"over {seen} bytes (chunked)", limit)  # handled like any APIError
             return message
 
         await self.app(scope, counting_receive, send)

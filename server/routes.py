@@ -270,13 +270,14 @@ def _event(seq: int, kind: str, data: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps({"type": kind, **data}), event=kind, id=str(seq))
 
 
-async def _stream(request: Request, state: ServerState, job: Job) -> AsyncIterator[ServerSentEvent]:
+async def _stream(request: Request, state: ServerState, job: Job,
+                  prefix: str = "image_generation") -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: queued, started, progress (step 1..N), then one completed event per image
-    (or one error event). A client that goes away cancels the job."""
+    (or one error event); `prefix` is "image_edit" for edits. A client that goes away cancels the job."""
     scope_state = request.scope["state"]
     seq = 0
     try:
-        yield _event(seq, "image_generation.queued", {"id": job.id, "queue_position": state.dispatcher.position(job)})
+        yield _event(seq, f"{prefix}.queued", {"id": job.id, "queue_position": state.dispatcher.position(job)})
         while True:
             seq += 1
             try:
@@ -286,13 +287,13 @@ async def _stream(request: Request, state: ServerState, job: Job) -> AsyncIterat
                 job.cancel_reason = job.cancel_reason or "timeout"
                 kind, data = "cancelled", {}
             if kind == "started":
-                yield _event(seq, "image_generation.started", {"id": job.id, **data})
+                yield _event(seq, f"{prefix}.started", {"id": job.id, **data})
             elif kind == "progress":
-                yield _event(seq, "image_generation.progress", {"id": job.id, **data})
+                yield _event(seq, f"{prefix}.progress", {"id": job.id, **data})
             elif kind == JobState.SUCCEEDED.value:
                 body = await _success_body(job)
                 for i, item in enumerate(body["data"]):
-                    yield _event(seq + i, "image_generation.completed", {
+                    yield _event(seq + i, f"{prefix}.completed", {
                         "id": job.id, "index": i, "b64_json": item["b64_json"], "seed": item["seed"],
                         "revised_prompt": item["revised_prompt"], "created_at": body["created"],
                         "model": body["model"], "size": body["size"], "output_format": body["output_format"],

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from vqdm.server import samplers
+from vqdm.server.edit_pipeline import edit_call, paste_back
 from vqdm.server.jobs import GenerationParams
 
 if TYPE_CHECKING:
@@ -160,7 +161,8 @@ def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
             if alive[mi]:
                 m.on_step(i + 1, p.num_timesteps)
         keep = [r for r, mi in enumerate(owner) if alive[mi]]
-        if len(keep) == len(owner) or not sampler.stateless:
+        # Edit pipelines keep per-row image latents and masks outside the callback's reach: no shrinking.
+        if len(keep) == len(owner) or not sampler.stateless or first.edit is not None:
             return {}
         owner[:] = [owner[r] for r in keep]
         # The pipeline hands this same list object to every scheduler.step: edit it in place.
@@ -172,19 +174,26 @@ def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
     hook = pipe.unet.register_forward_pre_hook(step_started)
     t0 = clock()
     try:
-        with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()):
-            latents = pipe(
+        with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()), \
+                (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()):
+            call = dict(
                 prompt=prompts, negative_prompt=negatives if first.negative_prompt is not None else None,
                 height=first.height, width=first.width, num_inference_steps=first.steps,
                 guidance_scale=first.guidance, generator=generators, output_type="latent",
                 callback_on_step_end=step_ended, callback_on_step_end_tensor_inputs=_STEP_TENSORS,
-            ).images
+            )
+            call_pipe = pipe
+            if first.edit is not None:  # img2img / inpainting on the same components (vqdm.server.edits)
+                call_pipe, call = edit_call(pipe, call, [members[mi].params.edit for mi in owner])
+            latents = call_pipe(**call).images
             t_denoised = clock()
             for mi, m in enumerate(members):  # cancelled during the last step
                 if alive[mi] and m.is_cancelled():
                     alive[mi], cancelled_at[mi] = False, first.steps
             wanted = [r for r, mi in enumerate(owner) if alive[mi]]
             images = decode_latents(pipe, latents[wanted]) if wanted else []
+            if first.edit is not None:
+                images = [paste_back(im, members[owner[r]].params.edit) for im, r in zip(images, wanted)]
             t_decoded = clock()
     finally:
         hook.remove()

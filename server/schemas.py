@@ -12,6 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 SEED_MAX = 2**63 - 1
 
 
+class LoraChoice(BaseModel):
+    """One adapter for a request: a name from GET /v1/models and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float = Field(1.0, description="-2..2; 0 leaves the adapter off")
+
+
 class ImageGenerationRequest(BaseModel):
     """POST /v1/images/generations. Unknown fields are refused so a typo is not silently ignored."""
 
@@ -36,6 +45,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     scheduler: str | None = None
+    loras: list[LoraChoice] | None = Field(None, description='e.g. [{"name": "pixel-art", "scale": 0.8}]')
     stream: bool = False
     partial_images: int | None = Field(None, description="accepted for client compatibility; ignored")
 

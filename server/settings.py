@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_guidance: float = Field(30.0, ge=0)
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="each file uploaded to /v1/images/edits")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="width * height of an uploaded image")
 
     # Observability.
     metrics_port: int | None = Field(None, ge=0, le=65535, description="also serve /metrics on this port")
@@ -110,11 +112,16 @@ class Settings(BaseSettings):
         default_factory=list, description="peer base URLs, or dns:HOST:PORT (every address HOST resolves to)")
     verify_artifacts: bool = True
 
+    # LoRA adapters (vqdm.server.loras).
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="NAME=PATH (.safetensors) or a folder of them, loaded at start-up")
+    lora_memory_budget: str = Field("1GB", description="bytes of LoRA weights per device, e.g. 1GB, 512MiB")
+
     # The embedded default (served when no model is given).
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 
-    @field_validator("models", "api_keys", "devices", "peers", mode="before")
+    @field_validator("models", "api_keys", "devices", "peers", "loras", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_commas(value)
@@ -141,6 +148,14 @@ class Settings(BaseSettings):
         from vqdm.models.weight_cache import CachePolicy
 
         CachePolicy.parse(value)  # raises with a message naming the accepted forms
+        return value
+
+    @field_validator("lora_memory_budget")
+    @classmethod
+    def _check_lora_budget(cls, value: str) -> str:
+        from vqdm.models.weight_cache import parse_bytes
+
+        parse_bytes(value)
         return value
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from vqdm.server import samplers
 from vqdm.server.errors import APIError
 from vqdm.server.jobs import GenerationParams
+from vqdm.server.loras import check_request_loras
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.settings import Settings
 
@@ -81,9 +82,10 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
         sampler = samplers.resolve(req.scheduler, next(iter(model.replicas.values())).scheduler_class)
     except ValueError as e:
         raise _bad(str(e), "scheduler") from None
+    loras = check_request_loras(req.loras, model)
     seed = secrets.randbelow(2**31) if req.seed is None else req.seed
     return GenerationParams(
         model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=width, height=height,
         steps=steps, guidance=float(guidance), scheduler=sampler.name, seed=seed,
-        output_format=req.output_format or "png", output_compression=req.output_compression,
+        output_format=req.output_format or "png", output_compression=req.output_compression, loras=loras,
     )

@@ -87,3 +87,17 @@ def test_scratch_holds_one_layer_and_is_reused():
     assert cpu_decode.scratch_bytes() == held  # reused, not grown
     # Results do not alias the scratch: decoding another layer leaves y1 unchanged.
     assert rel_err(y1, vq_linear_reference(x_small, *small[:3])) < 1e-5
+
+
+def test_scratch_first_grown_under_inference_mode_serves_callers_outside_it():
+    """The server decodes under inference_mode; the same thread may later decode under no_grad."""
+    from vqdm.kernels.cpu_decode import release_scratch, vq_linear_cpu_decode
+
+    codes = torch.randint(0, 256, (16, 4, 2), dtype=torch.uint8)
+    books, scales, x = torch.randn(2, 256, 8), torch.rand(16) + 0.5, torch.randn(3, 32)
+    release_scratch()
+    with torch.inference_mode():
+        a = vq_linear_cpu_decode(x, codes, books, scales)
+    with torch.no_grad():
+        b = vq_linear_cpu_decode(x, codes, books, scales)
+    assert torch.equal(a, b)

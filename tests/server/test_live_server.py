@@ -110,6 +110,31 @@ def test_openai_client(server):
         openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong-key-000", max_retries=0).models.list()
 
 
+def test_openai_client_images_edit(server, tmp_path):
+    """The SDK's images.edit, unchanged: multipart image + OpenAI-style mask (transparent = repaint)."""
+    import openai
+    from PIL import Image
+
+    y, x = np.mgrid[0:64, 0:64]
+    source = np.stack([x * 4, y * 4, np.full_like(x, 90)], -1).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "source.png")
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[16:48, 16:48] = 0
+    Image.fromarray(np.dstack([source, alpha]), "RGBA").save(tmp_path / "mask.png")
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0)
+    with open(tmp_path / "source.png", "rb") as image, open(tmp_path / "mask.png", "rb") as mask:
+        res = client.images.edit(model="tiny", image=image, mask=mask, prompt="a green square", n=2,
+                                 response_format="b64_json", extra_body={"num_inference_steps": 3, "seed": 4})
+    assert len(res.data) == 2
+    outside = alpha == 255
+    for item in res.data:
+        change = np.abs(png(item.b64_json) - source.astype(np.int16)).mean(-1)
+        assert change[outside].mean() <= 2.0 and change[~outside].mean() > 10
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(model="tiny", image=("x.png", b"not an image", "image/png"), prompt="x")
+    assert e.value.code == "invalid_image"
+
+
 def test_twenty_concurrent_requests_with_a_queue_of_four(server):
     base = server["base"]
     before = scrape(server["metrics"])

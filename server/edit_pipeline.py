@@ -1,0 +1,60 @@
+"""The pipeline side of image edits, called by `vqdm.server.runner.run_batch`: the SDXL img2img /
+inpaint pipeline built on the served pipeline's own components, and the paste-back of the source
+outside the mask. (The HTTP side is `vqdm.server.edits`.)"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
+
+
+@dataclass(eq=False)
+class EditInput:
+    """The pixels of one edit request, already at the output size."""
+
+    image: Any  # PIL RGB [width x height]
+    mask: Any | None  # PIL L, 255 = repaint, 0 = keep; None: img2img
+    strength: float
+
+    @property
+    def kind(self) -> str:
+        return "img2img" if self.mask is None else "inpaint"
+
+    def batch_key(self) -> tuple:
+        return (self.kind, self.strength)
+
+
+def mask_from(img):
+    """255 where the image is to be repainted: transparent pixels if it has any, else light ones."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha.point(lambda a: 255 if a < 128 else 0)
+    return img.convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
+def paste_back(generated, edit: EditInput):
+    """Inpainting: the source outside the mask, the generated pixels inside it."""
+    from PIL import Image
+
+    if edit.mask is None:
+        return generated
+    return Image.composite(generated.convert("RGB"), edit.image, edit.mask)
+
+
+def edit_call(pipe, call: dict, edits: list[EditInput]):
+    """(pipeline, kwargs) for a batch of edits sharing kind and strength; one EditInput per image row."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    first = edits[0]
+    components = dict(pipe.components)  # the same module objects: nothing is copied
+    call = {**call, "image": [e.image for e in edits], "strength": first.strength}
+    if first.mask is None:
+        edit_pipe = StableDiffusionXLImg2ImgPipeline(**components)
+        call.pop("height"), call.pop("width")  # img2img takes the size from the image
+    else:
+        edit_pipe = StableDiffusionXLInpaintPipeline(**components)
+        call["mask_image"] = [e.mask for e in edits]
+    edit_pipe.set_progress_bar_config(disable=True)
+    return edit_pipe, call

@@ -1,0 +1,182 @@
+"""POST /v1/images/edits: OpenAI's image-edit endpoint (multipart: `image`, optional `mask`,
+`prompt`, `n`, `size`, `response_format`, ...) plus vqdm's `strength`, `seed`,
+`num_inference_steps`, `negative_prompt`, `guidance_scale`, `scheduler`, `loras` (a JSON list).
+
+Without a mask an edit is img2img, with one it is inpainting, through diffusers'
+StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline built per batch on the served
+pipeline's own components (a constructor call, no weights copied: there is one U-Net). Edit jobs
+go through the same queue, batching (same kind and strength only), cancellation, SSE and metrics
+as generations; the pipeline side (`edit_call`, `paste_back`) is in `edit_pipeline.py`.
+
+Masks: a mask with transparency follows OpenAI (fully transparent = repaint); an opaque one
+follows diffusers / A1111 (white = repaint). Either is thresholded at half. After decoding, the
+source is pasted back outside the mask (as A1111 does), so only the masked region changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from vqdm.server.batching import NotAccepting, QueueFull
+from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
+from vqdm.server.errors import APIError, validation_error
+from vqdm.server.jobs import Job
+from vqdm.server.schemas import ImageGenerationRequest
+from vqdm.server.state import ServerState
+from vqdm.server.validation import resolve_model, validate
+
+EDITS_PATH = "/v1/images/edits"
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Form fields OpenAI's client may send that mean nothing to a diffusion model.
+_IGNORED_FIELDS = ("input_fidelity",)
+
+router = APIRouter()
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> APIError:
+    return APIError(status, message, param=param, code=code)
+
+
+def read_image(data: bytes, param: str, max_bytes: int, max_pixels: int):
+    """Decode an uploaded PNG / JPEG / WEBP, refusing anything else before decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise _bad(f"{param} is empty", param, "invalid_image")
+    if len(data) > max_bytes:
+        raise _bad(f"{param} is {len(data)} bytes, over this server's limit of {max_bytes}", param,
+                   "image_too_large", 413)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise _bad(f"{param} is not an image vqdm can read (send PNG, JPEG or WEBP)", param, "invalid_image") from None
+    if img.format not in IMAGE_FORMATS:
+        raise _bad(f"{param} is {img.format}; send PNG, JPEG or WEBP", param, "unsupported_image_format")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise _bad(f"{param} is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels}", param,
+                   "image_too_large")
+    try:
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise _bad(f"{param} could not be decoded (truncated or corrupt?): {e}", param, "invalid_image") from None
+    return img
+
+
+async def _read_form(request: Request, state: ServerState) -> tuple[dict[str, str], bytes, bytes | None]:
+    from starlette.datastructures import UploadFile
+
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise _bad("send the edit as multipart/form-data (fields image, prompt, optional mask), as OpenAI's "
+                   "images.edit does", None, "invalid_content_type")
+    s = state.settings
+    try:
+        form = await request.form(max_files=4, max_fields=64, max_part_size=s.max_image_bytes + 1)
+    except Exception as e:  # python-multipart / starlette parse errors carry their own text
+        raise _bad(f"could not read the multipart form: {e}", None, "invalid_form") from None
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(key.removesuffix("[]"), []).append(await value.read())
+        elif key in fields:
+            raise _bad(f"field {key!r} given twice", key)
+        else:
+            fields[key] = value
+    for key in ("image", "mask"):
+        if key in fields:
+            raise _bad(f"{key} must be a file upload, not a text field", key, "invalid_image")
+    if not files.get("image"):
+        raise _bad("missing required file 'image'", "image", "missing_required_parameter")
+    if len(files["image"]) > 1:
+        raise _bad("send one image; editing several input images at once is not supported", "image")
+    unknown = sorted(set(files) - {"image", "mask"})
+    if unknown:
+        raise _bad(f"unknown file field {unknown[0]!r}", unknown[0], "unknown_parameter")
+    masks = files.get("mask") or [None]
+    return fields, files["image"][0], masks[0]
+
+
+def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest, float | None]:
+    fields = {k: v for k, v in fields.items() if k not in _IGNORED_FIELDS}
+    strength = fields.pop("strength", None)
+    data: dict[str, Any] = dict(fields)
+    if "loras" in data:
+        try:
+            data["loras"] = json.loads(data["loras"])
+        except json.JSONDecodeError:
+            raise _bad('loras must be a JSON list, e.g. [{"name": "pixel-art", "scale": 0.8}]', "loras") from None
+    try:
+        req = ImageGenerationRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if strength is None:
+        return req, None
+    try:
+        return req, float(strength)
+    except ValueError:
+        raise _bad(f"strength must be a number in (0, 1] (got {strength!r})", "strength") from None
+
+
+@router.post(EDITS_PATH)
+async def edit_images(request: Request):
+    from vqdm.server.routes import _require_ready, _stream, _success_body, _wait, authorize
+
+    state: ServerState = request.app.state.vqdm
+    scope_state = request.scope["state"]
+    owner = authorize(request, state)
+    _require_ready(state)
+    fields, image_bytes, mask_bytes = await _read_form(request, state)
+    req, strength = _request_from_fields(fields)
+    model = resolve_model(req.model, state.models)
+    scope_state["vqdm_model"] = model.id
+    s = state.settings
+    image = read_image(image_bytes, "image", s.max_image_bytes, s.max_image_pixels)
+    mask = None if mask_bytes is None else read_image(mask_bytes, "mask", s.max_image_bytes, s.max_image_pixels)
+    if mask is not None and mask.size != image.size:
+        raise _bad(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}; "
+                   "they must match", "mask")
+    if req.size in (None, "auto"):
+        w, h = image.size
+        req = req.model_copy(update={"size": f"{max(8, w // 8 * 8)}x{max(8, h // 8 * 8)}"})
+    params = validate(req, state.models, s)
+    kind = "img2img" if mask is None else "inpaint"
+    strength = DEFAULT_STRENGTH[kind] if strength is None else strength
+    if not 0.0 < strength <= 1.0:
+        raise _bad(f"strength must be in (0, 1] (got {strength:g})", "strength")
+    if int(params.steps * strength) < 1:
+        raise _bad(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; raise "
+                   "either", "strength")
+    size = (params.width, params.height)
+    from PIL import Image
+
+    edit = EditInput(image=image.convert("RGB").resize(size, Image.LANCZOS),
+                     mask=None if mask is None else mask_from(mask).resize(size, Image.NEAREST), strength=strength)
+    params = dataclasses.replace(params, edit=edit)
+    job_id = scope_state["request_id"]
+    live = state.dispatcher.jobs.get(job_id)
+    if live is not None and not live.state.finished:
+        raise APIError(409, f"X-Request-Id {job_id!r} belongs to a request still in progress; use a new id",
+                       code="duplicate_request_id")
+    job = Job(job_id, params, owner)
+    try:
+        state.dispatcher.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"queue full ({s.max_queue_size} requests waiting); retry in {e.retry_after}s",
+                       code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    except NotAccepting:
+        raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"}) from None
+    scope_state["vqdm_admitted"] = True
+    if req.stream:
+        return EventSourceResponse(_stream(request, state, job, "image_edit"), ping=15, send_timeout=30,
+                                   shutdown_grace_period=s.shutdown_timeout_s)
+    await _wait(request, state, job)
+    return JSONResponse(await _success_body(job))

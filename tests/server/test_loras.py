@@ -1,0 +1,193 @@
+"""LoRA adapters per request: --lora files and folders, /v1/models listing, 400s for unknown adapters
+and out-of-range scales, separate batches per adapter set, two in-flight requests with different
+adapters each getting their own result, metrics, start-up errors and `vqdm generate --lora`."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+GEN = "/v1/images/generations"
+
+
+def make_lora_file(path, seed: int, rank: int, alpha: float) -> None:
+    """A real PEFT LoRA on the tiny U-Net (B made non-zero), saved in the diffusers layout."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from vqdm.models import build_unet
+
+    unet = build_unet("tiny-sdxl", seed=0)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v", "to_out.0", "conv1", "proj_out"],
+                     init_lora_weights="gaussian")
+    inject_adapter_in_model(cfg, unet)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3 if "lora_B" in n else 1.0 / rank**0.5)
+    StableDiffusionXLPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                weight_name=path.name)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    make_lora_file(root / "pixel.safetensors", seed=1, rank=4, alpha=4)
+    folder = root / "more"
+    folder.mkdir()
+    make_lora_file(folder / "ink.safetensors", seed=2, rank=8, alpha=8)
+    make_lora_file(folder / "glow.safetensors", seed=3, rank=2, alpha=4)
+    return root
+
+
+def body(prompt="a cat", seed=5, **kw):
+    return {"prompt": prompt, "seed": seed, "num_inference_steps": 2, "size": "64x64", **kw}
+
+
+def image(tools, r):
+    assert r.status_code == 200, r.text
+    return tools.decode_png(r.json()["data"][0]["b64_json"])
+
+
+def test_listing_per_request_adapters_errors_and_metrics(make_client, tools, loras):
+    c = make_client(loras=[f"pixel-art={loras / 'pixel.safetensors'}", str(loras / "more")])
+    cards = {m["id"]: m["loras"] for m in c.get("/v1/models").json()["data"]}
+    assert [a["name"] for a in cards["tiny"]] == ["pixel-art", "glow", "ink"] == [a["name"] for a in cards["turbo"]]
+    pixel = cards["tiny"][0]
+    assert pixel["rank"] == 4 and pixel["components"] == ["unet"] and pixel["bytes"] > 0
+    assert c.get("/v1/models/tiny").json()["loras"][2]["rank"] == 8
+
+    before = tools.metric_samples(c.get("/metrics").text)
+    base = image(tools, c.post(GEN, json=body()))
+    styled = image(tools, c.post(GEN, json=body(loras=[{"name": "pixel-art", "scale": 1.5}])))
+    again = image(tools, c.post(GEN, json=body(loras=[{"name": "pixel-art", "scale": 1.5}])))
+    off = image(tools, c.post(GEN, json=body(loras=[{"name": "pixel-art", "scale": 0}])))
+    two = image(tools, c.post(GEN, json=body(loras=[{"name": "ink", "scale": -1}, {"name": "pixel-art", "scale": 1.5}])))
+    assert np.abs(styled - base).mean() > 2  # the adapter changes the image...
+    assert np.abs(styled - again).max() <= 1  # ...the same way every time
+    assert np.abs(off - base).max() <= 1  # scale 0 is no adapter
+    assert np.abs(two - styled).mean() > 2
+    # After adapters ran, a plain request is the plain image again (nothing left merged or active).
+    assert np.abs(image(tools, c.post(GEN, json=body())) - base).max() <= 1
+
+    bad = [({"loras": [{"name": "nope"}]}, "loras.0.name", "lora_not_found"),
+           ({"loras": [{"name": "ink", "scale": 2.5}]}, "loras.0.scale", "invalid_value"),
+           ({"loras": [{"name": "ink", "scale": -2.01}]}, "loras.0.scale", "invalid_value"),
+           ({"loras": [{"name": "ink"}, {"name": "ink"}]}, "loras.1.name", "invalid_value"),
+           ({"loras": [{"name": "ink", "weight": 1}]}, "loras.0.weight", "unknown_parameter"),
+           ({"loras": "ink"}, "loras", "invalid_value")]
+    for extra, param, code in bad:
+        r = c.post(GEN, json=body(**extra))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        assert r.json()["error"]["code"] == code, r.text
+    after = tools.metric_samples(c.get("/metrics").text)
+    assert tools.delta(before, after, "vqdm_lora_requests_total", model="tiny", lora="pixel-art") == 3
+    assert tools.delta(before, after, "vqdm_lora_requests_total", model="tiny", lora="ink") == 1
+    assert sum(tools.delta(before, after, "vqdm_requests_total", model=m, status="400")  # "unknown": refused
+               for m in ("tiny", "unknown")) == len(bad)  # before the model field was read
+
+
+def test_different_adapter_sets_in_flight_get_their_own_results(make_client, tools, loras):
+    c = make_client(loras=[f"pixel={loras / 'pixel.safetensors'}", f"ink={loras / 'more' / 'ink.safetensors'}"],
+                    max_batch_size=8, batch_wait_ms=400)
+    requests = {"a": body(seed=9, loras=[{"name": "pixel", "scale": 1.0}]),
+                "b": body(seed=9, loras=[{"name": "ink", "scale": 1.0}]),
+                "c": body(seed=9, loras=[{"name": "pixel", "scale": 1.0}]),
+                "d": body(seed=9)}
+    results: dict = {}
+    start = threading.Barrier(len(requests))
+
+    def go(rid):
+        start.wait(10)
+        results[rid] = c.post(GEN, json=requests[rid], headers={"X-Request-Id": f"lora-{rid}-{time.time_ns()}"})
+
+    threads = [threading.Thread(target=go, args=(rid,)) for rid in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    got = {rid: image(tools, r) for rid, r in results.items()}
+    sizes = {rid: r.json()["batch_size"] for rid, r in results.items()}
+    assert sizes["b"] == 1 and sizes["d"] == 1, sizes  # never batched with another adapter set
+    for rid, req in requests.items():
+        alone = image(tools, c.post(GEN, json=req))
+        assert np.abs(got[rid] - alone).max() <= 1, rid
+    assert np.abs(got["a"] - got["b"]).mean() > 2 and np.abs(got["a"] - got["d"]).mean() > 2
+    assert np.abs(got["a"] - got["c"]).max() <= 1
+
+
+def test_take_batch_keeps_adapter_sets_apart():
+    from vqdm.server.batching import Dispatcher
+    from vqdm.server.jobs import GenerationParams, Job
+    from vqdm.server.metrics import Metrics
+    from vqdm.server.settings import Settings
+
+    import asyncio
+
+    async def run():
+        d = Dispatcher(Settings(devices=["cpu"], max_batch_size=8), Metrics(), ["cpu"])
+        d.accepting = True
+        common = dict(model="tiny", prompt="x", negative_prompt=None, n=1, width=64, height=64, steps=2,
+                      guidance=5.0, scheduler="euler", seed=0)
+        sets = [(("a", 1.0),), (("b", 1.0),), (("a", 1.0),), (), (("a", 0.5),), (("a", 1.0),)]
+        for i, s in enumerate(sets):
+            d.submit(Job(f"j{i}", GenerationParams(**common, loras=s)))
+        return [[j.id for j in d._take_batch()] for _ in range(4)]
+
+    assert asyncio.run(run()) == [["j0", "j2", "j5"], ["j1"], ["j3"], ["j4"]]
+
+
+def test_bad_adapter_stops_start_up_with_the_key(served_models, loras, tmp_path):
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
+
+    from vqdm.server.app import create_app
+    from vqdm.server.settings import Settings
+
+    sd = load_file(loras / "pixel.safetensors")
+    key = next(k for k in sd if k.endswith("to_q.lora_A.weight"))
+    sd[key] = torch.zeros(4, 7)
+    save_file(sd, tmp_path / "broken.safetensors")
+    cases = [([str(tmp_path / "broken.safetensors")], "1GB", key.removesuffix(".lora_A.weight")),
+             ([f"pixel={loras / 'pixel.safetensors'}"], "1KB", "does not fit the LoRA memory budget")]
+    for entries, budget, needle in cases:
+        fatal: list[str] = []
+        app = create_app(Settings(devices=["cpu"], loras=entries, lora_memory_budget=budget),
+                         loader=lambda s, d: list(served_models), on_fatal=fatal.append)
+        with TestClient(app) as c:
+            deadline = time.monotonic() + 30
+            while not fatal and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert fatal and needle in fatal[0], fatal
+            assert c.get("/healthz").status_code == 503
+
+
+def test_settings_and_cli(loras, tmp_path, monkeypatch, tiny_artifact):
+    from vqdm.cli import main
+    from vqdm.server.cli import parse_generate_lora
+    from vqdm.server.loras import lora_specs
+    from vqdm.server.settings import Settings
+
+    monkeypatch.setenv("VQDM_LORAS", f"pixel={loras / 'pixel.safetensors'},{loras / 'more'}")
+    s = Settings()
+    assert [x.name for x in lora_specs(s.loras)] == ["pixel", "glow", "ink"] and s.lora_memory_budget == "1GB"
+    with pytest.raises(ValueError, match="given twice"):
+        lora_specs([str(loras / "pixel.safetensors"), f"pixel={loras / 'more' / 'ink.safetensors'}"])
+    with pytest.raises(Exception, match="byte count"):
+        Settings(lora_memory_budget="lots")
+    assert parse_generate_lora("/a/b.safetensors:0.7") == (tmp_path.__class__("/a/b.safetensors"), 0.7)
+    assert parse_generate_lora("c:/x.safetensors")[1] == 1.0
+
+    out = tmp_path / "cat.png"
+    argv = ["generate", "a cat", "--model", str(tiny_artifact), "-o", str(out), "--steps", "1", "--size", "64x64",
+            "--seed", "3"]
+    assert main(argv) == 0
+    plain = out.read_bytes()
+    assert main(argv + ["--lora", f"{loras / 'pixel.safetensors'}:1.5"]) == 0
+    assert out.read_bytes() != plain
+    assert main(argv + ["--lora", f"{loras / 'pixel.safetensors'}:5"]) == 1  # scale outside [-2, 2]

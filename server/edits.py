@@ -20,14 +20,11 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 
-from vqdm.server.batching import NotAccepting, QueueFull
 from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
 from vqdm.server.errors import APIError, validation_error
-from vqdm.server.jobs import Job
+from vqdm.server.routes import _require_ready, authorize, submit_and_reply
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.state import ServerState
 from vqdm.server.validation import resolve_model, validate
@@ -128,8 +125,6 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
 
 @router.post(EDITS_PATH)
 async def edit_images(request: Request):
-    from vqdm.server.routes import _require_ready, _stream, _success_body, _wait, authorize
-
     state: ServerState = request.app.state.vqdm
     scope_state = request.scope["state"]
     owner = authorize(request, state)
@@ -161,22 +156,4 @@ async def edit_images(request: Request):
     edit = EditInput(image=image.convert("RGB").resize(size, Image.LANCZOS),
                      mask=None if mask is None else mask_from(mask).resize(size, Image.NEAREST), strength=strength)
     params = dataclasses.replace(params, edit=edit)
-    job_id = scope_state["request_id"]
-    live = state.dispatcher.jobs.get(job_id)
-    if live is not None and not live.state.finished:
-        raise APIError(409, f"X-Request-Id {job_id!r} belongs to a request still in progress; use a new id",
-                       code="duplicate_request_id")
-    job = Job(job_id, params, owner)
-    try:
-        state.dispatcher.submit(job)
-    except QueueFull as e:
-        raise APIError(429, f"queue full ({s.max_queue_size} requests waiting); retry in {e.retry_after}s",
-                       code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
-    except NotAccepting:
-        raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"}) from None
-    scope_state["vqdm_admitted"] = True
-    if req.stream:
-        return EventSourceResponse(_stream(request, state, job, "image_edit"), ping=15, send_timeout=30,
-                                   shutdown_grace_period=s.shutdown_timeout_s)
-    await _wait(request, state, job)
-    return JSONResponse(await _success_body(job))
+    return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")

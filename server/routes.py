@@ -175,6 +175,14 @@ async def generate_images(request: Request):
     if model_id in state.models:
         scope_state["vqdm_model"] = model_id  # a metric label only ever holds a served id
     params = validate(req, state.models, state.settings)
+    return await submit_and_reply(request, state, params, owner, stream=req.stream)
+
+
+async def submit_and_reply(request: Request, state: ServerState, params, owner: int | None, *, stream: bool,
+                           event_prefix: str = "image_generation") -> Response:
+    """Queue one validated job (generation or edit) and answer it: the job id is the server's, the
+    client's X-Request-Id only a label among this key's own jobs; then stream events or wait."""
+    scope_state = request.scope["state"]
     label = scope_state.get("client_label")
     live = state.dispatcher.labels.get((owner, label)) if label else None  # only this key's own jobs
     if live is not None and not live.state.finished:
@@ -193,8 +201,8 @@ async def generate_images(request: Request):
         raise _shutting_down() from None
     scope_state["vqdm_job_id"] = job.id
     scope_state["vqdm_admitted"] = True
-    if req.stream:
-        return EventSourceResponse(_stream(request, state, job), ping=15, send_timeout=30,
+    if stream:
+        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
                                    shutdown_grace_period=state.settings.shutdown_timeout_s)
     await _wait(request, state, job)
     return JSONResponse(await _success_body(job))

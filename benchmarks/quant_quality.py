@@ -94,7 +94,8 @@ def run_task(task: dict) -> dict:
     method = task["method"]
     extra = {}
     if method.startswith("aq"):
-        cfg = AQConfig(num_codebooks=task["k"], beam_size=task["beam"], adam_steps=task["adam_steps"],
+        knobs = {key: task[key] for key in ("adam_steps", "cg_iters") if task[key] is not None}
+        cfg = AQConfig(num_codebooks=task["k"], beam_size=task["beam"], **knobs,
                        max_rounds=task["max_rounds"], seed=task["seed"])
         qw = quantize_weight(w, h, cfg)
         w_hat, bits = qw.dequantize(), qw.bits_per_weight
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="all", help="transformer layer indices, e.g. 0,5 (default: all 6)")
     ap.add_argument("--codebooks", default="2,3,4", help="AQ K values (default 2,3,4)")
     ap.add_argument("--max-rounds", type=int, default=100, help="AQ round cap (default: SPEC's stop rule decides)")
-    ap.add_argument("--adam-steps", type=int, default=100)
+    ap.add_argument("--adam-steps", type=int, help="Adam steps a round (default: AQConfig's)")
+    ap.add_argument("--cg-iters", type=int, help="CG steps per least-squares codebook fit (default: AQConfig's)")
     ap.add_argument("--beam", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes, one torch thread each (default 2)")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {"layer": n, "w": weights[n], "h": h_cal[n], "h_heldout": h_out[n], "threads": 1}
         for k in sorted(ks, reverse=True):  # longest first: better packing over the workers
             tasks.append({**base, "method": f"aq{k}", "k": k, "beam": args.beam, "adam_steps": args.adam_steps,
-                          "max_rounds": args.max_rounds, "seed": args.seed})
+                          "cg_iters": args.cg_iters, "max_rounds": args.max_rounds, "seed": args.seed})
         for b in SCALAR_BITS:
             tasks.append({**base, "method": f"gptq{b}", "bits": b})
             tasks.append({**base, "method": f"rtn{b}", "bits": b})
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         "num_texts": len(calib_texts), "tokens": tok_cal},
         "heldout": {"texts": "vqdm/quantizer/prompts.txt", "num_texts": len(heldout_texts), "tokens": tok_out},
         "aq": {"codebooks": ks, "nbits": 8, "group_size": 8, "beam_size": args.beam, "adam_steps": args.adam_steps,
+               "cg_iters": args.cg_iters,
                "max_rounds": args.max_rounds, "relative_tolerance": 0.01, "seed": args.seed},
         "scalar": {"group_size": SCALAR_GROUP, "bits": list(SCALAR_BITS), "gptq_damping": 0.01},
         "shapes": {n: list(s) for n, s in shapes.items()},

@@ -29,6 +29,10 @@ from pathlib import Path
 
 import torch
 
+from vqdm.quantizer import AQConfig
+
+AQ_DEFAULTS = AQConfig()
+
 SHAPES = {"attn 1280x1280": (1280, 1280), "ff.up 10240x1280": (10240, 1280), "ff.down 1280x5120": (1280, 5120),
           "conv3x3 1280x11520": (1280, 11520)}
 CALIBRATION_ROWS = 2048
@@ -46,7 +50,7 @@ def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu") -> dict:
-    from vqdm.quantizer import AQConfig, quantize_weight
+    from vqdm.quantizer import quantize_weight
 
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
@@ -54,11 +58,12 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
     qw = quantize_weight(w, h, cfg)
     phases = dict(qw.stats["seconds_by_phase"])
     done = qw.rounds
-    per_round = (phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
+    per_round = (phases.get("lsq", 0.0) + phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
     total = qw.seconds
     row = {"shape": name, "n": n, "d": d, "K": k, "rounds": done, "seconds": total, "seconds_by_phase": phases,
            "init_seconds": phases["kmeans"], "seconds_per_round": per_round,
            "beam_fraction": phases["beam"] / total, "adam_fraction": phases["adam"] / total,
+           "lsq_fraction": phases.get("lsq", 0.0) / total,
            "kmeans_fraction": phases["kmeans"] / total, "rel_error": qw.rel_error,
            "rel_error_history": [r["rel_error"] for r in qw.stats["history"]]}
     print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {phases['kmeans']:6.1f} s  "
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['shape']} | {r['K']} | {r['rounds']} | {r['seconds']:.1f} | {r['init_seconds']:.1f} | "
               f"{r['seconds_per_round']:.1f} | {r['beam_fraction']:.0%} | {r['adam_fraction']:.0%} |")
     result = {"benchmark": "quant_speed", "layers": rows, "converged": converged, "projection": projection,
-              "settings": {"K": args.codebooks, "nbits": 8, "group_size": 8, "beam_size": 8, "adam_steps": 100,
+              "settings": {"K": args.codebooks, "nbits": 8, "group_size": 8, "beam_size": 8, "cg_iters": AQ_DEFAULTS.cg_iters, "adam_steps": AQ_DEFAULTS.adam_steps,
                            "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads, "torch": torch.__version__, "device": args.device,

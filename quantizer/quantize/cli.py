@@ -42,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--codebook-bits", type=int, default=8, metavar="B", help="bits per code (only 8 is supported)")
     q.add_argument("--group-size", type=int, default=8, metavar="G", help="weights per group (only 8 is supported)")
     q.add_argument("--beam", type=int, metavar="N", help="beam width of the code search (default 8)")
-    q.add_argument("--adam-steps", type=int, metavar="N", help="Adam steps per round on codebooks and scales (default 100)")
+    q.add_argument("--cg-iters", type=int, metavar="N",
+                   help="least-squares codebook fit before Adam: CG steps per fit, two fits a round (default 0: off; "
+                        "--cg-iters 20 --adam-steps 0 replaces Adam)")
+    q.add_argument("--adam-steps", type=int, metavar="N",
+                   help="Adam steps per round on codebooks and scales (default 100)")
     q.add_argument("--max-rounds", type=int, metavar="N", help="cap on Adam + beam-search rounds per layer")
     q.add_argument("--kmeans-iters", type=int, metavar="N", help="Lloyd iterations per codebook at init (default 100)")
 
@@ -56,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # CLI flag -> AQConfig field, in one place.
-AQ_FLAGS = {"beam": "beam_size", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters"}
+AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters"}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

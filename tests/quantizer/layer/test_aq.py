@@ -48,7 +48,7 @@ def test_output_format_and_stats(layer):
     assert qw.stats["base_loss"] == pytest.approx(layer_loss(w, torch.zeros_like(w), h), rel=1e-9)
     assert qw.bits_per_weight == pytest.approx(3 + 3 * 256 * 8 * 16 / (256 * 256) + 16 / 256)
     assert 1 <= qw.rounds <= 2 and qw.seconds > 0
-    assert set(qw.stats["seconds_by_phase"]) == {"kmeans", "adam", "beam", "loss"}
+    assert set(qw.stats["seconds_by_phase"]) == {"kmeans", "lsq", "adam", "beam", "loss"}
 
 
 def test_each_round_decreases_the_loss(layer):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -51,8 +52,10 @@ def vqdm_cli(*commands: list[str], log_dir: Path) -> None:
     for i, args in enumerate(commands):
         print("$ vqdm " + " ".join(args), flush=True)
         log = open(log_dir / f"{args[0]}-{Path(args[args.index('--out') + 1]).name}.log", "w")
+        # One intra-op thread per process (as --threads here): a second one spin-waits on shared cores.
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         procs.append((subprocess.Popen([sys.executable, "-m", "vqdm.cli", *args, "--no-progress"], stdout=log,
-                                       stderr=subprocess.STDOUT), log, args))
+                                       stderr=subprocess.STDOUT, env=env), log, args))
     for proc, log, args in procs:
         if proc.wait() != 0:
             raise SystemExit(f"vqdm {' '.join(args)} failed: see {log.name}")

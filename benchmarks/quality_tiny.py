@@ -1,6 +1,6 @@
 """Quality on a tiny SDXL-architecture model: dense vs RTN / GPTQ / AQ, AQ before and after distillation.
 
-    python benchmarks/quality_tiny.py [--json FILE] [--png FILE] [--workdir DIR] [--quick]
+    python benchmarks/quality_tiny.py [--json FILE] [--png FILE] [--workdir DIR] [--quick] [--random-init]
 
 Every method replaces the same layers (`select_layers`, SPEC §2): RTN and GPTQ write their
 dequantized scalar weights into a dense copy of the model; AQ runs `vqdm quantize`'s driver
@@ -8,15 +8,20 @@ dequantized scalar weights into a dense copy of the model; AQ runs `vqdm quantiz
 then compared with the dense model by `vqdm eval` on held-out prompts and seeds: U-Net output
 relative MSE on the reference trajectory, final-latent MSE / PSNR / SSIM, image PSNR / SSIM.
 
-Caveat: the tiny model has random weights. Its layers are small (d = 32..1152, so codebooks are
-a large share of the bits) and its outputs are noise, so this ranks methods on a proxy; real
-quality needs a trained SDXL (docs/distill.md has the GPU recipe).
+The model is the trained `tiny-sdxl-digits` that ships with vqdm (benchmarks/train_tiny.py; 32²,
+prompts "a handwritten digit 7" and other phrasings; the eval prompts are the digits with seeds
+never used for calibration or distillation). `--random-init` runs the old proxy instead: tiny-sdxl
+with seeded random weights at 128² on the packaged prompts, whose outputs are noise.
+benchmarks/quality_trained_tiny.py adds scores of the drawn digits themselves (a scikit-learn
+classifier, Fréchet distance). Caveat either way: the layers are small (d = 32..1152), so AQ's
+codebooks are a large share of the bits.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -63,21 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", help="write a bar chart of the table here")
     ap.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and steps (a smoke run)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="the old proxy: tiny-sdxl with random weights (noise images) instead of the trained digits model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on shared cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from vqdm.models import load_pipeline, make_model, select_layers
+    from vqdm.models import Preset, load_pipeline, make_model, select_layers
     from vqdm.quantizer.distill.run import distill
     from vqdm.quantizer.quantize.run import quantize_model
     from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
     from vqdm.quantizer.quantize.hessians import collect_hessians
     from vqdm.quantizer.recipes import recipe
     from vqdm.quantizer.sampling import load_prompts
+    from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, digit_prompt
 
     quick = args.quick
+    trained = not args.random_init
     s = {  # every setting in one place, recorded in the JSON
-        "resolution": 128,
+        "resolution": Preset.from_name(DIGITS_PRESET).resolution if trained else 128,
         "calibration": dict(num_prompts=8 if quick else 32, steps=4 if quick else 10, batch_size=4),
         "aq": dict(beam_size=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 10),
         "distill": dict(num_prompts=16 if quick else 64, rounds=2, steps=4 if quick else 10, train_steps=20 if quick else 200,
@@ -89,10 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     teacher = work / "dense"
     if not teacher.exists():
-        make_model("tiny-sdxl", teacher, seed=0)
-    prompts = load_prompts(None)
-    held_out = prompts[-s["eval"]["num_prompts"]:]  # eval prompts: never used to calibrate or distill
-    (work / "train_prompts.txt").write_text("\n".join(prompts[:-len(held_out)]) + "\n")
+        if trained:
+            shutil.copytree(DIGITS_MODEL_DIR, teacher)
+        else:
+            make_model("tiny-sdxl", teacher, seed=0)
+    if trained:  # every phrasing to calibrate and distill; the eval seeds (1000 + i) are never used there
+        prompts = [digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(10)]
+        held_out = [digit_prompt(d % 10) for d in range(s["eval"]["num_prompts"])]
+        train = prompts
+    else:
+        prompts = load_prompts(None)
+        held_out = prompts[-s["eval"]["num_prompts"]:]  # eval prompts: never used to calibrate or distill
+        train = prompts[:-len(held_out)]
+    (work / "train_prompts.txt").write_text("\n".join(train) + "\n")
     (work / "eval_prompts.txt").write_text("\n".join(held_out) + "\n")
     train_file = str(work / "train_prompts.txt")
 
@@ -151,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/quality_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
                     platform.machine(), "threads": torch.get_num_threads()},
-        "model": "tiny-sdxl (random init, seed 0)", "settings": s, "results": rows, "table_markdown": table,
-        "seconds": time.perf_counter() - t_start,
-        "caveat": "random-init tiny model: a weak proxy for real quality",
+        "model": f"{DIGITS_PRESET} (trained, shipped)" if trained else "tiny-sdxl (random init, seed 0)",
+        "settings": s, "results": rows, "table_markdown": table, "seconds": time.perf_counter() - t_start,
+        "caveat": "tiny layers: codebooks dominate AQ's bits" if trained else "random-init tiny model: a weak proxy for real quality",
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +207,7 @@ def plot(rows: dict[str, dict], path: str) -> None:
         ax.bar(range(len(labels)), [rows[label][key] for label in labels], color=colors)
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
-    fig.suptitle("tiny SDXL (random init) vs dense: scalar baselines (grey), AQ (blue), AQ + distillation (green)",
+    fig.suptitle("tiny SDXL vs dense: scalar baselines (grey), AQ (blue), AQ + distillation (green)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

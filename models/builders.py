@@ -51,7 +51,8 @@ def build_pipeline(preset: str | Preset, seed: int = 0, dtype: torch.dtype = tor
     scheduler = sched_cls.from_config({k: v for k, v in p.scheduler.items() if k != "_class_name"})
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        tokenizer=build_clip_tokenizer(num_merges=p.bpe_merges),
+        tokenizer_2=build_clip_tokenizer(pad_token="!", num_merges=p.bpe_merges),
         unet=unet, scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -81,6 +81,20 @@ TINY_UNET: dict[str, Any] = {
 TINY_VAE: dict[str, Any] = {**SDXL_VAE, "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8,
                             "layers_per_block": 1, "sample_size": 128}
 
+# The trained digits model (benchmarks/train_tiny.py, shipped in models/pretrained/): tiny-sdxl's
+# U-Net, its VAE one stage shorter (factor 4), 32² images and 8×8 latents (which hold an 8×8 digit
+# exactly; 32² keeps VAE training cheap on a 2-core CPU) and text encoders over CLIP's
+# BPE cut to its first 4,096 merges. Any text still tokenizes (down to single bytes, never <unk>),
+# but the token table is 4,610 rows instead of 49,408: with the full table the two 32-wide
+# encoders alone would be 6.4 MB and the tokenizer files 7.3 MB, over the 10 MB the repo carries.
+DIGITS_BPE_MERGES = 4096
+_DIGITS_VOCAB = 512 + DIGITS_BPE_MERGES + 2  # bytes, bytes + </w>, merges, <|startoftext|>, <|endoftext|>
+# initializer_factor 3: the frozen random encoders are never trained, and at CLIP's default init
+# scale the digit is ~4% of their token outputs' spread and the U-Net learned to ignore them; at 3×
+# it is ~10% and conditioning is learned (10× made training unstable).
+_DIGITS_TEXT = {**_TINY_TEXT, "vocab_size": _DIGITS_VOCAB, "bos_token_id": _DIGITS_VOCAB - 2,
+                "eos_token_id": _DIGITS_VOCAB - 1, "initializer_factor": 3.0}
+
 
 @dataclass
 class Preset:
@@ -96,6 +110,7 @@ class Preset:
     steps: int
     guidance: float
     resolution: int
+    bpe_merges: int | None = None  # CLIP BPE merges the tokenizers keep; None: all of them (SDXL's vocabulary)
     vae_scale_factor: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,4 +140,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-sdxl-turbo": Preset("tiny-sdxl-turbo", "sdxl-turbo", TINY_UNET, {**SDXL_TEXT_ENCODER, **_TINY_TEXT},
                               {**SDXL_TEXT_ENCODER_2, **_TINY_TEXT}, TINY_VAE, TURBO_SCHEDULER,
                               steps=2, guidance=0.0, resolution=128),
+    "tiny-sdxl-digits": Preset("tiny-sdxl-digits", "sdxl", {**TINY_UNET, "sample_size": 8},
+                               {**SDXL_TEXT_ENCODER, **_DIGITS_TEXT}, {**SDXL_TEXT_ENCODER_2, **_DIGITS_TEXT},
+                               {**TINY_VAE, "block_out_channels": [8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                                "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 32},
+                               SDXL_SCHEDULER, steps=20, guidance=4.0, resolution=32, bpe_merges=DIGITS_BPE_MERGES),
 }

@@ -45,11 +45,17 @@ def _bpe_path() -> Path:
     return path
 
 
-@lru_cache(maxsize=1)
-def clip_vocab_files() -> tuple[str, str]:
-    """Write vocab.json and merges.txt once per process; return their paths."""
+@lru_cache(maxsize=4)
+def clip_vocab_files(num_merges: int = _NUM_MERGES) -> tuple[str, str]:
+    """Write vocab.json and merges.txt once per process; return their paths.
+
+    `num_merges` < CLIP's 48,894 keeps the first merges only (the most frequent pairs): a smaller
+    token table that still encodes any text, since the 512 byte tokens stay.
+    """
+    if not 0 <= num_merges <= _NUM_MERGES:
+        raise ValueError(f"num_merges must be in [0, {_NUM_MERGES}], got {num_merges}")
     lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : num_merges + 1]]
     base = list(_bytes_to_unicode().values())
     vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -59,9 +65,9 @@ def clip_vocab_files() -> tuple[str, str]:
     return str(out / "vocab.json"), str(out / "merges.txt")
 
 
-def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """A CLIPTokenizer identical in vocabulary to SDXL's (77 tokens max)."""
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>", num_merges: int | None = None):
+    """A CLIPTokenizer identical in vocabulary to SDXL's (77 tokens max); `num_merges`: a cut-down BPE."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_vocab_files()
+    vocab, merges = clip_vocab_files(_NUM_MERGES if num_merges is None else num_merges)
     return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=77)

@@ -1,10 +1,11 @@
-"""The embedded default model: with no model configured the server builds the `tiny-sdxl` pipeline
-(seeded random weights, SDXL block structure), quantizes every selected U-Net layer with the real
-per-layer quantizer at a cheap setting, and serves it. Offline, seconds, no files needed.
+"""The embedded default model: with no model configured the server loads the trained tiny
+SDXL-architecture model that ships inside the package (`tiny-sdxl-digits`: it draws scikit-learn's
+handwritten digits at 64², made by `benchmarks/train_tiny.py`), quantizes every selected U-Net
+layer with the real per-layer quantizer at a cheap setting, and serves it. Offline, seconds.
 
 There is no calibration data at start-up, so H = identity: each layer minimises plain weight-space
-error instead of output error. The images are noise either way (random weights); what this model
-exercises is the whole serving path on genuine VQ layers.
+error instead of output error. On this model that still draws legible digits (tests/server/
+test_embedded.py has the scikit-learn judge score them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 log = logging.getLogger("vqdm.server")
 
-EMBEDDED_PRESET = "tiny-sdxl"
+EMBEDDED_PRESET = "tiny-sdxl-digits"
 
 
 # Cheap knobs for start-up: one round, few optimiser steps, greedy code search.
@@ -31,15 +32,20 @@ def build_embedded(seed: int = 0, num_codebooks: int = 2):
     """(pipeline with a VQ U-Net, quantization facts for /v1/models, the preset)."""
     import torch
 
-    from vqdm.models import Preset, build_pipeline, quantize_layers
+    from vqdm.errors import VQDMError
+    from vqdm.models import Preset, load_pipeline, quantize_layers
+    from vqdm.models.digits import DIGITS_MODEL_DIR
     from vqdm.quantizer import quantize_weight
 
     preset = Preset.from_name(EMBEDDED_PRESET)
-    pipe = build_pipeline(preset, seed=seed)
+    if not (DIGITS_MODEL_DIR / "model_index.json").is_file():
+        raise VQDMError(f"the embedded default model is missing from {DIGITS_MODEL_DIR}: reinstall vqdm, or "
+                        "recreate it with `python benchmarks/train_tiny.py`, or serve a folder with --model")
+    pipe = load_pipeline(DIGITS_MODEL_DIR)
     cfg = embedded_config(num_codebooks)
-    log.info("embedded default: building %s (seed %d) and quantizing it with K=%d codebooks; no calibration "
-             "data at start-up, so H = identity (weight-space error, not output error)",
-             EMBEDDED_PRESET, seed, num_codebooks)
+    log.info("embedded default: loading %s (trained on handwritten digits) and quantizing it with K=%d codebooks "
+             "(seed %d); no calibration data at start-up, so H = identity (weight-space error, not output error)",
+             EMBEDDED_PRESET, num_codebooks, seed)
     errors: list[float] = []
 
     def quantize(name: str, w: torch.Tensor):
@@ -54,7 +60,7 @@ def build_embedded(seed: int = 0, num_codebooks: int = 2):
     errors.sort()
     log.info("embedded default: quantized %d layers in %.1fs (median relative weight error %.3g)",
              len(names), seconds, errors[len(errors) // 2])
-    extra = {"base_model": {"name": f"{EMBEDDED_PRESET} (seeded random weights, seed {seed})"},
+    extra = {"base_model": {"name": f"{EMBEDDED_PRESET} (trained on scikit-learn's handwritten digits)"},
              "calibration": "none: H = identity (no calibration data at start-up)",
              "quantize_seconds": round(seconds, 3),
              "median_rel_weight_error": round(errors[len(errors) // 2], 6)}

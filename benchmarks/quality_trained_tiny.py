@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqdm.models import Preset, load_pipeline, select_layers, weight_matrix
+from vqdm.models import Preset, load_pipeline, select_layers
 from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, DigitJudge, digit_prompt,
                                 frechet_distance, generate_digits, images_to_digits)
-from vqdm.quantizer import gptq_quantize, rtn_quantize
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from train_tiny import save_grid  # noqa: E402  (benchmarks/ is not a package)
+from quality_tiny import scalar_baseline  # noqa: E402  (benchmarks/ is not a package)
 
 
 def vqdm_cli(*commands: list[str], log_dir: Path) -> None:
@@ -60,14 +59,6 @@ def vqdm_cli(*commands: list[str], log_dir: Path) -> None:
         if proc.wait() != 0:
             raise SystemExit(f"vqdm {' '.join(args)} failed: see {log.name}")
         log.close()
-
-
-def scalar_group(d: int, largest: int = 128) -> int:
-    """Largest power-of-two group <= `largest` dividing d (tiny layers are narrower than 128)."""
-    g = largest
-    while d % g:
-        g //= 2
-    return g
 
 
 def layer_inputs_h(pipe, prompts: list[str], steps: int, guidance: float, resolution: int) -> dict[str, torch.Tensor]:
@@ -105,29 +96,6 @@ def layer_inputs_h(pipe, prompts: list[str], steps: int, guidance: float, resolu
         for h in hooks:
             h.remove()
     return {n: sums[n] / counts[n] for n in sums}
-
-
-def scalar_baseline(teacher: Path, out: Path, method: str, bits: int, hessians: dict | None) -> dict:
-    """A dense folder whose selected layers hold RTN / GPTQ dequantized weights; returns its stats."""
-    pipe = load_pipeline(teacher)
-    t0 = time.perf_counter()
-    weights = bit_weights = 0.0
-    for name, m in select_layers(pipe.unet):
-        w = weight_matrix(m).detach().float()
-        g = scalar_group(w.shape[1])
-        wq = rtn_quantize(w, bits=bits, group_size=g) if method == "rtn" else \
-            gptq_quantize(w, hessians[name], bits=bits, group_size=g)
-        with torch.no_grad():
-            if isinstance(m, torch.nn.Conv2d):  # matrix columns are (k_h, k_w, C_in): back to [C_out, C_in, k_h, k_w]
-                kh, kw = m.kernel_size
-                m.weight.copy_(wq.view(-1, kh, kw, m.in_channels).permute(0, 3, 1, 2))
-            else:
-                m.weight.copy_(wq)
-        weights += w.numel()
-        bit_weights += w.numel() * (bits + 32 / g)  # fp16 scale + zero per group
-    seconds = time.perf_counter() - t0
-    pipe.save_pretrained(out, safe_serialization=True)
-    return {"bits_per_weight_quantized": bit_weights / weights, "quantize_seconds": seconds}
 
 
 def judge_variant(folder: Path, judge: DigitJudge, seeds: list[int], x_test: np.ndarray) -> tuple[dict, list]:

@@ -81,6 +81,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
+    if args.rounds is None:
+        cfg = cfg.fit_rounds()
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
                      teacher_dtype=DTYPES.get(args.teacher_dtype), resume=args.resume, force=args.force,
                      stop_after_step=args.stop_after_step, progress=not args.no_progress)

@@ -10,6 +10,7 @@ from vqdm.quantizer.distill.engine import OptimSettings
 from vqdm.quantizer.sampling import SamplingConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+MIN_PROMPTS_PER_ROUND = 8
 WEIGHT_GRADS = ("dense", "per-call")
 
 
@@ -89,6 +90,12 @@ class DistillConfig:
     @property
     def validate_every(self) -> int:
         return self.eval_every or max(1, self.train_steps // 10)
+
+    def fit_rounds(self) -> "DistillConfig":
+        """The preset's rounds, fewer when the run is small: each round keeps at least
+        MIN_PROMPTS_PER_ROUND prompts (2 prompts a round were trained on for dozens of passes and
+        over-fitted: docs/distill.md). Used when --rounds is not given."""
+        return self.replace(rounds=max(1, min(self.rounds, self.num_prompts // MIN_PROMPTS_PER_ROUND)))
 
     def optim(self) -> OptimSettings:
         return OptimSettings(lr=self.lr, lr_codebooks=self.lr_codebooks, lr_scales=self.lr_scales,

@@ -21,7 +21,8 @@ from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.sampling import Batch, SamplingConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
-# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples. lr 3e-4: random tiny
+# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples, lr 3e-4 on every group without warmup
+# (validation every 5 steps on 2 prompts, test on 2 others). Random tiny
 # models need far more than the real recipe's 1e-6 to move in 30 steps.
 FAMILY_ARGS = {
     "sdxl": ["--steps", "4"],

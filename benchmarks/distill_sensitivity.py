@@ -73,7 +73,7 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
     if not student.exists():
         make_student(teacher, student, k)
     base = detect_recipe(teacher).distill
-    cfg = base.replace(num_prompts=prompts, steps=STEPS[family], seed=seed, **RUN).fit_rounds()  # as the CLI does
+    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **RUN)  # as the CLI does
     if lr_scale != 1:
         cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
                           lr_scales=cfg.lr_scales * lr_scale)

@@ -72,7 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.preset is None:
         read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
-    cfg = detect_recipe(Path(args.teacher), args.preset).distill.replace(
+    base = detect_recipe(Path(args.teacher), args.preset).distill
+    if args.rounds is None:  # small runs get fewer rounds (before the other overrides are checked)
+        base = base.fit_rounds(args.num_prompts, args.gen_batch_size)
+    cfg = base.replace(
         prompts_file=args.prompts, num_prompts=args.num_prompts, rounds=args.rounds, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, gen_batch_size=args.gen_batch_size,
         val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
@@ -81,8 +84,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
-    if args.rounds is None:
-        cfg = cfg.fit_rounds()
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
                      teacher_dtype=DTYPES.get(args.teacher_dtype), resume=args.resume, force=args.force,
                      stop_after_step=args.stop_after_step, progress=not args.no_progress)

@@ -91,11 +91,15 @@ class DistillConfig:
     def validate_every(self) -> int:
         return self.eval_every or max(1, self.train_steps // 10)
 
-    def fit_rounds(self) -> "DistillConfig":
-        """The preset's rounds, fewer when the run is small: each round keeps at least
-        MIN_PROMPTS_PER_ROUND prompts (2 prompts a round were trained on for dozens of passes and
-        over-fitted: docs/distill.md). Used when --rounds is not given."""
-        return self.replace(rounds=max(1, min(self.rounds, self.num_prompts // MIN_PROMPTS_PER_ROUND)))
+    def fit_rounds(self, num_prompts: int | None = None, gen_batch_size: int | None = None) -> "DistillConfig":
+        """This config with `num_prompts` / `gen_batch_size` (if given) and the preset's rounds, fewer
+        when the run is small: each round keeps at least MIN_PROMPTS_PER_ROUND prompts (2 prompts a
+        round were trained on for dozens of passes and over-fitted: docs/distill.md) and one teacher
+        batch. Used when --rounds is not given."""
+        n = num_prompts or self.num_prompts
+        gb = gen_batch_size or self.gen_batch_size
+        rounds = max(1, min(self.rounds, n // MIN_PROMPTS_PER_ROUND, math.ceil(n / gb)))
+        return self.replace(num_prompts=n, gen_batch_size=gb, rounds=rounds)
 
     def optim(self) -> OptimSettings:
         return OptimSettings(lr=self.lr, lr_codebooks=self.lr_codebooks, lr_scales=self.lr_scales,

@@ -24,5 +24,7 @@ def test_small_runs_keep_at_least_eight_prompts_a_round():
     assert d.fit_rounds().rounds == 4  # the SPEC run: 2,048 prompts in 4 rounds
     assert d.replace(num_prompts=8).fit_rounds().rounds == 1
     assert d.replace(num_prompts=20).fit_rounds().rounds == 2
+    turbo = recipe("sdxl-turbo").distill  # 8 prompts a teacher batch: one batch, one round
+    assert turbo.fit_rounds(8).rounds == 1 and turbo.fit_rounds(8).num_prompts == 8
     with pytest.raises(ConfigError, match="--val-prompts"):
         d.replace(val_prompts=0)

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": dict(num_prompts=8 if quick else 32, steps=4 if quick else 10, batch_size=4),
         "aq": dict(beam_size=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 10),
         "distill": dict(num_prompts=16 if quick else 64, rounds=2, steps=4 if quick else 10, train_steps=20 if quick else 200,
-                        batch_size=4, grad_accum=4, lr=2e-5, gen_batch_size=4, heldout_prompts=0),
+                        batch_size=4, grad_accum=4, lr=2e-5, lr_codebooks=2e-5, lr_scales=2e-5,
+                        gen_batch_size=4, test_prompts=0, allow_worse=True),  # the earlier table's settings
         "eval": dict(num_prompts=4 if quick else 16, steps=4 if quick else 20, seed=1000),
     }
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-"))

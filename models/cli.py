@@ -90,6 +90,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info["median_rel_error"] is not None:
         errs = sorted(e for e in info["layer_errors"].values() if e is not None)
         print(f"rel. error:   median {info['median_rel_error']:.4g}, max {errs[-1]:.4g} over {len(errs)} layers")
+    if d := info.get("distillation"):
+        before, after = d.get("test_error_before"), d.get("test_error_after")
+        if before is not None and after is not None:
+            print(f"distillation: test U-Net relative error {before:.4g} -> {after:.4g} "
+                  f"({100 * (after / before - 1):+.1f}%), best of {d.get('steps_run')} steps at step {d.get('best_step')}")
+        else:
+            print(f"distillation: {len(d.get('loss_curve', []))} steps (no test figures recorded)")
     print(f"integrity:    {info['integrity']}")
     print(f"manifest:     sha256 {info['manifest_sha256']}")
     return 0 if info["integrity"] == "ok" else 1

@@ -3,7 +3,9 @@
 (`vqdm.models.Preset`: steps, guidance, resolution)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from vqdm.errors import ConfigError
 from vqdm.quantizer.distill.config import DistillConfig
@@ -40,7 +42,43 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe(family: str) -> Recipe:
+# Distillation learning rates per model scale (codebooks, scales, other parameters), applied on
+# top of the family's recipe. Adam moves every element by about lr per step whatever its gradient,
+# so the rate that helps depends on how far the student is from the teacher and how many
+# elements share each codeword; see docs/distill.md "Why lr 3e-4 made students worse".
+# "full": SPEC §4's 1e-6 for the non-quantized parameters; codebooks and scales 1e-5, AQLM's
+# fine-tuning rate for codebooks (not measured on SDXL here: no GPU run of distillation yet).
+# "tiny": measured on the tiny random-weight SDXL / Turbo (benchmarks/distill_sensitivity.py).
+DISTILL_LRS = {
+    "full": {"lr": 1e-6, "lr_codebooks": 1e-5, "lr_scales": 1e-5},
+    "tiny": {"lr": 3e-4, "lr_codebooks": 3e-4, "lr_scales": 3e-4},
+}
+TINY_MAX_WIDTH = 160  # U-Nets whose widest block is narrower than this are "tiny" (SDXL: 1280)
+
+
+def model_scale(unet_config: dict) -> str:
+    """'tiny' for the test-size SDXL-architecture U-Nets, else 'full'."""
+    return "tiny" if max(unet_config.get("block_out_channels", [1280])) < TINY_MAX_WIDTH else "full"
+
+
+def recipe(family: str, scale: str = "full") -> Recipe:
+    """`recipe(family)` with the distillation learning rates of `scale` ('full' or 'tiny')."""
+    base = _family(family)
+    if scale not in DISTILL_LRS:
+        raise ConfigError(f"unknown model scale {scale!r}: choose {' or '.join(DISTILL_LRS)}")
+    return Recipe(calibration=base.calibration, distill=base.distill.replace(**DISTILL_LRS[scale]))
+
+
+def detect_recipe(model_dir: str | Path, family: str | None = None) -> Recipe:
+    """The recipe of a diffusers folder: its family (from the scheduler unless given) and its U-Net's scale."""
+    from vqdm.models import detect_family
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "unet" / "config.json").read_text())
+    return recipe(family or detect_family(model_dir), model_scale(config))
+
+
+def _family(family: str) -> Recipe:
     """The recipe of `family` ('sdxl' / 'sdxl-turbo'); override fields with `.calibration.replace(...)`."""
     try:
         return RECIPES[family]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqdm.models import detect_family, read_model_index
+from vqdm.models import read_model_index
 from vqdm.quantizer.distill.run import distill
 from vqdm.quantizer.quantize.config import DTYPES
-from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.recipes import detect_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,14 +33,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resolution", type=int, metavar="R", help="image side in pixels")
     t.add_argument("--guidance", type=float, metavar="G", help="CFG scale (above 1: both CFG halves are trained)")
     t.add_argument("--gen-batch-size", type=int, metavar="N", help="prompts per teacher pipeline call")
-    t.add_argument("--heldout-prompts", type=int, metavar="N",
-                   help="unseen prompts/seeds whose student-teacher MSE is reported before and after (0: skip)")
+    t.add_argument("--val-prompts", type=int, metavar="N",
+                   help="unseen prompts/seeds for model selection and early stopping (default 4)")
+    t.add_argument("--test-prompts", type=int, metavar="N",
+                   help="other unseen prompts/seeds, never used for selection: the reported figures (default 4; 0: skip)")
 
     o = p.add_argument_group("optimisation (defaults from the preset)")
     o.add_argument("--train-steps", type=int, metavar="T", help="optimizer steps over all rounds")
     o.add_argument("--batch-size", type=int, metavar="N", help="samples per micro-batch")
     o.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step (effective batch = product)")
-    o.add_argument("--lr", type=float, help="Adam learning rate (default 1e-6)")
+    o.add_argument("--lr", type=float, help="Adam learning rate of the non-quantized parameters (preset)")
+    o.add_argument("--lr-codebooks", type=float, help="learning rate of the codebooks (preset)")
+    o.add_argument("--lr-scales", type=float, help="learning rate of the per-row scales (preset)")
+    o.add_argument("--warmup", type=float, metavar="F", help="fraction of steps with a linear warmup (0.1)")
+    o.add_argument("--clip-grad-norm", type=float, metavar="C", help="gradient norm clipping (1.0)")
+    o.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (train steps / 10)")
+    o.add_argument("--patience", type=int, metavar="N", help="validations without improvement before stopping (5)")
+    o.add_argument("--allow-worse", action="store_true",
+                   help="write the best student even if it does not beat the input on validation "
+                        "(default: write nothing and exit 1)")
     o.add_argument("--seed", type=int, metavar="N", help="seed of prompts' noise and sample order (default 0)")
     o.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="autocast for the student (auto: bf16 on CUDA, fp32 otherwise); master weights stay fp32")
@@ -61,12 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.preset is None:
         read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
-    family = args.preset or detect_family(Path(args.teacher))
-    cfg = recipe(family).distill.replace(
+    base = detect_recipe(Path(args.teacher), args.preset).distill
+    if args.rounds is None:  # small runs get fewer rounds (before the other overrides are checked)
+        base = base.fit_rounds(args.num_prompts, args.gen_batch_size)
+    cfg = base.replace(
         prompts_file=args.prompts, num_prompts=args.num_prompts, rounds=args.rounds, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, gen_batch_size=args.gen_batch_size,
-        heldout_prompts=args.heldout_prompts, train_steps=args.train_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, seed=args.seed, precision=args.precision,
+        val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_codebooks=args.lr_codebooks,
+        lr_scales=args.lr_scales, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
+        patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
@@ -74,8 +89,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
                      stop_after_step=args.stop_after_step, progress=not args.no_progress)
     curve = result.loss_curve
     print(f"distilled {len(curve)} steps: loss {curve[0]:.4g} -> {curve[-1]:.4g}" if curve else "no training steps")
-    if result.heldout_mse_before is not None:
-        before, after = result.heldout_mse_before, result.heldout_mse_after
-        print(f"held-out student-teacher MSE {before:.4g} -> {after:.4g} ({100 * (after / before - 1):+.1f}%)")
+    stop = f", stopped early after {len(curve)}" if result.stopped_early else ""
+    print(f"validation relative error {result.val_error_before:.4g} -> {result.val_error_after:.4g} "
+          f"(best at step {result.best_step}{stop})")
+    if result.test_error_before is not None:
+        before, after = result.test_error_before, result.test_error_after
+        print(f"test relative error {before:.4g} -> {after:.4g} ({100 * (after / before - 1):+.1f}%)")
     print(f"wrote {result.out} in {result.seconds / 60:.1f} min")
     return 0

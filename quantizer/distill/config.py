@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass
 
 from vqdm.errors import ConfigError
+from vqdm.quantizer.distill.engine import OptimSettings
 from vqdm.quantizer.sampling import SamplingConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+MIN_PROMPTS_PER_ROUND = 8
 WEIGHT_GRADS = ("dense", "per-call")
 
 
@@ -26,13 +28,22 @@ class DistillConfig:
     train_steps: int  # optimizer steps over all rounds
     batch_size: int  # samples per micro-batch (a sample: one prompt at one step, both CFG halves)
     grad_accum: int  # micro-batches per optimizer step
-    lr: float = 1e-6
+    lr: float = 1e-6  # every non-quantized parameter (norms, biases, embeddings, conv_in/out)
+    lr_codebooks: float = 1e-6
+    lr_scales: float = 1e-6
+    warmup: float = 0.1  # fraction of train_steps with a linear ramp of the learning rates
+    min_lr_factor: float = 0.1  # cosine decay to this fraction of each learning rate
+    clip_grad_norm: float | None = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
     seed: int = 0
     prompts_file: str | None = None
     gen_batch_size: int = 1  # prompts per teacher pipeline call
-    heldout_prompts: int = 4  # teacher trajectories of unseen prompts/seeds, MSE before and after
+    val_prompts: int = 4  # unseen prompts/seeds: model selection and early stopping
+    test_prompts: int = 4  # other unseen prompts/seeds, never used for selection: the reported figures
+    eval_every: int | None = None  # optimizer steps between validations (None: train_steps // 10, at least 1)
+    patience: int = 5  # validations without a new best before stopping (default: half the run)
+    allow_worse: bool = False  # write the student even when it does not beat the input on validation
     precision: str = "auto"  # autocast: "auto" = bf16 on CUDA when supported, else fp32
     gradient_checkpointing: bool = True
     weight_grad: str = "dense"
@@ -48,10 +59,20 @@ class DistillConfig:
             (self.train_steps >= self.rounds, f"--train-steps ({self.train_steps}) must be at least --rounds ({self.rounds})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr > 0 and self.lr_codebooks > 0 and self.lr_scales > 0,
+             f"learning rates must be positive, got --lr {self.lr}, --lr-codebooks {self.lr_codebooks}, "
+             f"--lr-scales {self.lr_scales}"),
+            (0 <= self.warmup < 1, f"--warmup must lie in [0, 1), got {self.warmup}"),
+            (0 <= self.min_lr_factor <= 1, f"min_lr_factor must lie in [0, 1], got {self.min_lr_factor}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
+             f"--clip-grad-norm must be positive, got {self.clip_grad_norm}"),
+            (self.val_prompts >= 1, f"--val-prompts must be at least 1 (validation guards against a worse student), "
+                                    f"got {self.val_prompts}"),
+            (self.test_prompts >= 0, f"--test-prompts must be >= 0, got {self.test_prompts}"),
+            (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+            (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),
             (self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1, got {self.gen_batch_size}"),
-            (self.heldout_prompts >= 0, f"--heldout-prompts must be >= 0, got {self.heldout_prompts}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.weight_grad in WEIGHT_GRADS, f"--weight-grad must be one of {WEIGHT_GRADS}, got {self.weight_grad!r}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
@@ -66,7 +87,27 @@ class DistillConfig:
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum
 
+    @property
+    def validate_every(self) -> int:
+        return self.eval_every or max(1, self.train_steps // 10)
+
+    def fit_rounds(self, num_prompts: int | None = None, gen_batch_size: int | None = None) -> "DistillConfig":
+        """This config with `num_prompts` / `gen_batch_size` (if given) and the preset's rounds, fewer
+        when the run is small: each round keeps at least MIN_PROMPTS_PER_ROUND prompts (2 prompts a
+        round were trained on for dozens of passes and over-fitted: docs/distill.md) and one teacher
+        batch. Used when --rounds is not given."""
+        n = num_prompts or self.num_prompts
+        gb = gen_batch_size or self.gen_batch_size
+        rounds = max(1, min(self.rounds, n // MIN_PROMPTS_PER_ROUND, math.ceil(n / gb)))
+        return self.replace(num_prompts=n, gen_batch_size=gb, rounds=rounds)
+
+    def optim(self) -> OptimSettings:
+        return OptimSettings(lr=self.lr, lr_codebooks=self.lr_codebooks, lr_scales=self.lr_scales,
+                             betas=(self.beta1, self.beta2), warmup=self.warmup, min_lr_factor=self.min_lr_factor,
+                             clip_grad_norm=self.clip_grad_norm)
+
     def replace(self, **overrides) -> "DistillConfig":
+        """A copy with the fields given (None: keep this config's value)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:

@@ -36,10 +36,11 @@ from vqdm.kernels.decoded import conv_weight_view
 from vqdm.models import VQConv2d, detect_family, load_pipeline, vq_modules
 from vqdm.models.artifact import WEIGHTS_FILE, load_vq_unet, save_artifact, unet_fingerprint
 from vqdm.quantizer.checkpoint import json_normalise
+from vqdm.quantizer.distill import engine
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.checks import check_inputs
 from vqdm.quantizer.distill.config import DistillConfig
-from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.recipes import detect_recipe
 from vqdm.quantizer.sampling import Batch, load_prompts, named_seed, plan_batches, prompt_seed, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
 
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 class DistillStopped(VQDMError):
     """The run stopped after a checkpoint because it was asked to (tests); --resume continues it."""
+
+
+class DistillNotBetter(VQDMError):
+    """No trained student beat the input on validation; nothing was written (see --allow-worse)."""
 
 
 # -- the plan: rounds of prompts and of optimizer steps ------------------------------------------
@@ -64,14 +69,16 @@ def round_steps(cfg: DistillConfig) -> list[tuple[int, int]]:
     return [(r * cfg.train_steps // cfg.rounds, (r + 1) * cfg.train_steps // cfg.rounds) for r in range(cfg.rounds)]
 
 
-def heldout_batches(cfg: DistillConfig, prompts: list[str]) -> list[Batch]:
-    """Prompts num_prompts.. (never trained on: their seeds are new, their text too while the file lasts)."""
+def eval_batches(cfg: DistillConfig, prompts: list[str], split: str) -> list[Batch]:
+    """The validation or test prompts: never trained on (their seeds are new, their text too while
+    the file lasts). Validation is prompts num_prompts.. of the run, test the ones after it."""
+    count = cfg.val_prompts if split == "val" else cfg.test_prompts
+    first = cfg.num_prompts + (0 if split == "val" else cfg.val_prompts)
     out = []
-    first = cfg.num_prompts
-    for j, start in enumerate(range(0, cfg.heldout_prompts, cfg.gen_batch_size)):
-        idx = range(first + start, first + min(cfg.heldout_prompts, start + cfg.gen_batch_size))
+    for j, start in enumerate(range(0, count, cfg.gen_batch_size)):
+        idx = range(first + start, first + min(count, start + cfg.gen_batch_size))
         steps = 1 + j % cfg.steps if cfg.vary_steps else cfg.steps
-        out.append(Batch(10**9 + j, tuple(prompts[i % len(prompts)] for i in idx),
+        out.append(Batch((10**9 if split == "val" else 2 * 10**9) + j, tuple(prompts[i % len(prompts)] for i in idx),
                          tuple(prompt_seed(cfg.seed, i) for i in idx), steps))
     return out
 
@@ -157,7 +164,7 @@ def prepare_student(unet: nn.Module, cfg: DistillConfig) -> dict[str, nn.Paramet
 
 
 def make_optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return engine.make_optimizer(params, cfg.optim())
 
 
 def accumulate_gradients(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], precision: str,
@@ -178,16 +185,16 @@ def accumulate_gradients(unet: nn.Module, bank: SampleBank, micro_batches: list[
 
 
 def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-               precision: str, decoded: DecodedWeights | None = None) -> float:
-    """One optimizer step over `micro_batches`; returns the mean MSE."""
+               precision: str, decoded: DecodedWeights | None, step: int, cfg: DistillConfig) -> float:
+    """Optimizer step `step` (0-based) over `micro_batches`; returns the mean MSE."""
     loss = accumulate_gradients(unet, bank, micro_batches, precision, decoded)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    engine.optimizer_step(optimizer, step, cfg.train_steps, cfg.optim())
     if decoded is not None:
         decoded.refresh()
     return loss
 
 
+@torch.no_grad()
 def output_mse(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:
     """mean (unet(x_t) - recorded output)² over the bank: the student–teacher U-Net output MSE."""
     was_training = unet.training
@@ -195,6 +202,17 @@ def output_mse(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:
     pred = unet_predictions(unet, bank, batch_size=batch_size, dtype=torch.float32)
     unet.train(was_training)
     return float(((pred - bank.target.float()) ** 2).mean())
+
+
+@torch.no_grad()
+def relative_error(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:
+    """Σ‖unet(x_t) − recorded‖² / Σ‖recorded‖² over the bank: `vqdm eval`'s unet_rel_mse on these samples."""
+    was_training = unet.training
+    unet.eval()
+    pred = unet_predictions(unet, bank, batch_size=batch_size, dtype=torch.float32)
+    unet.train(was_training)
+    target = bank.target.float()
+    return float(((pred - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30))
 
 
 def codes_snapshot(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,8 +231,13 @@ def check_codes_unchanged(unet: nn.Module, before: dict[str, torch.Tensor]) -> N
 class DistillResult:
     out: Path
     loss_curve: list[float]
-    heldout_mse_before: float | None
-    heldout_mse_after: float | None
+    val_error_before: float
+    val_error_after: float  # the selected student's
+    test_error_before: float | None
+    test_error_after: float | None
+    best_step: int
+    stopped_early: bool
+    improved: bool  # the written student beats the input on validation
     seconds: float
     resumed_from_step: int | None
 
@@ -231,8 +254,9 @@ class _Progress:
 
     step: int = 0
     loss_curve: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)  # held-out MSEs, seconds, samples per round
+    extra: dict = field(default_factory=dict)  # test errors, seconds, samples per round, stopped_early
     resumed_from: int | None = None
+    selection: engine.Selection | None = None  # validation history and the best student so far
 
     def seconds(self, kind: str) -> float:
         return self.extra.get(f"{kind}_seconds", 0.0)
@@ -246,17 +270,21 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
             force: bool = False, stop_after_step: int | None = None, progress: bool = True) -> DistillResult:
     """Distill the VQ U-Net of artifact `student` toward the dense U-Net of folder `teacher`; write `out`.
 
-    `cfg` defaults to the recipe of the teacher's family. The output artifact has the student's
-    codes, the trained codebooks / scales / other parameters (fp16 at rest), the teacher's
-    non-U-Net components, and the student's manifest plus a "distillation" section (settings,
-    loss curve, held-out MSE). `stop_after_step` checkpoints and raises DistillStopped there.
+    `cfg` defaults to the recipe of the teacher's family. The student is validated every
+    `cfg.validate_every` steps on unseen prompts/seeds; the best one is kept and training stops
+    after `cfg.patience` validations without a new best. It is written only when it beats the
+    input on validation (else DistillNotBetter, nothing written, unless `cfg.allow_worse`). The
+    reported figures come from a separate test set. The output artifact has the student's codes,
+    the trained codebooks / scales / other parameters (fp16 at rest), the teacher's non-U-Net
+    components, and the student's manifest plus a "distillation" section. `stop_after_step`
+    checkpoints and raises DistillStopped there.
     """
     start = time.perf_counter()
     teacher, student, out = Path(teacher), Path(student), Path(out)
     ckpt = DistillCheckpoint.for_output(out)
     manifest = check_inputs(teacher, student, out, ckpt, resume, force)
     family = detect_family(teacher)
-    cfg = cfg or recipe(family).distill
+    cfg = cfg or detect_recipe(teacher, family).distill
     prompts = load_prompts(cfg.prompts_file)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -271,18 +299,31 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     identity = json_normalise({
         "teacher_unet_sha256": unet_fingerprint(source_dir=teacher),
         "student_weights_sha256": manifest["files"][WEIGHTS_FILE],
-        "config": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse")},
         "prompts_sha256": prompts_digest(prompts),
     })
     params = prepare_student(unet, cfg)
     optimizer = make_optimizer(params, cfg)
     done = _resume_or_start(ckpt, identity, params, optimizer, resume, force, cfg)
 
-    heldout_bank = _heldout_bank(pipe, unet, cfg, prompts, done)
-    _train(pipe, unet, cfg, prompts, params, optimizer, precision, done,
-           lambda: ckpt.save(identity, done.step, done.loss_curve, params, optimizer, done.extra),
+    val_bank, test_bank = _eval_banks(pipe, unet, cfg, prompts, done)
+    _train(pipe, unet, cfg, prompts, params, optimizer, precision, done, val_bank,
+           lambda: ckpt.save(identity, done.step, done.loss_curve, params, optimizer,
+                             {**done.extra, "selection": done.selection.to_dict()}, best=done.selection.best_state),
            stop_after_step, progress, ckpt)
-    _finish_training(unet, codes_before, heldout_bank, cfg, done)
+    sel = done.selection
+    sel.restore_best(params)
+    _finish_training(unet, codes_before, test_bank, cfg, done)
+    ex = done.extra
+    figures = (f"validation relative error {sel.before:.4g} -> {sel.best_error:.4g} (best of step {sel.best_step}); "
+               f"test {_fmt(ex['test_error_before'])} -> {_fmt(ex.get('test_error_after'))}")
+    if not sel.improved and not cfg.allow_worse:
+        ckpt.remove()
+        raise DistillNotBetter(f"no distilled student beat the input on validation ({figures}); nothing written. "
+                               "Try a lower --lr / --lr-codebooks / --lr-scales or more --num-prompts, or pass "
+                               "--allow-worse to write the best one anyway")
+    if not sel.improved:
+        log.warning("writing a student that does not beat the input on validation (--allow-worse): %s", figures)
     distillation = {
         "method": "MSE between student and teacher U-Net outputs on teacher trajectories (SPEC 4)",
         "teacher": {"name": teacher.resolve().name, "family": family, "unet_sha256": identity["teacher_unet_sha256"]},
@@ -299,60 +340,69 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     # save_artifact reads only `.unet` when the components are copied from source_dir (the teacher's).
     save_artifact(SimpleNamespace(unet=unet), out, fields, source_dir=teacher, overwrite=force)
     ckpt.remove()
-    return DistillResult(out, done.loss_curve, done.extra.get("heldout_mse_before"),
-                         done.extra.get("heldout_mse_after"), time.perf_counter() - start, done.resumed_from)
+    return DistillResult(out, done.loss_curve, sel.before, sel.best_error, ex["test_error_before"],
+                         ex.get("test_error_after"), sel.best_step, bool(ex.get("stopped_early")), sel.improved,
+                         time.perf_counter() - start, done.resumed_from)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a (--test-prompts 0)" if x is None else f"{x:.4g}"
 
 
 def _resume_or_start(ckpt: DistillCheckpoint, identity: dict, params: dict, optimizer, resume: bool, force: bool,
                      cfg: DistillConfig) -> _Progress:
-    """The progress to continue from: the checkpoint's (parameters and Adam restored) on --resume."""
+    """The progress to continue from: the checkpoint's (parameters, Adam, selection) on --resume."""
     if resume:
         state = ckpt.load(identity)
         ckpt.restore(state, params, optimizer)
         log.info("resuming at step %d of %d from %s", state["step"], cfg.train_steps, ckpt.path)
-        return _Progress(state["step"], list(state["loss_curve"]), dict(state["extra"]), state["step"])
+        extra = dict(state["extra"])
+        selection = engine.Selection.from_dict(extra.pop("selection"), ckpt.read_best(state))
+        return _Progress(state["step"], list(state["loss_curve"]), extra, state["step"], selection)
     if force:
         ckpt.remove()
     return _Progress()
 
 
-def _finish_training(unet: nn.Module, codes_before: dict, heldout_bank: SampleBank | None, cfg: DistillConfig,
+def _finish_training(unet: nn.Module, codes_before: dict, test_bank: SampleBank | None, cfg: DistillConfig,
                      done: _Progress) -> None:
-    """Check the codes stayed frozen, measure the held-out MSE after, and leave the U-Net in eval mode."""
+    """Check the codes stayed frozen, measure the test error after, and leave the U-Net in eval mode."""
     check_codes_unchanged(unet, codes_before)
-    if heldout_bank is not None:
-        done.extra["heldout_mse_after"] = output_mse(unet, heldout_bank, cfg.batch_size)
-        log.info("held-out student-teacher MSE: %.6g -> %.6g", done.extra["heldout_mse_before"],
-                 done.extra["heldout_mse_after"])
+    if test_bank is not None:
+        done.extra["test_error_after"] = relative_error(unet, test_bank, cfg.batch_size)
+        log.info("test relative error: %.6g -> %.6g", done.extra["test_error_before"], done.extra["test_error_after"])
     unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
 
 
-def _heldout_bank(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], done: _Progress) -> SampleBank | None:
-    """Teacher samples of the held-out prompts, and the student's MSE on them before training."""
-    hold = heldout_batches(cfg, prompts)
-    if not hold:
-        return None
+def _eval_banks(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], done: _Progress
+                ) -> tuple[SampleBank, SampleBank | None]:
+    """Teacher samples of the validation and test prompts, and the input student's errors on them."""
     t0 = time.perf_counter()
-    bank = record_trajectories(pipe, cfg.sampling(), hold)
+    val = record_trajectories(pipe, cfg.sampling(), eval_batches(cfg, prompts, "val"))
+    test_batches = eval_batches(cfg, prompts, "test")
+    test = record_trajectories(pipe, cfg.sampling(), test_batches) if test_batches else None
     done.add_seconds("trajectory", time.perf_counter() - t0)
-    if "heldout_mse_before" not in done.extra:
-        done.extra["heldout_mse_before"] = output_mse(unet, bank, cfg.batch_size)
-        log.info("held-out student-teacher MSE before: %.6g", done.extra["heldout_mse_before"])
-    return bank
+    if done.selection is None:
+        before = relative_error(unet, val, cfg.batch_size)
+        done.selection = engine.Selection(before=before, patience=cfg.patience)
+        done.extra["test_error_before"] = relative_error(unet, test, cfg.batch_size) if test is not None else None
+        log.info("input student: validation relative error %.6g, test %s", before, _fmt(done.extra["test_error_before"]))
+    return val, test
 
 
 def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params: dict, optimizer,
-           precision: str, done: _Progress, save_checkpoint, stop_after_step: int | None, progress: bool,
-           ckpt: DistillCheckpoint) -> None:
-    """The rounds: fresh teacher trajectories, then the round's optimizer steps, checkpointing as asked."""
+           precision: str, done: _Progress, val_bank: SampleBank, save_checkpoint, stop_after_step: int | None,
+           progress: bool, ckpt: DistillCheckpoint) -> None:
+    """The rounds: fresh teacher trajectories, then the round's optimizer steps with validation every
+    `cfg.validate_every` steps; stops early after `cfg.patience` validations without a new best."""
     rounds, spans = round_batches(cfg, prompts), round_steps(cfg)
     samples_per_round = done.extra.setdefault("samples_per_round", [])
     decoded = DecodedWeights(unet) if cfg.weight_grad == "dense" else None
     bar = tqdm(total=cfg.train_steps, initial=done.step, desc="distill", unit="step", disable=not progress)
     with decoded.installed() if decoded is not None else contextlib.nullcontext():
         for r, (first, end) in enumerate(spans):
-            if done.step >= end:
+            if done.step >= end or done.extra.get("stopped_early"):
                 continue
             t0 = time.perf_counter()
             with tqdm(total=len(rounds[r]), desc=f"round {r + 1}/{cfg.rounds} teacher", unit="batch", leave=False,
@@ -367,12 +417,21 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
             while done.step < end:
                 order = sample_order(cfg.seed, r, len(bank), (done.step - first) * cfg.effective_batch,
                                      cfg.effective_batch)
-                loss = train_step(unet, bank, list(order.split(cfg.batch_size)), optimizer, precision, decoded)
+                loss = train_step(unet, bank, list(order.split(cfg.batch_size)), optimizer, precision, decoded,
+                                  done.step, cfg)
                 done.loss_curve.append(loss)
                 done.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", round=r + 1)
-                if done.step % cfg.checkpoint_every == 0 or done.step == end or done.step == stop_after_step:
+                if done.step % cfg.validate_every == 0 or done.step == cfg.train_steps:
+                    val = relative_error(unet, val_bank, cfg.batch_size)
+                    if done.selection.update(done.step, val, params) and done.step < cfg.train_steps:
+                        done.extra["stopped_early"] = True
+                        log.info("validation error has not improved for %d evaluations: stopping at step %d "
+                                 "(best %.6g at step %d)", cfg.patience, done.step, done.selection.best_error,
+                                 done.selection.best_step)
+                if (done.step % cfg.checkpoint_every == 0 or done.step == end or done.step == stop_after_step
+                        or done.extra.get("stopped_early")):
                     done.add_seconds("training", time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     save_checkpoint()
@@ -380,6 +439,8 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
                     bar.close()
                     raise DistillStopped(f"stopped after step {done.step} as asked; continue with --resume "
                                          f"(checkpoint {ckpt.path})")
+                if done.extra.get("stopped_early"):
+                    break
             done.add_seconds("training", time.perf_counter() - t0)
             del bank
     bar.close()
@@ -388,21 +449,26 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
 def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precision: str, dev: torch.device,
                 tdtype: torch.dtype, prompts_sha256: str, prompt_lines: int) -> dict:
     """The settings and outcome part of the manifest's "distillation" section."""
-    curve = done.loss_curve
+    curve, sel, ex = done.loss_curve, done.selection, done.extra
     return {
         **cfg.to_dict(),
         "effective_batch": cfg.effective_batch,
-        "optimizer": {"name": "Adam", "lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2]},
+        "optimizer": {"name": "Adam", "lr": cfg.optim().lrs(), "betas": [cfg.beta1, cfg.beta2],
+                      "schedule": f"linear warmup over {cfg.warmup:.0%} of the steps, cosine to "
+                                  f"{cfg.min_lr_factor:g} x", "clip_grad_norm": cfg.clip_grad_norm},
         "precision": precision, "device": str(dev), "teacher_dtype": str(tdtype).replace("torch.", ""),
         "scheduler_name": "DDIMScheduler" if cfg.scheduler == "ddim" else type(pipe.scheduler).__name__,
         "prompts_sha256": prompts_sha256, "prompt_lines": prompt_lines,
-        "samples_per_round": done.extra.get("samples_per_round", []),
+        "samples_per_round": ex.get("samples_per_round", []),
         "trainable_parameters": sum(p.numel() for p in params.values()),
         "trainable": "codebooks, scales and every non-quantized U-Net parameter (codes frozen)",
         "loss_curve": curve,
         "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
-        "heldout": {"prompts": cfg.heldout_prompts, "mse_before": done.extra.get("heldout_mse_before"),
-                    "mse_after": done.extra.get("heldout_mse_after")},
+        "error": "relative U-Net output error sum |student - teacher|^2 / sum |teacher|^2 on teacher trajectories",
+        "val_error_before": sel.before, "val_error_after": sel.best_error, "val_history": sel.history,
+        "best_step": sel.best_step, "steps_run": done.step, "stopped_early": bool(ex.get("stopped_early")),
+        "improved_on_validation": sel.improved,
+        "test_error_before": ex.get("test_error_before"), "test_error_after": ex.get("test_error_after"),
         "resumed_from_step": done.resumed_from,
     }
 

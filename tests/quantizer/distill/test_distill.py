@@ -1,4 +1,5 @@
-"""`vqdm distill` on tiny SDXL and tiny Turbo: held-out error drops, codes and size stay, resume is exact."""
+"""`vqdm distill` on tiny SDXL and tiny Turbo: held-out error drops, codes and size stay, resume is exact,
+a harmful run writes nothing."""
 from __future__ import annotations
 
 import json
@@ -20,15 +21,17 @@ from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.sampling import Batch, SamplingConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
-# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples. lr 3e-4: random tiny
+# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples, lr 3e-4 on every group without warmup
+# (validation every 5 steps on 2 prompts, test on 2 others). Random tiny
 # models need far more than the real recipe's 1e-6 to move in 30 steps.
 FAMILY_ARGS = {
     "sdxl": ["--steps", "4"],
     "sdxl-turbo": ["--steps", "2"],
 }
 COMMON = ["--num-prompts", "32", "--rounds", "2", "--resolution", "64", "--train-steps", "30", "--batch-size", "4",
-          "--grad-accum", "2", "--lr", "3e-4", "--gen-batch-size", "2", "--heldout-prompts", "0",
-          "--checkpoint-every", "10", "--no-progress"]
+          "--grad-accum", "2", "--lr", "3e-4", "--lr-codebooks", "3e-4", "--lr-scales", "3e-4", "--warmup", "0",
+          "--gen-batch-size", "2", "--val-prompts", "2", "--test-prompts", "2",
+          "--eval-every", "5", "--checkpoint-every", "10", "--no-progress"]
 HELD_OUT = ("a lighthouse on a cliff at dusk", "a bowl of ramen, studio photo", "an owl in the snow",
             "a red tram crossing a bridge")
 
@@ -107,7 +110,10 @@ def test_distillation_reduces_heldout_error_and_keeps_codes(runs, family):
     m_in = json.loads((r["student"] / MANIFEST_FILE).read_text())
     m = json.loads((r["distilled"] / MANIFEST_FILE).read_text())
     d = m["distillation"]
-    assert len(d["loss_curve"]) == d["train_steps"] == 30
+    assert d["train_steps"] == 30 and len(d["loss_curve"]) == d["steps_run"] <= 30
+    assert d["improved_on_validation"] and d["val_error_after"] < d["val_error_before"]
+    assert [h[0] for h in d["val_history"]][:2] == [5, 10] and 1 <= d["best_step"] <= d["steps_run"]
+    assert 0 < d["test_error_after"] < d["test_error_before"]  # the separate test prompts
     assert d["lr"] == 3e-4 and d["effective_batch"] == 8 and d["rounds"] == 2
     assert d["guidance"] == (5.0 if family == "sdxl" else 0.0)
     assert d["scheduler_name"] == ("DDIMScheduler" if family == "sdxl" else "EulerAncestralDiscreteScheduler")
@@ -130,7 +136,8 @@ def test_resume_equals_uninterrupted(runs):
     assert not out.exists() and (ckpt / "state.json").is_file()
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 17 and len(state["loss_curve"]) == 17
-    assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors", ".safetensors"]
+    assert sorted(p.name.split("-")[0] for p in ckpt.iterdir()) == ["adam", "best", "params", "state.json"]
+    assert [h[0] for h in state["extra"]["selection"]["history"]] == [5, 10, 15]
 
     with pytest.raises(CheckpointError, match="lr"):  # other settings: refused, checkpoint kept
         main(["-v", *r["args"], "--out", str(out), "--resume", "--lr", "1e-4"])
@@ -146,7 +153,34 @@ def test_resume_equals_uninterrupted(runs):
     da = json.loads((r["distilled"] / MANIFEST_FILE).read_text())["distillation"]
     db = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
     assert da["loss_curve"] == db["loss_curve"]
+    assert da["val_history"] == db["val_history"] and da["best_step"] == db["best_step"]
+    assert da["test_error_after"] == db["test_error_after"]
     assert db["resumed_from_step"] == 17
+
+
+def test_harmful_learning_rate_writes_nothing_and_exits_nonzero(runs, capsys):
+    """lr 0.3 without warmup or clipping wrecks the student: exit 1 with the figures, no artifact."""
+    r = runs["sdxl"]
+    harmful = ["--num-prompts", "4", "--rounds", "1", "--train-steps", "4", "--eval-every", "2",
+               "--lr", "0.3", "--lr-codebooks", "0.3", "--lr-scales", "0.3", "--warmup", "0", "--clip-grad-norm", "1e9"]
+    out = r["root"] / "harmful"
+    assert main([*r["args"], *harmful, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no distilled student beat the input on validation" in err and "nothing written" in err
+    assert "test" in err and "--allow-worse" in err
+    assert not out.exists() and not DistillCheckpoint.dir_for(out).exists()
+
+    assert main([*r["args"], *harmful, "--allow-worse", "--out", str(out)]) == 0  # written when asked, and marked
+    d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
+    assert d["improved_on_validation"] is False and d["val_error_after"] >= d["val_error_before"]
+
+
+def test_inspect_shows_test_figures(runs, capsys):
+    d = json.loads((runs["sdxl"]["distilled"] / MANIFEST_FILE).read_text())["distillation"]
+    capsys.readouterr()
+    assert main(["inspect", str(runs["sdxl"]["distilled"])]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("distillation:"))
+    assert f"{d['test_error_before']:.4g} -> {d['test_error_after']:.4g}" in line
 
 
 def test_refuses_a_teacher_the_student_was_not_quantized_from(runs, tiny_turbo_dir, tmp_path):

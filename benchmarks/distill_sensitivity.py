@@ -1,0 +1,171 @@
+"""Does `vqdm distill` with default flags recover quality? Tiny SDXL / tiny Turbo, K, prompts, seeds, lr.
+
+For every (family, K) a student is made once: the tiny random-weight model (`vqdm make-model`)
+quantized with the real AQ at cheap settings (identity H, beam 2, 2 Adam steps, 1 round: the CPU
+budget; a weaker student than `vqdm quantize` gives, so there is more to recover). Then
+`vqdm distill` runs with the preset's defaults except the run size (prompts, steps, resolution,
+train steps, and batch 4 x 2 instead of 4 x 16 / 8 x 8: small for a CPU) and the figures are the test-set relative U-Net error
+Σ‖ε_student − ε_teacher‖² / Σ‖ε_teacher‖² on unseen prompts and seeds (the `vqdm eval`
+`unet_rel_mse` metric on prompts never used for training or selection), before and after.
+
+    .venv/bin/python benchmarks/distill_sensitivity.py grid --families sdxl,sdxl-turbo --ks 2,3 \
+        --prompts 8,32,128 --seeds 0,1,2            # appends to benchmarks/results/distill_sensitivity.json
+    .venv/bin/python benchmarks/distill_sensitivity.py lr --lr-scale 0.1,1,10,100   # lr sweep, one cell
+    .venv/bin/python benchmarks/distill_sensitivity.py plot   # -> benchmarks/results/distill_sensitivity.png
+
+Every finished cell is written at once (a partial run keeps what it measured); a cell already
+in the JSON is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vqdm.models import load_pipeline, make_model, quantize_layers, vq_modules
+from vqdm.models.artifact import save_artifact, unet_fingerprint
+from vqdm.quantizer import quantize_weight
+from vqdm.quantizer.distill.run import DistillNotBetter, distill
+from vqdm.quantizer.quantize.config import make_aq_config
+from vqdm.quantizer.recipes import detect_recipe
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "distill_sensitivity.json"
+RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 4, "test_prompts": 4}
+STEPS = {"sdxl": 4, "sdxl-turbo": 2}
+
+
+def make_student(teacher: Path, out: Path, k: int) -> Path:
+    cfg = make_aq_config(k, beam_size=2, adam_steps=2, max_rounds=1, kmeans_iters=10)
+
+    def fn(name, w):
+        qw = quantize_weight(w, torch.eye(w.shape[1], dtype=torch.float64), cfg)
+        return qw.codes, qw.codebooks.detach().float(), qw.scales.detach().float()
+
+    pipe = load_pipeline(teacher)
+    quantize_layers(pipe.unet, k, fn)
+    layers = {n: {"rel_error": None, "seconds": 0.0} for n, _ in vq_modules(pipe.unet)}
+    return save_artifact(pipe, out, {"layers": layers, "calibration": {"note": "identity H, cheap AQ"},
+                                     "base_model": {"name": teacher.name, "unet_sha256": unet_fingerprint(source_dir=teacher)}},
+                         source_dir=teacher)
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"] if path.is_file() else []
+
+
+def save(path: Path, cells: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "distill_sensitivity", "run": RUN, "steps": STEPS, "cells": cells},
+                               indent=1) + "\n")
+
+
+def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float) -> dict:
+    teacher = work / f"teacher-{family}"
+    if not teacher.exists():
+        make_model("tiny-sdxl" if family == "sdxl" else "tiny-sdxl-turbo", teacher, seed=0 if family == "sdxl" else 1)
+    student = work / f"student-{family}-k{k}"
+    if not student.exists():
+        make_student(teacher, student, k)
+    base = detect_recipe(teacher).distill
+    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **RUN)  # as the CLI does
+    if lr_scale != 1:
+        cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
+                          lr_scales=cfg.lr_scales * lr_scale)
+    t0 = time.perf_counter()
+    cell = {"family": family, "k": k, "prompts": prompts, "seed": seed, "lr_scale": lr_scale,
+            "lr": [cfg.lr, cfg.lr_codebooks, cfg.lr_scales]}
+    try:
+        r = distill(teacher, student, work / "out", cfg, force=True, progress=False)
+        cell |= {"written": True, "val": [r.val_error_before, r.val_error_after], "best_step": r.best_step,
+                 "test_before": r.test_error_before, "test_after": r.test_error_after}
+    except DistillNotBetter as e:
+        cell |= {"written": False, "message": str(e)}
+    cell["seconds"] = time.perf_counter() - t0
+    return cell
+
+
+def grid(args, cells: list[dict]) -> None:
+    done = {(c["family"], c["k"], c["prompts"], c["seed"], c["lr_scale"]) for c in cells}
+    todo = [(f, k, p, s, ls) for p in args.prompts for s in args.seeds for f in args.families for k in args.ks
+            for ls in args.lr_scale]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        for key in todo:
+            if key in done:
+                continue
+            cell = run_cell(work, *key)
+            cells.append(cell)
+            save(args.json, cells)
+            print(json.dumps(cell), flush=True)
+
+
+def plot(path: Path, cells: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+    def change(c):  # written: test change; not written: the input is kept, change 0
+        return 100 * (c["test_after"] / c["test_before"] - 1) if c.get("written") else 0.0
+
+    for (fam, k), marker in zip([(f, k) for f in ("sdxl", "sdxl-turbo") for k in (2, 3)], "os^v"):
+        sel = [c for c in cells if c["family"] == fam and c["k"] == k and c["lr_scale"] == 1]
+        ps = sorted({c["prompts"] for c in sel})
+        if ps:
+            a.plot(ps, [sum(change(c) for c in sel if c["prompts"] == p) / len([c for c in sel if c["prompts"] == p])
+                        for p in ps], marker=marker, label=f"{fam} K={k}")
+        lr = [c for c in cells if c["family"] == fam and c["k"] == k and c["lr_scale"] != 1 or
+              (c["family"] == fam and c["k"] == k and c["lr_scale"] == 1 and c["prompts"] == 32 and c["seed"] == 0)]
+        if len({c["lr_scale"] for c in lr}) > 1:
+            xs = sorted({c["lr_scale"] for c in lr})
+            b.plot(xs, [next(change(c) for c in lr if c["lr_scale"] == x) for x in xs], marker=marker,
+                   label=f"{fam} K={k}")
+    a.set(xscale="log", xlabel="training prompts (default flags; mean over seeds)",
+          ylabel="test U-Net rel. error change (%)", title="prompt count")
+    b.set(xscale="log", xlabel="learning-rate multiplier on the preset (32 prompts, seed 0)", title="learning rate")
+    for ax in (a, b):
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(-25, color="r", lw=0.5, ls="--")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=("grid", "lr", "plot"))
+    ap.add_argument("--families", default="sdxl,sdxl-turbo")
+    ap.add_argument("--ks", default="2,3")
+    ap.add_argument("--prompts", default="8,32,128")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr-scale", default="1")
+    ap.add_argument("--work", help="folder for teachers/students (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.families = args.families.split(",")
+    args.ks = [int(x) for x in args.ks.split(",")]
+    args.prompts = [int(x) for x in args.prompts.split(",")]
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.lr_scale = [float(x) for x in args.lr_scale.split(",")]
+    cells = load(args.json)
+    if args.mode == "lr":
+        args.prompts, args.seeds = [32], [0]
+    if args.mode in ("grid", "lr"):
+        grid(args, cells)
+    plot(args.json, cells, args.json.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

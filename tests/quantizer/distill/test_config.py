@@ -1,0 +1,30 @@
+"""Distillation presets: learning rates by family and model scale; small runs get fewer rounds."""
+from __future__ import annotations
+
+import pytest
+
+from vqdm.errors import ConfigError
+from vqdm.quantizer.recipes import DISTILL_LRS, detect_recipe, model_scale, recipe
+
+
+def test_scale_follows_the_unet_width_and_sets_the_learning_rates(tiny_sdxl_dir, tiny_turbo_dir):
+    assert model_scale({"block_out_channels": [320, 640, 1280]}) == "full"
+    assert model_scale({"block_out_channels": [32, 64, 64]}) == "tiny"
+    tiny, turbo = detect_recipe(tiny_sdxl_dir).distill, detect_recipe(tiny_turbo_dir).distill
+    assert (tiny.lr, tiny.lr_codebooks, tiny.lr_scales) == tuple(DISTILL_LRS["tiny"].values())
+    assert turbo.scheduler == "native" and turbo.lr_codebooks == DISTILL_LRS["tiny"]["lr_codebooks"]
+    full = recipe("sdxl").distill
+    assert full.lr == 1e-6 and full.lr_codebooks == DISTILL_LRS["full"]["lr_codebooks"]
+    with pytest.raises(ConfigError, match="model scale"):
+        recipe("sdxl", "huge")
+
+
+def test_small_runs_keep_at_least_eight_prompts_a_round():
+    d = recipe("sdxl").distill
+    assert d.fit_rounds().rounds == 4  # the SPEC run: 2,048 prompts in 4 rounds
+    assert d.replace(num_prompts=8).fit_rounds().rounds == 1
+    assert d.replace(num_prompts=20).fit_rounds().rounds == 2
+    turbo = recipe("sdxl-turbo").distill  # 8 prompts a teacher batch: one batch, one round
+    assert turbo.fit_rounds(8).rounds == 1 and turbo.fit_rounds(8).num_prompts == 8
+    with pytest.raises(ConfigError, match="--val-prompts"):
+        d.replace(val_prompts=0)

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", help="write the image grid (variants × digits 0-9) here")
     ap.add_argument("--workdir", help="keep the models here (default: a temporary folder); existing ones are reused")
     ap.add_argument("--quick", action="store_true", help="fewer prompts, rounds and steps (a smoke run)")
+    ap.add_argument("--judge-seeds", type=int, help="seeds per digit judged (default 2 with --quick, else 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on shared cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         # is still written and scored here, marked as such.
         "distill": dict(num_prompts=16 if quick else 60, steps=4 if quick else 10, train_steps=40 if quick else 100),
         "eval": dict(num_prompts=10, steps=steps, seed=1000),
-        "judge_seeds": list(range(2 if quick else 10)),
+        "judge_seeds": list(range(args.judge_seeds or (2 if quick else 10))),
     }
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-trained-"))
     work.mkdir(parents=True, exist_ok=True)

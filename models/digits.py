@@ -1,7 +1,7 @@
 """The trained digits model's data, prompts and judge.
 
 The shipped model (`DIGITS_MODEL_DIR`, written by `benchmarks/train_tiny.py`) draws scikit-learn's
-8×8 handwritten digits (`sklearn.datasets.load_digits`, 1,797 images, no download) upscaled to 64²,
+8×8 handwritten digits (`sklearn.datasets.load_digits`, 1,797 images, no download) upscaled to 32²,
 dark ink on white. It is judged by something this project did not write: scikit-learn's
 `LogisticRegression` fitted on the real 8×8 digits. Generated images are turned back into that
 space (grey, inverted, box-averaged to 8×8, scaled to 0..16) before they are classified, and the

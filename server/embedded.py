@@ -1,6 +1,6 @@
 """The embedded default model: with no model configured the server loads the trained tiny
 SDXL-architecture model that ships inside the package (`tiny-sdxl-digits`: it draws scikit-learn's
-handwritten digits at 64², made by `benchmarks/train_tiny.py`), quantizes every selected U-Net
+handwritten digits at 32², made by `benchmarks/train_tiny.py`), quantizes every selected U-Net
 layer with the real per-layer quantizer at a cheap setting, and serves it. Offline, seconds.
 
 There is no calibration data at start-up, so H = identity: each layer minimises plain weight-space

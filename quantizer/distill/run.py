@@ -195,23 +195,24 @@ def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tens
 
 
 @torch.no_grad()
+def _eval_predictions(unet: nn.Module, bank: SampleBank, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unet(x_t) in eval mode, recorded output), both fp32; the U-Net's train/eval mode is restored."""
+    was_training = unet.training
+    unet.eval()
+    pred = unet_predictions(unet, bank, batch_size=batch_size, dtype=torch.float32)
+    unet.train(was_training)
+    return pred, bank.target.float()
+
+
 def output_mse(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:
     """mean (unet(x_t) - recorded output)² over the bank: the student–teacher U-Net output MSE."""
-    was_training = unet.training
-    unet.eval()
-    pred = unet_predictions(unet, bank, batch_size=batch_size, dtype=torch.float32)
-    unet.train(was_training)
-    return float(((pred - bank.target.float()) ** 2).mean())
+    pred, target = _eval_predictions(unet, bank, batch_size)
+    return float(((pred - target) ** 2).mean())
 
 
-@torch.no_grad()
 def relative_error(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> float:
     """Σ‖unet(x_t) − recorded‖² / Σ‖recorded‖² over the bank: `vqdm eval`'s unet_rel_mse on these samples."""
-    was_training = unet.training
-    unet.eval()
-    pred = unet_predictions(unet, bank, batch_size=batch_size, dtype=torch.float32)
-    unet.train(was_training)
-    target = bank.target.float()
+    pred, target = _eval_predictions(unet, bank, batch_size)
     return float(((pred - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30))
 
 

@@ -17,6 +17,7 @@ each (AQ's codebooks cost a lot more per weight on these small layers than on SD
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -90,11 +91,11 @@ def run_task(task: dict) -> dict:
     from vqdm.quantizer import scalar_bits_per_weight
 
     w, h, h_out = task["w"], task["h"], task["h_heldout"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     method = task["method"]
     extra = {}
     if method.startswith("aq"):
-        knobs = {key: task[key] for key in ("adam_steps", "cg_iters") if task[key] is not None}
+        knobs = {key: task[key] for key in ("adam_steps", "cg_iters", "damping") if task[key] is not None}
         cfg = AQConfig(num_codebooks=task["k"], beam_size=task["beam"], **knobs,
                        max_rounds=task["max_rounds"], seed=task["seed"])
         qw = quantize_weight(w, h, cfg)
@@ -105,8 +106,8 @@ def run_task(task: dict) -> dict:
         w_hat, bits = gptq_quantize(w, h, bits=task["bits"], group_size=SCALAR_GROUP), scalar_bits_per_weight(task["bits"], SCALAR_GROUP)
     else:
         w_hat, bits = rtn_quantize(w, bits=task["bits"], group_size=SCALAR_GROUP), scalar_bits_per_weight(task["bits"], SCALAR_GROUP)
-    seconds = time.perf_counter() - t0
-    return {"layer": task["layer"], "method": method, "bits": bits, "seconds": seconds,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"layer": task["layer"], "method": method, "bits": bits, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "rel_error": relative_error(w, w_hat, h), "rel_error_heldout": relative_error(w, w_hat, h_out), **extra}
 
 
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rounds", type=int, default=100, help="AQ round cap (default: SPEC's stop rule decides)")
     ap.add_argument("--adam-steps", type=int, help="Adam steps a round (default: AQConfig's)")
     ap.add_argument("--cg-iters", type=int, help="CG steps per least-squares codebook fit (default: AQConfig's)")
+    ap.add_argument("--damping", type=float, help="AQ search on H + damping·mean(diag H)·I (default: AQConfig's)")
     ap.add_argument("--beam", type=int, default=8)
+    ap.add_argument("--aq-only", action="store_true", help="skip the RTN/GPTQ cells")
+    ap.add_argument("--calibration-texts", type=int, metavar="N",
+                    help="calibrate on the first N sentences only (how error depends on calibration tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes, one torch thread each (default 2)")
     ap.add_argument("--sentences", type=Path, default=SENTENCES, help="calibration text, one per line")
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from transformers import AutoModel, AutoTokenizer
 
+    from vqdm.quantizer import AQConfig
     from vqdm.quantizer.sampling import load_prompts
 
     path = model_dir()
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.")
              and int(n.split(".")[2]) in picked]
     t0 = time.perf_counter()
-    calib_texts, heldout_texts = read_lines(args.sentences), load_prompts(None)
+    calib_texts, heldout_texts = read_lines(args.sentences)[:args.calibration_texts], load_prompts(None)
     h_cal, tok_cal = collect_hessians(model, tokenizer, calib_texts, names)
     h_out, tok_out = collect_hessians(model, tokenizer, heldout_texts, names)
     calib_seconds = time.perf_counter() - t0
@@ -209,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         base = {"layer": n, "w": weights[n], "h": h_cal[n], "h_heldout": h_out[n], "threads": 1}
         for k in sorted(ks, reverse=True):  # longest first: better packing over the workers
             tasks.append({**base, "method": f"aq{k}", "k": k, "beam": args.beam, "adam_steps": args.adam_steps,
-                          "cg_iters": args.cg_iters, "max_rounds": args.max_rounds, "seed": args.seed})
-        for b in SCALAR_BITS:
+                          "cg_iters": args.cg_iters, "damping": args.damping, "max_rounds": args.max_rounds,
+                          "seed": args.seed})
+        for b in () if args.aq_only else SCALAR_BITS:
             tasks.append({**base, "method": f"gptq{b}", "bits": b})
             tasks.append({**base, "method": f"rtn{b}", "bits": b})
     rows: dict[str, dict[str, dict]] = {n: {} for n in names}
@@ -232,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                         "num_texts": len(calib_texts), "tokens": tok_cal},
         "heldout": {"texts": "vqdm/quantizer/prompts.txt", "num_texts": len(heldout_texts), "tokens": tok_out},
         "aq": {"codebooks": ks, "nbits": 8, "group_size": 8, "beam_size": args.beam, "adam_steps": args.adam_steps,
-               "cg_iters": args.cg_iters,
+               "cg_iters": args.cg_iters, "damping": args.damping,
                "max_rounds": args.max_rounds, "relative_tolerance": 0.01, "seed": args.seed},
+        "aq_defaults": {k: v for k, v in dataclasses.asdict(AQConfig()).items() if k not in ("device", "num_codebooks")},
         "scalar": {"group_size": SCALAR_GROUP, "bits": list(SCALAR_BITS), "gptq_damping": 0.01},
         "shapes": {n: list(s) for n, s in shapes.items()},
         "layers": rows,

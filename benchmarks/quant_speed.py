@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/quant_speed.py --shapes 1280x1280 --rounds 1     # a quick look
 
 Shapes (n outputs × d inputs): attention 1280×1280, feed-forward up 10240×1280, feed-forward down
-1280×5120 and the 3×3 conv 1280×(3·3·1280) = 1280×11520, at K = 4 (B = 8, g = 8, beam 8, 100 Adam
-steps a round: the SPEC settings). Every shape runs `--rounds` rounds of Adam + beam search after the
-residual k-means init; per-phase seconds come from `quantize_weight`'s own timers. Random weights
+1280×5120 and the 3×3 conv 1280×(3·3·1280) = 1280×11520, at K = 3 (B = 8, g = 8, beam 8, AQConfig's
+default search: least-squares codebooks, damping 0.2, k-means on 256 points per centroid; pass
+`--aq cg_iters=0 --aq adam_steps=100 --aq kmeans_points_per_centroid=0 --aq damping=0` for the SPEC's
+recipe). Every shape runs `--rounds` rounds (codebook fit + beam search) after the residual k-means init; per-phase seconds come from `quantize_weight`'s own timers. Random weights
 and a calibration H from random activations with unequal channel scales: the work per round does
 not depend on the values, only the number of rounds to converge does, which `--converge` measures
 on the 1280×1280 layer (the SPEC stop rule, < 1% gain per round).
@@ -19,6 +20,7 @@ process on this machine; `torchrun` splits layers over ranks (docs/quantizer.md)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,12 +51,13 @@ def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return w, h
 
 
-def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu") -> dict:
+def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu",
+               knobs: dict | None = None) -> dict:
     from vqdm.quantizer import quantize_weight
 
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
-                   relative_tolerance=0.01 if converge else 0.0, device=device)
+                   relative_tolerance=0.01 if converge else 0.0, device=device, **(knobs or {}))
     qw = quantize_weight(w, h, cfg)
     phases = dict(qw.stats["seconds_by_phase"])
     done = qw.rounds
@@ -67,7 +70,8 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
            "kmeans_fraction": phases["kmeans"] / total, "rel_error": qw.rel_error,
            "rel_error_history": [r["rel_error"] for r in qw.stats["history"]]}
     print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {phases['kmeans']:6.1f} s  "
-          f"per round {per_round:6.1f} s  beam {row['beam_fraction']:.0%} adam {row['adam_fraction']:.0%} "
+          f"per round {per_round:6.1f} s  beam {row['beam_fraction']:.0%} fit {row['lsq_fraction']:.0%} "
+          f"adam {row['adam_fraction']:.0%} "
           f"rel_error {qw.rel_error:.4f}", flush=True)
     return row
 
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(f"{n}x{d}" for n, d in SHAPES.values()),
                     help="n x d pairs, comma-separated (default: the four SDXL shapes)")
-    ap.add_argument("--codebooks", type=int, default=4, help="K (default 4)")
+    ap.add_argument("--codebooks", type=int, default=3, help="K (default 3)")
+    ap.add_argument("--aq", action="append", default=[], metavar="FIELD=VALUE",
+                    help="AQConfig override, e.g. --aq adam_steps=100 (repeatable)")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per shape after the init (default 2)")
     ap.add_argument("--converge", action=argparse.BooleanOptionalAction, default=True,
                     help="also run 1280x1280 to the SPEC stop rule to count rounds (default on)")
@@ -107,28 +113,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
+    settings = dataclasses.asdict(AQConfig(num_codebooks=args.codebooks, **knobs))
     names = {f"{n}x{d}": k for k, (n, d) in SHAPES.items()}
     rows = []
     for spec in args.shapes.split(","):
         n, d = (int(v) for v in spec.lower().split("x"))
         rows.append(time_layer(names.get(spec, spec), n, d, args.codebooks, args.rounds, args.seed, converge=False,
-                               device=args.device))
+                               device=args.device, knobs=knobs))
     converged = None
     if args.converge:
         converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True,
-                               device=args.device)
+                               device=args.device, knobs=knobs)
     rounds = converged["rounds"] if converged else args.rounds
     projection = project_unet(rows, rounds)
     print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, one process, "
           f"{args.device}, {args.threads} threads): {projection['hours']:.1f} h")
-    print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | Adam |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | codebook fit | Adam |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows + ([converged] if converged else []):
         print(f"| {r['shape']} | {r['K']} | {r['rounds']} | {r['seconds']:.1f} | {r['init_seconds']:.1f} | "
-              f"{r['seconds_per_round']:.1f} | {r['beam_fraction']:.0%} | {r['adam_fraction']:.0%} |")
+              f"{r['seconds_per_round']:.1f} | {r['beam_fraction']:.0%} | {r['lsq_fraction']:.0%} | {r['adam_fraction']:.0%} |")
     result = {"benchmark": "quant_speed", "layers": rows, "converged": converged, "projection": projection,
-              "settings": {"K": args.codebooks, "nbits": 8, "group_size": 8, "beam_size": 8, "cg_iters": AQ_DEFAULTS.cg_iters, "adam_steps": AQ_DEFAULTS.adam_steps,
-                           "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
+              "settings": {**{k: v for k, v in settings.items() if k not in ("device", "seed", "max_rounds",
+                                                                              "relative_tolerance")},
+                           "K": args.codebooks, "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads, "torch": torch.__version__, "device": args.device,
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},

@@ -61,15 +61,26 @@ def kmeans(
     iters: int = 100,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
+    points_per_centroid: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's algorithm from k-means++ seeds: (centroids [k, g], assignment [N] int64).
 
     Stops after `iters` iterations or when the mean squared distance improves by less than `tol`
     (relative). An empty cluster is re-seeded on the point currently worst served, so all k
-    centroids stay in use while there are at least k distinct points.
+    centroids stay in use while there are at least k distinct points. With `points_per_centroid`
+    > 0, Lloyd runs on a random subsample of k·points_per_centroid points (faiss's default is 256:
+    centroids stop moving long before every point of a 1.8 M-point conv is seen) and every point is
+    then assigned to its nearest centroid.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"k-means needs points [N, g] with N > 0, got shape {tuple(x.shape)}")
+    if points_per_centroid < 0:
+        raise ValueError(f"points_per_centroid must be >= 0 (0: every point), got {points_per_centroid}")
+    sample = k * points_per_centroid
+    if 0 < sample < x.shape[0]:
+        pick = torch.randperm(x.shape[0], generator=generator, device="cpu")[:sample].to(x.device)
+        centroids, _ = kmeans(x[pick], k, iters, tol, generator)
+        return centroids, nearest(x, centroids)[0]
     centroids = kmeans_plusplus(x, k, generator)
     assign, dist = nearest(x, centroids)
     prev = float(dist.mean())
@@ -98,6 +109,7 @@ def residual_kmeans_init(
     iters: int = 100,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
+    points_per_centroid: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codebooks [K, 2^B, g] and codes [n, d/g, K] int64 for the scale-normalised weight [n, d].
 
@@ -108,7 +120,7 @@ def residual_kmeans_init(
     residual = w_normed.reshape(n * (d // group_size), group_size).clone()  # [n·d/g, g]
     books, codes = [], []
     for _ in range(num_codebooks):
-        c, a = kmeans(residual, codebook_size, iters, tol, generator)
+        c, a = kmeans(residual, codebook_size, iters, tol, generator, points_per_centroid)
         residual -= c[a]
         books.append(c)
         codes.append(a.reshape(n, d // group_size))

@@ -43,12 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--group-size", type=int, default=8, metavar="G", help="weights per group (only 8 is supported)")
     q.add_argument("--beam", type=int, metavar="N", help="beam width of the code search (default 8)")
     q.add_argument("--cg-iters", type=int, metavar="N",
-                   help="least-squares codebook fit before Adam: CG steps per fit, two fits a round (default 0: off; "
-                        "--cg-iters 20 --adam-steps 0 replaces Adam)")
+                   help="least-squares codebook and scale fit each round: CG steps per fit, two fits a round "
+                        "(default 20; --cg-iters 0 --adam-steps 100 is the paper's Adam recipe)")
     q.add_argument("--adam-steps", type=int, metavar="N",
-                   help="Adam steps per round on codebooks and scales (default 100)")
+                   help="Adam steps per round on codebooks and scales, after the fit (default 0)")
     q.add_argument("--max-rounds", type=int, metavar="N", help="cap on Adam + beam-search rounds per layer")
     q.add_argument("--kmeans-iters", type=int, metavar="N", help="Lloyd iterations per codebook at init (default 100)")
+    q.add_argument("--damping", type=float, metavar="F",
+                   help="search on H + F·mean(diag H)·I, errors still on H (default 0.2)")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -60,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # CLI flag -> AQConfig field, in one place.
-AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters"}
+AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters",
+            "damping": "damping"}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

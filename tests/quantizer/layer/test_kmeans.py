@@ -71,3 +71,16 @@ def test_kmeans_init_beats_random_codes():
     from vqdm.kernels.reference import dequantize
     rand = relative_error(w, dequantize(rand_codes, qw.codebooks, qw.scales), h)
     assert init < 0.3 * rand
+
+
+def test_subsampled_lloyd_assigns_every_point_to_its_nearest_centroid():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 8, generator=gen)
+    centroids, assign = kmeans(x, 16, iters=20, generator=gen, points_per_centroid=32)  # Lloyd on 512 points
+    assert centroids.shape == (16, 8) and assign.shape == (20000,)
+    assert torch.equal(assign, torch.cdist(x, centroids).argmin(1))
+    full, _ = kmeans(x, 16, iters=20, generator=torch.Generator().manual_seed(0))
+    mse = lambda c: float(torch.cdist(x, c).min(1).values.square().mean())  # noqa: E731
+    assert mse(centroids) < 1.1 * mse(full)  # a subsample is enough to place 16 centroids
+    with pytest.raises(ValueError, match="points_per_centroid"):
+        kmeans(x, 16, points_per_centroid=-1)

@@ -52,17 +52,21 @@ def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu",
-               knobs: dict | None = None) -> dict:
+               knobs: dict | None = None, cpu_time: bool = False) -> dict:
     from vqdm.quantizer import quantize_weight
 
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
                    relative_tolerance=0.01 if converge else 0.0, device=device, **(knobs or {}))
+    cpu0 = time.process_time()
     qw = quantize_weight(w, h, cfg)
+    cpu = time.process_time() - cpu0
     phases = dict(qw.stats["seconds_by_phase"])
+    if cpu_time:  # one thread on a shared machine: the phases' wall seconds scaled to the CPU time they got
+        phases = {key: v * cpu / qw.seconds for key, v in phases.items()}
     done = qw.rounds
     per_round = (phases.get("lsq", 0.0) + phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
-    total = qw.seconds
+    total = cpu if cpu_time else qw.seconds
     row = {"shape": name, "n": n, "d": d, "K": k, "rounds": done, "seconds": total, "seconds_by_phase": phases,
            "init_seconds": phases["kmeans"], "seconds_per_round": per_round,
            "beam_fraction": phases["beam"] / total, "adam_fraction": phases["adam"] / total,
@@ -77,7 +81,12 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
 
 
 def project_unet(rows: list[dict], rounds: float) -> dict:
-    """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d."""
+    """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d.
+
+    A round's products with H (codebook fit, Adam, loss) cost n·d² and are scaled so; the beam
+    search and the k-means init are scaled by n·d. Beyond the largest measured d (the up blocks'
+    1280×23040 convs) the n·d² part is extrapolated, not measured.
+    """
     from vqdm.models import build_unet, layer_dims, select_layers
 
     unet = build_unet("sdxl", device="meta")
@@ -85,11 +94,14 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
     by_shape: dict[str, float] = {}
     for _, module in select_layers(unet):
         n, d = layer_dims(module)
-        # nearest measured shape in (log d, log n), d first: the H-products scale with d², the rest with n·d
         ref = min(rows, key=lambda r: (abs(math.log(r["d"] / d)), abs(math.log(r["n"] / n))))
-        scale = (n * d) / (ref["n"] * ref["d"])
-        cost = scale * (ref["init_seconds"] + rounds * ref["seconds_per_round"])
-        init += scale * ref["init_seconds"]
+        linear = (n * d) / (ref["n"] * ref["d"])
+        quadratic = linear * d / ref["d"]
+        phases, done = ref["seconds_by_phase"], max(ref["rounds"], 1)
+        h_products = (phases.get("lsq", 0.0) + phases["adam"] + phases["loss"]) / done
+        per_round = quadratic * h_products + linear * phases["beam"] / done
+        cost = linear * ref["init_seconds"] + rounds * per_round
+        init += linear * ref["init_seconds"]
         total += cost
         by_shape[ref["shape"]] = by_shape.get(ref["shape"], 0.0) + cost
     return {"rounds_assumed": rounds, "seconds": total, "hours": total / 3600, "init_seconds": init,
@@ -109,8 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", help="where AQ runs: cpu or cuda (default cpu)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="seconds are the process's CPU seconds (use with --threads 1 on a shared machine: a busy "
+                         "neighbour inflates wall time, not CPU time)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="processes the layers are split over (torchrun --nproc-per-node; default 1): the "
+                         "projection divides by it")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--reproject", metavar="JSON",
+                    help="recompute the projection of an earlier run's JSON (rows, rounds, ranks) and rewrite it")
     args = ap.parse_args(argv)
+    if args.reproject:
+        result = json.loads(Path(args.reproject).read_text())
+        conv = result["converged"]
+        rounds = conv["rounds"] if conv else result["projection"]["rounds_assumed"]
+        ranks = result["projection"].get("ranks", 1)
+        projection = project_unet(result["layers"], rounds)
+        projection.update(ranks=ranks, hours_one_process=projection["hours"], hours=projection["hours"] / ranks)
+        result["projection"] = projection
+        Path(args.reproject).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {ranks} rank(s)")
+        return 0
 
     torch.set_num_threads(args.threads)
     knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
@@ -120,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.shapes.split(","):
         n, d = (int(v) for v in spec.lower().split("x"))
         rows.append(time_layer(names.get(spec, spec), n, d, args.codebooks, args.rounds, args.seed, converge=False,
-                               device=args.device, knobs=knobs))
+                               device=args.device, knobs=knobs, cpu_time=args.cpu_time))
     converged = None
     if args.converge:
         converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True,
-                               device=args.device, knobs=knobs)
+                               device=args.device, knobs=knobs, cpu_time=args.cpu_time)
     rounds = converged["rounds"] if converged else args.rounds
     projection = project_unet(rows, rounds)
-    print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, one process, "
-          f"{args.device}, {args.threads} threads): {projection['hours']:.1f} h")
+    projection["ranks"] = args.ranks
+    projection["hours_one_process"] = projection["hours"]
+    projection["hours"] = projection["hours_one_process"] / args.ranks
+    print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, {args.device}, "
+          f"{args.threads} thread(s) per process, {'CPU' if args.cpu_time else 'wall'} time): "
+          f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {args.ranks} rank(s)")
     print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | codebook fit | Adam |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows + ([converged] if converged else []):
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "relative_tolerance")},
                            "K": args.codebooks, "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": args.threads, "torch": torch.__version__, "device": args.device,
+                          "threads": args.threads, "cpu_time": args.cpu_time, "ranks": args.ranks, "torch": torch.__version__, "device": args.device,
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               "command": "benchmarks/quant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:

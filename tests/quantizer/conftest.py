@@ -9,7 +9,8 @@ import pytest
 
 # Calibration and AQ small enough for CPU tests: 2 prompts x 2 steps at 64², a token AQ search.
 TINY_ARGS = ["--num-prompts", "2", "--steps", "2", "--resolution", "64", "--batch-size", "2",
-             "--beam", "2", "--adam-steps", "2", "--max-rounds", "1", "--kmeans-iters", "5", "--no-progress"]
+             "--beam", "2", "--adam-steps", "2", "--max-rounds", "1", "--kmeans-iters", "5", "--damping", "0.1",
+             "--no-progress"]
 
 
 @pytest.fixture(scope="module")

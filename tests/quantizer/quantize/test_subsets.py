@@ -13,6 +13,7 @@ from vqdm.models import SUBSETS, select_layers, subset_of, vq_modules
 from vqdm.models.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact, verify_files
 from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 from vqdm.quantizer.quantize.run import QuantizeStopped
+from vqdm.server.loader import quantization_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,6 +46,9 @@ def test_only_the_chosen_subsets_are_vq_and_the_artifact_loads(partial_run, caps
     dense = [n for n, _ in select_layers(pipe.unet)]
     assert len(vq) == 5 and {subset_of(n) for n in vq} == {"down_blocks.0"}
     assert dense and {subset_of(n) for n in dense} == set(SUBSETS[1:])  # dense layers load as plain Linear/Conv2d
+    summary = quantization_summary(pipe.unet, pipe.vqdm_manifest)  # what /v1/models shows
+    assert summary["layers"] == 5 and summary["subsets"] == ["down_blocks.0"]
+    assert summary["bits_per_weight_quantized"] < summary["bits_per_weight_unet"] < 16  # dense layers count 16
     image = pipe("a fox", num_inference_steps=1, guidance_scale=1.0, height=64, width=64,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert torch.isfinite(torch.from_numpy(image)).all()

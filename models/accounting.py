@@ -1,11 +1,12 @@
 """Bits-per-weight and byte accounting for VQ U-Nets (SPEC §2 formula)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 import torch.nn as nn
 
-from vqdm.models.layer_selection import layer_dims, select_layers
+from vqdm.models.layer_selection import SUBSETS, layer_dims, layers_in_subsets, select_layers
 from vqdm.models.vq_layers import VQ_MODULES
 from vqdm.vq_format import VQFormat
 
@@ -39,6 +40,7 @@ class Plan:
     num_codebooks: int
     nbits: int
     group_size: int
+    subsets: list[str] = field(default_factory=lambda: list(SUBSETS))  # quantized; the others stay dense fp16
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -46,9 +48,11 @@ class Plan:
         return d
 
 
-def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> Plan:
-    """Works on the meta device: only shapes are read."""
-    layers = select_layers(unet)
+def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: int = 8,
+              subsets: Iterable[str] = SUBSETS) -> Plan:
+    """Works on the meta device: only shapes are read. Layers outside `subsets` count as dense fp16."""
+    subsets = [s for s in SUBSETS if s in set(subsets)]
+    layers = layers_in_subsets(select_layers(unet), subsets)
     unet_params = sum(p.numel() for p in unet.parameters())
     q_weights = 0
     q_bits = 0.0
@@ -67,7 +71,7 @@ def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: i
         bits_per_weight_quantized=q_bits / max(q_weights, 1),
         bits_per_weight_unet=(q_bits + DENSE_BITS * rest) / unet_params,
         unet_bytes=q_bytes + 2 * rest, dense_fp16_bytes=2 * unet_params, dense_fp32_bytes=4 * unet_params,
-        num_codebooks=num_codebooks, nbits=nbits, group_size=group_size,
+        num_codebooks=num_codebooks, nbits=nbits, group_size=group_size, subsets=subsets,
     )
 
 

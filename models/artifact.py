@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from vqdm import __version__
 from vqdm.errors import ArtifactError
 from vqdm.models.accounting import layer_bits, plan_unet
-from vqdm.models.layer_selection import select_layers
+from vqdm.models.layer_selection import SUBSETS, layers_in_subsets, select_layers, subset_of
 from vqdm.models.quantized_unet import replace_with_vq, vq_modules
 
 FORMAT_NAME = "vqdm-artifact"
@@ -117,8 +117,9 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
         if not layers:
             raise ValueError("the pipeline's U-Net has no VQ layers: quantize it before saving an artifact")
         k, g = layers[0][1].num_codebooks, layers[0][1].group_size
+        subsets = _whole_subsets(unet, [n for n, _ in layers])
         q.setdefault("method", "aq")
-        q.update(num_codebooks=k, nbits=8, group_size=g)
+        q.update(num_codebooks=k, nbits=8, group_size=g, subsets=subsets)
         stats = manifest_fields.get("layers", {})
         layer_list = []
         for name, m in layers:
@@ -126,7 +127,7 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
                      "bits": layer_bits(m.n, m.d, m.num_codebooks, 8, m.group_size)}
             entry.update({kk: v for kk, v in stats.get(name, {}).items() if kk not in entry})
             layer_list.append(entry)
-        plan = _plan_from_config(unet.config, k, g)
+        plan = _plan_from_config(unet.config, k, g, subsets)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -164,12 +165,32 @@ def _make_readable(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _plan_from_config(config: dict, num_codebooks: int, group_size: int):
+def _whole_subsets(unet: nn.Module, vq_names: list[str]) -> list[str]:
+    """The subsets (calibration order) the VQ layers cover; each must be covered whole.
+
+    A partly quantized artifact (`vqdm quantize --subsets`) keeps whole subsets dense, so the
+    manifest can name what is VQ by subset and the loader can rebuild exactly that.
+    """
+    vq = set(vq_names)
+    subsets = [s for s in SUBSETS if any(subset_of(n) == s for n in vq)]
+    dense = [n for n, _ in layers_in_subsets(select_layers(unet), subsets)]
+    if dense:
+        raise ValueError(f"subset {subset_of(dense[0])} is only partly quantized ({dense[0]} is dense): "
+                         "an artifact quantizes whole subsets")
+    return subsets
+
+
+def quantized_subsets(manifest: dict) -> list[str]:
+    """The subsets an artifact quantized; artifacts from before `--subsets` quantized all seven."""
+    return list(manifest["quantization"].get("subsets", SUBSETS))
+
+
+def _plan_from_config(config: dict, num_codebooks: int, group_size: int, subsets=SUBSETS):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         meta = UNet2DConditionModel.from_config(dict(config))
-    return plan_unet(meta, num_codebooks, 8, group_size)
+    return plan_unet(meta, num_codebooks, 8, group_size, subsets)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -195,6 +216,9 @@ def read_manifest(path: str | Path) -> dict:
         if key not in manifest:
             raise ArtifactError(mf, f"manifest lacks the {key!r} section")
     q = manifest["quantization"]
+    subsets = q.get("subsets", list(SUBSETS))
+    if not isinstance(subsets, list) or not subsets or any(x not in SUBSETS for x in subsets):
+        raise ArtifactError(mf, f"quantization.subsets {subsets!r} is not a non-empty list of {', '.join(SUBSETS)}")
     if q.get("nbits") != 8 or not isinstance(q.get("num_codebooks"), int) or not isinstance(q.get("group_size"), int):
         raise ArtifactError(mf, f"unsupported quantization {q}: vqdm reads nbits=8 with integer K and g")
     return manifest
@@ -260,13 +284,15 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
         raise ArtifactError(cfg_file, f"not a usable diffusers U-Net config ({e})") from None
     q = manifest["quantization"]
-    selected = [n for n, _ in select_layers(unet)]
+    # VQ layers: every selected layer of the quantized subsets; the others load as dense fp16 tensors
+    selected = [n for n, _ in layers_in_subsets(select_layers(unet), quantized_subsets(manifest))]
     listed = [entry.get("name") for entry in manifest["layers"]]
     if set(selected) != set(listed):
         diff = sorted(set(selected) ^ set(listed))
         raise ArtifactError(path / MANIFEST_FILE,
-                            f"layer list does not match the U-Net config ({len(diff)} differ, e.g. {diff[0]!r})")
-    replace_with_vq(unet, q["num_codebooks"], q["group_size"])
+                            f"layer list does not match the U-Net config and quantized subsets "
+                            f"({len(diff)} differ, e.g. {diff[0]!r})")
+    replace_with_vq(unet, q["num_codebooks"], q["group_size"], names=selected)
     expected = unet.state_dict()
     weights = path / WEIGHTS_FILE
     try:
@@ -317,7 +343,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     q = manifest["quantization"]
     layers = manifest["layers"]
     config = json.loads((path / CONFIG_FILE).read_text())
-    plan = _plan_from_config(config, q["num_codebooks"], q["group_size"]).to_dict()
+    plan = _plan_from_config(config, q["num_codebooks"], q["group_size"], quantized_subsets(manifest)).to_dict()
     errors = [entry["rel_error"] for entry in layers if entry.get("rel_error") is not None]
     return {
         **plan,

@@ -9,6 +9,7 @@ from vqdm.models.accounting import plan_unet
 from vqdm.models.artifact import inspect_artifact
 from vqdm.models.builders import build_unet, make_model
 from vqdm.models.configs import PRESETS
+from vqdm.models.layer_selection import SUBSETS, parse_subsets
 from vqdm.models.loading import read_model_index, read_unet_config
 
 
@@ -25,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", choices=list(PRESETS))
     src.add_argument("--model", help="local diffusers SDXL / SDXL-Turbo folder")
     p.add_argument("--bits", type=int, choices=(2, 3, 4), required=True, help="codebooks K (B=8, g=8)")
+    p.add_argument("--subsets", metavar="NAME,NAME",
+                   help="price quantizing only these subsets (as `vqdm quantize --subsets`), the others dense fp16; "
+                        f"default all: {','.join(SUBSETS)}")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -61,11 +65,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         read_model_index(args.model)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(read_unet_config(args.model))
-    plan = plan_unet(unet, num_codebooks=args.bits).to_dict()
+    plan = plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict()
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
     print(f"layers to quantize: {plan['layers']} ({plan['linear_layers']} Linear, {plan['conv_layers']} Conv2d)")
+    if len(plan["subsets"]) < len(SUBSETS):
+        print(f"subsets quantized:  {', '.join(plan['subsets'])} (the others stay dense fp16)")
     print(f"quantized weights:  {plan['quantized_weights']:,} of {plan['unet_params']:,} U-Net parameters")
     print(f"bits per weight:    {plan['bits_per_weight_quantized']:.2f} on quantized layers, "
           f"{plan['bits_per_weight_unet']:.2f} over the U-Net")
@@ -83,6 +89,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"artifact:     {info['path']} (format v{info['format_version']}, vqdm {info['tool']['version']})")
     print(f"base model:   {info['base_model']}")
     print(f"quantization: K={q['num_codebooks']} B={q['nbits']} g={q['group_size']} ({q.get('method')})")
+    if len(info["subsets"]) < len(SUBSETS):
+        dense = [x for x in SUBSETS if x not in info["subsets"]]
+        print(f"subsets:      {len(info['subsets'])} of {len(SUBSETS)} quantized ({', '.join(info['subsets'])}); "
+              f"dense fp16: {', '.join(dense)}")
     print(f"layers:       {info['layers']} ({info['linear_layers']} Linear, {info['conv_layers']} Conv2d)")
     print(f"bits/weight:  {info['bits_per_weight_quantized']:.2f} quantized, {info['bits_per_weight_unet']:.2f} U-Net")
     print(f"U-Net bytes:  {_gb(info['unet_bytes'])} vs {_gb(info['dense_fp16_bytes'])} fp16, "

@@ -1,7 +1,11 @@
 """Which U-Net modules get quantized (SPEC §2): one rule over the module tree, no name lists."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch.nn as nn
+
+from vqdm.errors import ConfigError
 
 QUANTIZED_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.")
 MIN_FEATURES = 16
@@ -46,3 +50,26 @@ def subset_of(name: str) -> str:
         if name == s or name.startswith(s + "."):
             return s
     raise ValueError(f"{name} is outside the quantized blocks")
+
+
+def parse_subsets(subsets: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Subset names ("down_blocks.0,mid_block" or a list) in calibration order; None or empty text: all seven.
+
+    An unknown name is refused with the valid ones listed; duplicates collapse.
+    """
+    if subsets is None:
+        return SUBSETS
+    names = [s.strip() for s in (subsets.split(",") if isinstance(subsets, str) else subsets)]
+    names = [s for s in names if s]
+    if not names:
+        raise ConfigError(f"no subset given; choose from {', '.join(SUBSETS)}")
+    unknown = [s for s in names if s not in SUBSETS]
+    if unknown:
+        raise ConfigError(f"unknown subset(s) {', '.join(unknown)}; the U-Net's subsets are {', '.join(SUBSETS)}")
+    return tuple(s for s in SUBSETS if s in names)
+
+
+def layers_in_subsets(layers: Iterable[tuple[str, nn.Module]], subsets: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of `layers` that belong to one of `subsets`, order kept."""
+    wanted = set(subsets)
+    return [(n, m) for n, m in layers if subset_of(n) in wanted]

@@ -103,6 +103,8 @@ def quantization_summary(unet, manifest: dict | None = None, extra: dict | None 
     if manifest is not None:
         q = manifest.get("quantization", {})
         out["method"] = q.get("method", "aq")
+        if "subsets" in q:  # a partly quantized artifact (`vqdm quantize --subsets`): the others are dense
+            out["subsets"] = q["subsets"]
         for key in ("base_model", "calibration", "distillation"):
             if manifest.get(key) is not None:
                 out[key] = manifest[key]

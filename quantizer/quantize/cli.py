@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from vqdm.errors import ConfigError
+from vqdm.models import SUBSETS
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
 from vqdm.quantizer.recipes import recipe
 
@@ -24,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished subset")
     mode.add_argument("--force", action="store_true", help="start over, replacing --out and any old checkpoint")
+    p.add_argument("--subsets", metavar="NAME,NAME",
+                   help="quantize only these subsets (comma-separated, any order; run in calibration order); the "
+                        "layers of the others stay dense fp16 in the artifact, whose manifest names the quantized "
+                        f"subsets (default: all seven: {','.join(SUBSETS)})")
+    p.add_argument("--calibrate-skipped", action="store_true",
+                   help="with --subsets: still collect the H statistics of the other subsets, in order and in the "
+                        "passes --max-stats-gb allows, then discard them (measures what calibrating a full run "
+                        "costs, without its AQ)")
 
     c = p.add_argument_group("calibration (defaults from --preset)")
     c.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
@@ -67,6 +77,8 @@ AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_ste
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.calibrate_skipped and not args.subsets:
+        raise ConfigError("--calibrate-skipped needs --subsets: without it every subset is calibrated and quantized")
     calib = recipe(args.preset).calibration.replace(
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, resolution=args.resolution,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
@@ -76,7 +88,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, args.preset, args.bits, args.out, calibration=calib, aq_options=aq, nbits=args.codebook_bits,
         group_size=args.group_size, resume=args.resume, force=args.force, device=args.device, dtype=args.dtype,
         max_stats_bytes=None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30),
-        stop_after_subset=args.stop_after_subset, progress=not args.no_progress)
+        stop_after_subset=args.stop_after_subset, subsets=args.subsets, calibrate_skipped=args.calibrate_skipped,
+        progress=not args.no_progress)
     if rank == 0:
         print_summary(result)
     return 0
@@ -92,9 +105,13 @@ def print_summary(result) -> None:
     print()
     for info in result.subsets:
         tag = " (from checkpoint)" if info.get("resumed") else ""
+        if not info.get("quantized", True):
+            tag = " (statistics only: stays dense)" + tag
         median = "-" if info["median_rel_error"] is None else f"{info['median_rel_error']:.4g}"
+        passes = f" in {info['passes']} pass(es)" if "passes" in info else ""
         print(f"{info['subset']:<14} {info['layers']:>4} layers  median rel.error {median}  "
-              f"calibration {info['calibration_seconds']:.1f} s  quantization {info['quantization_seconds']:.1f} s{tag}")
+              f"calibration {info['calibration_seconds']:.1f} s{passes}  "
+              f"quantization {info['quantization_seconds']:.1f} s{tag}")
     errors = [s["rel_error"] for s in layers.values()]
     weights = sum(s["n"] * s["d"] for s in layers.values())
     bits = sum(s["bits"] * s["n"] * s["d"] for s in layers.values()) / weights

@@ -18,14 +18,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError, ModelFolderError, VQDMError
 from vqdm.models import SUBSETS, detect_family, layer_bits, load_pipeline, quantize_layers, read_model_index
-from vqdm.models import select_layers, subset_of, weight_matrix
+from vqdm.models import layers_in_subsets, parse_subsets, select_layers, weight_matrix
 from vqdm.models.artifact import save_artifact, unet_fingerprint
 from vqdm.quantizer.layer.aq import quantize_weight
 from vqdm.quantizer.layer.error import relative_error
@@ -33,7 +33,7 @@ from vqdm.quantizer.checkpoint import json_normalise
 from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 from vqdm.quantizer.quantize.checks import check_paths
 from vqdm.quantizer.quantize.config import DTYPES, layer_config, make_aq_config
-from vqdm.quantizer.quantize.hessians import collect_hessians, dist_info, plan_passes
+from vqdm.quantizer.quantize.hessians import collect_hessians, dist_info, hessian_bytes, plan_passes
 from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.sampling import (SamplingConfig, check_resolution, load_prompts, named_seed, prompts_digest,
                                      unet_evaluations)
@@ -50,7 +50,7 @@ class QuantizeStopped(VQDMError):
 class QuantizeResult:
     out: Path
     layers: dict[str, dict]  # name -> {subset, n, d, rel_error, bits, seconds, rows}
-    subsets: list[dict]  # per subset: name, layers, calibration/quantization seconds, resumed
+    subsets: list[dict]  # per subset: name, layers, quantized, passes, H bytes, calibration/quantization seconds, resumed
     seconds: float
 
 
@@ -67,6 +67,8 @@ class _Run:
     world: int
     max_stats_bytes: int | None
     progress: bool
+    subsets: tuple[str, ...]  # the subsets to quantize; the others stay dense
+    calibrate_skipped: bool  # still collect (and discard) the H of the others
     layer_stats: dict[str, dict] = field(default_factory=dict)
     subsets_info: list[dict] = field(default_factory=list)
 
@@ -96,6 +98,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
                    nbits: int = 8, group_size: int = 8, resume: bool = False,
                    force: bool = False, device: str | None = None, dtype: str | torch.dtype | None = None,
                    max_stats_bytes: int | None = None, stop_after_subset: int | None = None,
+                   subsets: str | Iterable[str] | None = None, calibrate_skipped: bool = False,
                    progress: bool = True) -> QuantizeResult:
     """Quantize the U-Net of the diffusers folder `model_dir` to K=`bits` codebooks; write the artifact `out`.
 
@@ -104,6 +107,9 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     fields (beam_size, ...). `calibration.seed` seeds everything. `max_stats_bytes` bounds the memory
     of the H sums held at once (a subset is then calibrated in several passes). `stop_after_subset`
     raises QuantizeStopped once that subset (0-6) is checkpointed, as an interruption would.
+    `subsets` (names or "a,b"; default all seven) picks the subsets to quantize: the layers of the
+    others stay dense in the artifact. `calibrate_skipped` still collects the others' H (and then
+    discards it), to measure what calibrating them costs without paying for their AQ.
     Raises ConfigError / ModelFolderError / FileExistsError / CheckpointError before any output is
     written when the inputs are wrong.
     """
@@ -111,6 +117,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     model_dir, out = Path(model_dir), Path(out)
     defaults = recipe(preset)  # an unknown preset is refused even when `calibration` is given
     calib = calibration if calibration is not None else defaults.calibration
+    chosen = parse_subsets(subsets)
     VQFormat(bits, nbits, group_size).check_artifact()
     aq = make_aq_config(bits, nbits, group_size, **(aq_options or {}))
     family = _check_model(model_dir, preset)
@@ -132,14 +139,17 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
         "unet_sha256": unet_fingerprint(source_dir=model_dir), "preset": preset,
         "format": {"num_codebooks": bits, "nbits": nbits, "group_size": group_size},
         "aq": _aq_dict(aq), "seed": calib.seed, "calibration": calib.to_dict(), "prompts_sha256": prompts_digest(prompts),
+        # only when not the default, so checkpoints of full runs keep their identity
+        **({"subsets": list(chosen)} if chosen != SUBSETS else {}),
+        **({"calibrate_skipped": True} if calibrate_skipped else {}),
     })  # not device, dtype or the memory budget: a run may resume elsewhere, or in more passes after an OOM
     state = _open_checkpoint(ckpt, identity, resume, rank, world)
     # one seed for latents, noise, row sampling and AQ
-    run = _Run(pipe, calib, prompts, aq, calib.seed, rank, world, max_stats_bytes, progress)
+    run = _Run(pipe, calib, prompts, aq, calib.seed, rank, world, max_stats_bytes, progress, chosen, calibrate_skipped)
     _quantize_subsets(run, ckpt, state, stop_after_subset)
     if rank == 0:
         manifest = {
-            "quantization": {"method": "aq", **_aq_dict(aq), "seed": calib.seed},
+            "quantization": {"method": "aq", **_aq_dict(aq), "seed": calib.seed, "subsets": list(chosen)},
             "layers": run.layer_stats,
             "base_model": {"name": model_dir.resolve().name, "family": family,
                            "unet_sha256": identity["unet_sha256"]},
@@ -187,12 +197,16 @@ def _quantize_subsets(run: _Run, ckpt: QuantizeCheckpoint, state: dict, stop_aft
     if done:
         log.info("resuming: %d of %d subsets restored from %s", len(done), len(SUBSETS), ckpt.path)
 
-    bar = tqdm(total=len(SUBSETS), initial=len(done), desc="subsets", unit="subset",
+    todo = [i for i, s in enumerate(SUBSETS) if s in run.subsets or run.calibrate_skipped]
+    bar = tqdm(total=len(todo), initial=len(done), desc="subsets", unit="subset",
                disable=not run.progress or run.rank != 0)
     for index, subset in enumerate(SUBSETS):
-        if index in done:
+        if index in done or index not in todo:
             continue
-        tensors, stats, info = _quantize_subset(run, subset)
+        if subset in run.subsets:
+            tensors, stats, info = _quantize_subset(run, subset)
+        else:  # statistics only: the layers stay dense
+            tensors, stats, info = {}, {}, _calibrate_subset(run, subset)
         quantize_layers(unet, k, lambda name, w: tensors[name], g, names=list(tensors))
         run.layer_stats.update(stats)
         run.subsets_info.append(info)
@@ -200,9 +214,10 @@ def _quantize_subsets(run: _Run, ckpt: QuantizeCheckpoint, state: dict, stop_aft
             ckpt.save_subset(state, index, subset, tensors, stats, info)
         _barrier(run.world)
         bar.update(1)
-        log.info("subset %d/%d %s: %d layers, calibration %.1f s, quantization %.1f s, median rel. error %s",
-                 index + 1, len(SUBSETS), subset, info["layers"], info["calibration_seconds"],
-                 info["quantization_seconds"], info["median_rel_error"])
+        log.info("subset %d/%d %s: %d layers, %s, calibration %.1f s in %d pass(es) (H %.2f GB), quantization %.1f s, "
+                 "median rel. error %s", index + 1, len(SUBSETS), subset, info["layers"],
+                 "quantized" if info["quantized"] else "statistics only, stays dense", info["calibration_seconds"],
+                 info["passes"], info["h_bytes"] / 1e9, info["quantization_seconds"], info["median_rel_error"])
         if stop_after_subset is not None and index >= stop_after_subset:
             bar.close()
             raise QuantizeStopped(f"stopped after subset {index} ({subset}) as asked; "
@@ -221,21 +236,56 @@ def _calibration_record(run: _Run, preset: str, prompts_sha256: str, dtype: torc
             "subsets": run.subsets_info}
 
 
+def _h_bytes(calibrated, modules: dict) -> int:
+    """Bytes of the fp64 H sums a pass held: one per sharing group."""
+    return sum(hessian_bytes(modules[owner]) for owner in calibrated.groups)
+
+
+def _calibrate_pass(run: _Run, subset: str, p: int, passes: list[list[str]]):
+    """Collect H for pass `p` of a subset; (statistics, seconds)."""
+    label = subset if len(passes) == 1 else f"{subset} [{p + 1}/{len(passes)}]"
+    t0 = time.perf_counter()
+    with tqdm(desc=f"{label} calibration", unit="batch", leave=False, disable=not run.progress or run.rank != 0) as bar:
+        calibrated = collect_hessians(run.pipe, passes[p], run.calib, run.prompts, progress=bar)
+    return calibrated, time.perf_counter() - t0
+
+
+def _subset_info(subset: str, layers: list, passes: list, quantized: bool, calib_s: float, quant_s: float,
+                 h_bytes: list[int], errors: list[float]) -> dict:
+    errors = sorted(errors)
+    return {"subset": subset, "layers": len(layers), "quantized": quantized, "calibration_seconds": calib_s,
+            "quantization_seconds": quant_s, "median_rel_error": errors[len(errors) // 2] if errors else None,
+            "passes": len(passes), "h_bytes": sum(h_bytes), "max_pass_h_bytes": max(h_bytes, default=0)}
+
+
+def _calibrate_subset(run: _Run, subset: str) -> dict:
+    """Collect one subset's H (in the same passes a quantizing run would) and discard it; the subset info."""
+    layers = layers_in_subsets(select_layers(run.pipe.unet), [subset])
+    passes = plan_passes(layers, run.max_stats_bytes)
+    calib_s, h_bytes = 0.0, []
+    for p in range(len(passes)):
+        calibrated, seconds = _calibrate_pass(run, subset, p, passes)
+        calib_s += seconds
+        h_bytes.append(_h_bytes(calibrated, dict(layers)))
+        del calibrated  # free this pass's H before the next one
+    return _subset_info(subset, layers, passes, False, calib_s, 0.0, h_bytes, [])
+
+
 def _quantize_subset(run: _Run, subset: str) -> tuple[dict, dict, dict]:
     """Calibrate and quantize one subset's layers; (tensors by layer, stats by layer, subset info)."""
-    layers = [(n, m) for n, m in select_layers(run.pipe.unet) if subset_of(n) == subset]
+    layers = layers_in_subsets(select_layers(run.pipe.unet), [subset])
     modules = dict(layers)
     passes = plan_passes(layers, run.max_stats_bytes)
     tensors: dict[str, tuple] = {}
     stats: dict[str, dict] = {}
     calib_s = quant_s = 0.0
+    h_bytes: list[int] = []
     quiet = not run.progress or run.rank != 0
     for p, names in enumerate(passes):
         label = subset if len(passes) == 1 else f"{subset} [{p + 1}/{len(passes)}]"
-        t0 = time.perf_counter()
-        with tqdm(desc=f"{label} calibration", unit="batch", leave=False, disable=quiet) as bar:
-            calibrated = collect_hessians(run.pipe, names, run.calib, run.prompts, progress=bar)
-        calib_s += time.perf_counter() - t0
+        calibrated, seconds = _calibrate_pass(run, subset, p, passes)
+        calib_s += seconds
+        h_bytes.append(_h_bytes(calibrated, modules))
 
         t0 = time.perf_counter()
         mine = _assign(names, modules, run.world)[run.rank]
@@ -250,9 +300,7 @@ def _quantize_subset(run: _Run, subset: str) -> tuple[dict, dict, dict]:
             stats[name].update(subset=subset, n=n, d=d, bits=layer_bits(n, d, run.aq.num_codebooks, 8, run.aq.group_size),
                                rows=calibrated.counts.get(name, 0), shares_h_with=owner if owner != name else None)
         quant_s += time.perf_counter() - t0
-    errors = sorted(s["rel_error"] for s in stats.values())
-    info = {"subset": subset, "layers": len(layers), "calibration_seconds": calib_s, "quantization_seconds": quant_s,
-            "median_rel_error": errors[len(errors) // 2] if errors else None, "passes": len(passes)}
+    info = _subset_info(subset, layers, passes, True, calib_s, quant_s, h_bytes, [s["rel_error"] for s in stats.values()])
     return tensors, stats, info
 
 

@@ -16,3 +16,16 @@ def test_layer_bits_formula():
     # K*B/g + K*2^B*g*16/(n*d) + 16/d
     assert layer_bits(1280, 1280, 4) == pytest.approx(4 + 4 * 256 * 8 * 16 / 1280**2 + 16 / 1280)
     assert layer_bits(10, 16, 1) == pytest.approx(1 + 256 * 8 * 16 / 160 + 1)
+
+
+def test_plan_of_some_subsets_counts_the_others_as_dense_fp16():
+    from vqdm.models import SUBSETS, build_unet, layer_bytes, layer_dims, layers_in_subsets, plan_unet, select_layers
+
+    unet = build_unet("sdxl", device="meta")
+    full = plan_unet(unet, 3)
+    part = plan_unet(unet, 3, subsets=["mid_block", "down_blocks.0"])
+    assert part.subsets == ["down_blocks.0", "mid_block"] and full.subsets == list(SUBSETS)
+    assert part.layers == 5 + 106 and part.unet_params == full.unet_params
+    skipped = [m for _, m in layers_in_subsets(select_layers(unet), SUBSETS[1:3] + SUBSETS[4:])]
+    extra = sum(2 * layer_dims(m)[0] * layer_dims(m)[1] - layer_bytes(*layer_dims(m), 3) for m in skipped)
+    assert part.unet_bytes == full.unet_bytes + extra

@@ -38,3 +38,18 @@ def test_tiny_keeps_the_sdxl_block_structure():
     assert {subset_of(n) for n in names} == set(SUBSETS)
     assert any("attn2.to_k" in n for n in names) and any(n.endswith("conv1") for n in names)
     assert any("downsamplers" in n for n in names) and any("upsamplers" in n for n in names)
+
+
+def test_parse_subsets_orders_validates_and_names_the_valid_ones():
+    import pytest
+
+    from vqdm.errors import ConfigError
+    from vqdm.models import parse_subsets
+
+    assert parse_subsets(None) == SUBSETS
+    assert parse_subsets("mid_block, down_blocks.0,mid_block") == ("down_blocks.0", "mid_block")
+    assert parse_subsets(["up_blocks.2", "down_blocks.1"]) == ("down_blocks.1", "up_blocks.2")
+    with pytest.raises(ConfigError, match=r"unknown subset\(s\) mid; the U-Net's subsets are down_blocks.0, "):
+        parse_subsets("mid")
+    with pytest.raises(ConfigError, match="no subset given"):
+        parse_subsets(",")

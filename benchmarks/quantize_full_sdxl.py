@@ -109,13 +109,17 @@ def main() -> int:
     ap.add_argument("--max-stats-gb", type=float, default=5.0)
     ap.add_argument("--subsets", default=SUBSETS_QUANTIZED)
     ap.add_argument("--resume", action="store_true", help="continue an interrupted quantize run")
+    ap.add_argument("--aq-args", default=shlex.join(AQ), help=f"AQ flags of the quantize run (default: {shlex.join(AQ)!r})")
+    ap.add_argument("--no-calibrate-skipped", action="store_true",
+                    help="calibrate only the quantized subsets (default: all seven, the others' H discarded)")
+    ap.add_argument("--artifact-name", default="sdxl-vq3-partial", help="artifact folder inside --workdir")
     ap.add_argument("--skip-quantize", action="store_true",
                     help="the artifact exists: only inspect, generate and plan (its quantize figures come from "
                          "the manifest, and no quantize RSS is measured)")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model, art = work / "sdxl", work / "sdxl-vq3-partial"
+    model, art = work / "sdxl", work / args.artifact_name
     load = LoadSampler()
     load.start()
     started = time.time()
@@ -125,18 +129,19 @@ def main() -> int:
     if not model.exists():
         phases["make_model"] = run([*VQDM, "make-model", "sdxl", "--out", str(model), "--seed", "0"], work / "make_model.log")
     quantize_cmd = [*VQDM, "quantize", "--model", str(model), "--preset", "sdxl", "--bits", "3", "--out", str(art),
-                    "--subsets", args.subsets, "--calibrate-skipped", "--max-stats-gb", str(args.max_stats_gb),
-                    *CALIBRATION, *AQ, "--device", "cpu", "--no-progress"]
+                    "--subsets", args.subsets, *([] if args.no_calibrate_skipped else ["--calibrate-skipped"]),
+                    "--max-stats-gb", str(args.max_stats_gb), *CALIBRATION, *shlex.split(args.aq_args),
+                    "--device", "cpu", "--no-progress"]
     if args.resume:
         quantize_cmd.append("--resume")
     if not args.skip_quantize:
-        phases["quantize"] = run(quantize_cmd, work / "quantize.log")
-    phases["inspect"] = run([*VQDM, "inspect", str(art)], work / "inspect.log")
+        phases["quantize"] = run(quantize_cmd, work / f"{args.artifact_name}.quantize.log")
+    phases["inspect"] = run([*VQDM, "inspect", str(art)], work / f"{args.artifact_name}.inspect.log")
     inspect = json.loads(subprocess.run([*VQDM, "inspect", str(art), "--json"], check=True, capture_output=True,
                                         text=True).stdout)
     phases["generate"] = run([*VQDM, "generate", "a lighthouse at dusk, oil painting", "--model", str(art),
-                              "-o", str(work / "generate.png"), "--steps", "1", "--size", "256x256", "--guidance", "1",
-                              "--seed", "0", "--device", "cpu", "--dtype", "float32"], work / "generate.log")
+                              "-o", str(work / f"{args.artifact_name}.png"), "--steps", "1", "--size", "256x256", "--guidance", "1",
+                              "--seed", "0", "--device", "cpu", "--dtype", "float32"], work / f"{args.artifact_name}.generate.log")
     plan_all = json.loads(subprocess.run([*VQDM, "plan", "--preset", "sdxl", "--bits", "3", "--json"], check=True,
                                          capture_output=True, text=True).stdout)
     plan_same = json.loads(subprocess.run([*VQDM, "plan", "--preset", "sdxl", "--bits", "3", "--subsets", args.subsets,
@@ -184,7 +189,7 @@ def main() -> int:
                          "median_rel_error": inspect["median_rel_error"], "output": phases["inspect"]["output"]}
     gen = phases["generate"]
     record["generate"] = {"seconds": gen["seconds"], "peak_rss_bytes": gen["peak_rss_bytes"],
-                          "png_bytes": (work / "generate.png").stat().st_size, "output": gen["output"][-2000:]}
+                          "png_bytes": (work / f"{args.artifact_name}.png").stat().st_size, "output": gen["output"][-2000:]}
     if "quantize" in phases:
         record["quantize_summary_tail"] = "\n".join(phases["quantize"]["output"].splitlines()[-12:])
     record["wall_seconds"] = round(time.time() - started, 1)

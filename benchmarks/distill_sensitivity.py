@@ -36,7 +36,7 @@ from vqdm.quantizer.recipes import detect_recipe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill_sensitivity.json"
-RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 4, "test_prompts": 4}
+RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 8, "test_prompts": 8}
 STEPS = {"sdxl": 4, "sdxl-turbo": 2}
 
 
@@ -83,7 +83,7 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
     try:
         r = distill(teacher, student, work / "out", cfg, force=True, progress=False)
         cell |= {"written": True, "val": [r.val_error_before, r.val_error_after], "best_step": r.best_step,
-                 "test_before": r.test_error_before, "test_after": r.test_error_after}
+                 "test_before": r.test_error_before, "test_after": r.test_error_after, "error_lr_scale": r.lr_scale}
     except DistillNotBetter as e:
         cell |= {"written": False, "message": str(e)}
     cell["seconds"] = time.perf_counter() - t0

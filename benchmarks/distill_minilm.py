@@ -133,16 +133,21 @@ def gptq_student(model: nn.Module, hs: dict, nbits: int = 3, group: int = 128) -
 
 def distill_student(student: nn.Module, teacher_states: list[tuple], train: list[dict], val: list[dict],
                     val_teacher: torch.Tensor, steps: int, opt: OptimSettings, eval_every: int, patience: int,
-                    seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None) -> dict:
-    """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit)."""
-    params = dict(student.named_parameters())
-    for p in params.values():
-        p.requires_grad_(True)
+                    seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None,
+                    frozen: tuple[str, ...] = ()) -> dict:
+    """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit);
+    parameters whose names start with one of `frozen` stay as they are."""
+    params = {n: p for n, p in student.named_parameters() if not any(n.startswith(f) for f in frozen)}
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in params)
     scale = [float(torch.stack([ts[i].var() for ts in teacher_states]).mean()) for i in range(len(teacher_states[0]))]
 
     def loss_fn(i: int) -> torch.Tensor:
         b, target = train[i], teacher_states[i]
-        student.train()
+        # eval mode: no dropout. The teacher's targets are dropout-free; a student trained with
+        # BERT's dropout (0.1) chases noise larger than a close student's error (measured: K = 3
+        # got worse at every lr with dropout on)
+        student.eval()
         out = hidden_states(student, b)
         mask = b["attention_mask"].unsqueeze(-1).float()
         # every layer's output, each normalised by the teacher's variance there, padding masked out
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated learning rates (all groups), one run each; the best on validation is reported")
     ap.add_argument("--lr-reference-error", type=float, default=None,
                     help="scale the rates by min(1, input validation error / this) (engine.error_lr_scale)")
+    ap.add_argument("--freeze", default="",
+                    help="comma-separated parameter-name prefixes to keep frozen (e.g. embeddings.: the token "
+                         "embeddings, which a held-out sentence's unseen tokens would not get trained)")
     ap.add_argument("--min-improvement", type=float, default=0.02,
                     help="relative validation gain needed to keep the distilled student (vqdm distill's rule)")
     ap.add_argument("--eval-every", type=int, default=20)
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"cosine {before['cosine']:.4f}", flush=True)
             opt = OptimSettings(lr=lr, lr_codebooks=lr, lr_scales=lr)
             run = distill_student(student, teacher_states, train, val, val_teacher, args.steps, opt, args.eval_every,
-                                  args.patience, args.seed, args.min_improvement, args.lr_reference_error)
+                                  args.patience, args.seed, args.min_improvement, args.lr_reference_error,
+                                  tuple(f for f in args.freeze.split(",") if f))
             after = embedding_error(embeddings(student, test), test_teacher)
             print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
                   f"{run['seconds']:.0f}s; validation {run['val_error_before']:.4g} -> {run['val_error_after']:.4g} "
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                            "error_reduction": 1 - final["error"] / best["before"]["error"],
                            "kept_distilled_student": kept,
                            "trained_student_heldout_error": best["after"]["error"],
+                           "command": " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])]),
                            "lr": best["lr"], "bits_per_weight": best["bits"], "quantize_seconds": best["q_seconds"],
                            "distill": best["run"],
                            "lr_sweep": [{"lr": r["lr"], "val_error_after": r["run"]["val_error_after"],
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill": {"steps": args.steps, "batch_size": args.batch_size, "lrs": lrs,
                     "optim": OptimSettings(lr=lrs[0], lr_codebooks=lrs[0], lr_scales=lrs[0]).__dict__ | {"lr": "per run"},
                     "lr_reference_error": args.lr_reference_error, "min_improvement": args.min_improvement,
+                    "frozen": args.freeze,
                     "eval_every": args.eval_every, "patience": args.patience,
                     "loss": "mean over the 6 layer outputs of token-level MSE / teacher variance (padding masked)"},
         "metric": "mean-pooled final hidden state: sum|s-t|^2 / sum|t-mean t|^2, and mean cosine, on the test sentences",

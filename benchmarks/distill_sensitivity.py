@@ -36,7 +36,7 @@ from vqdm.quantizer.recipes import detect_recipe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill_sensitivity.json"
-RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 4, "test_prompts": 4}
+RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 8, "test_prompts": 8}
 STEPS = {"sdxl": 4, "sdxl-turbo": 2}
 
 
@@ -83,7 +83,7 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
     try:
         r = distill(teacher, student, work / "out", cfg, force=True, progress=False)
         cell |= {"written": True, "val": [r.val_error_before, r.val_error_after], "best_step": r.best_step,
-                 "test_before": r.test_error_before, "test_after": r.test_error_after}
+                 "test_before": r.test_error_before, "test_after": r.test_error_after, "error_lr_scale": r.lr_scale}
     except DistillNotBetter as e:
         cell |= {"written": False, "message": str(e)}
     cell["seconds"] = time.perf_counter() - t0
@@ -111,7 +111,9 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    has_lr = any(c["lr_scale"] != 1 for c in cells)  # the lr panel only once `lr` mode has run
+    fig, axes = plt.subplots(1, 2 if has_lr else 1, figsize=(10 if has_lr else 5.5, 3.8), squeeze=False)
+    a, b = axes[0][0], (axes[0][1] if has_lr else None)
 
     def change(c):  # written: test change; not written: the input is kept, change 0
         return 100 * (c["test_after"] / c["test_before"] - 1) if c.get("written") else 0.0
@@ -124,14 +126,15 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
                         for p in ps], marker=marker, label=f"{fam} K={k}")
         lr = [c for c in cells if c["family"] == fam and c["k"] == k and c["lr_scale"] != 1 or
               (c["family"] == fam and c["k"] == k and c["lr_scale"] == 1 and c["prompts"] == 32 and c["seed"] == 0)]
-        if len({c["lr_scale"] for c in lr}) > 1:
+        if b is not None and len({c["lr_scale"] for c in lr}) > 1:
             xs = sorted({c["lr_scale"] for c in lr})
             b.plot(xs, [next(change(c) for c in lr if c["lr_scale"] == x) for x in xs], marker=marker,
                    label=f"{fam} K={k}")
     a.set(xscale="log", xlabel="training prompts (default flags; mean over seeds)",
           ylabel="test U-Net rel. error change (%)", title="prompt count")
-    b.set(xscale="log", xlabel="learning-rate multiplier on the preset (32 prompts, seed 0)", title="learning rate")
-    for ax in (a, b):
+    if b is not None:
+        b.set(xscale="log", xlabel="learning-rate multiplier on the preset (32 prompts, seed 0)", title="learning rate")
+    for ax in [x for x in (a, b) if x is not None]:
         ax.axhline(0, color="k", lw=0.5)
         ax.axhline(-25, color="r", lw=0.5, ls="--")
         ax.legend(fontsize=7)

@@ -30,14 +30,15 @@ RECIPES: dict[str, Recipe] = {
         calibration=SamplingConfig(num_prompts=256, steps=50, guidance=5.0, resolution=1024, scheduler="ddim",
                                    batch_size=2),
         distill=DistillConfig(num_prompts=2048, rounds=4, steps=50, guidance=5.0, resolution=1024, scheduler="ddim",
-                              vary_steps=False, train_steps=1600, batch_size=4, grad_accum=16, gen_batch_size=2),
+                              vary_steps=False, train_steps=1600, batch_size=4, grad_accum=16, gen_batch_size=2,
+                              val_prompts=16, test_prompts=16),
     ),
     "sdxl-turbo": Recipe(
         calibration=SamplingConfig(num_prompts=10_240, steps=4, guidance=0.0, resolution=512, scheduler="native",
                                    vary_steps=True, batch_size=8),
         distill=DistillConfig(num_prompts=40_960, rounds=4, steps=4, guidance=0.0, resolution=512,
                               scheduler="native", vary_steps=True, train_steps=1600, batch_size=8, grad_accum=8,
-                              gen_batch_size=8),
+                              gen_batch_size=8, val_prompts=16, test_prompts=16),
     ),
 }
 
@@ -48,10 +49,12 @@ RECIPES: dict[str, Recipe] = {
 # elements share each codeword; see docs/distill.md "Why lr 3e-4 made students worse".
 # "full": SPEC §4's 1e-6 for the non-quantized parameters; codebooks and scales 1e-5, AQLM's
 # fine-tuning rate for codebooks (not measured on SDXL here: no GPU run of distillation yet).
-# "tiny": measured on the tiny random-weight SDXL / Turbo (benchmarks/distill_sensitivity.py).
+# "tiny": measured on the tiny random-weight SDXL / Turbo (benchmarks/distill_sensitivity.py): 3e-4
+# for a K = 2 student (validation error ≈ 0.2), scaled down for closer students (K = 3, ≈ 0.03–0.06,
+# wants 3e-5..1e-4; at 3e-4 it got worse): lr_reference_error. Not set for "full" (not measured).
 DISTILL_LRS = {
     "full": {"lr": 1e-6, "lr_codebooks": 1e-5, "lr_scales": 1e-5},
-    "tiny": {"lr": 3e-4, "lr_codebooks": 3e-4, "lr_scales": 3e-4},
+    "tiny": {"lr": 3e-4, "lr_codebooks": 3e-4, "lr_scales": 3e-4, "lr_reference_error": 0.2},
 }
 TINY_MAX_WIDTH = 160  # U-Nets whose widest block is narrower than this are "tiny" (SDXL: 1280)
 

@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--guidance", type=float, metavar="G", help="CFG scale (above 1: both CFG halves are trained)")
     t.add_argument("--gen-batch-size", type=int, metavar="N", help="prompts per teacher pipeline call")
     t.add_argument("--val-prompts", type=int, metavar="N",
-                   help="unseen prompts/seeds for model selection and early stopping (default 4)")
+                   help="unseen prompts/seeds for model selection and early stopping (default 16)")
     t.add_argument("--test-prompts", type=int, metavar="N",
-                   help="other unseen prompts/seeds, never used for selection: the reported figures (default 4; 0: skip)")
+                   help="other unseen prompts/seeds, never used for selection: the reported figures (default 16; 0: skip)")
 
     o = p.add_argument_group("optimisation (defaults from the preset)")
     o.add_argument("--train-steps", type=int, metavar="T", help="optimizer steps over all rounds")
@@ -45,13 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--lr", type=float, help="Adam learning rate of the non-quantized parameters (preset)")
     o.add_argument("--lr-codebooks", type=float, help="learning rate of the codebooks (preset)")
     o.add_argument("--lr-scales", type=float, help="learning rate of the per-row scales (preset)")
+    rates = o.add_mutually_exclusive_group()
+    rates.add_argument("--lr-reference-error", type=float, metavar="E",
+                       help="the learning rates suit a student at this validation relative error; a closer "
+                            "student gets them x (its error / E), never up (preset)")
+    rates.add_argument("--flat-lr", action="store_true",
+                       help="use the learning rates as given, not scaled by the student's error")
     o.add_argument("--warmup", type=float, metavar="F", help="fraction of steps with a linear warmup (0.1)")
     o.add_argument("--clip-grad-norm", type=float, metavar="C", help="gradient norm clipping (1.0)")
     o.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (train steps / 10)")
     o.add_argument("--patience", type=int, metavar="N", help="validations without improvement before stopping (5)")
+    o.add_argument("--min-improvement", type=float, metavar="F",
+                   help="relative validation gain over the input needed to write the student (0.02 = 2%%; "
+                        "smaller gains may be noise)")
     o.add_argument("--allow-worse", action="store_true",
-                   help="write the best student even if it does not beat the input on validation "
-                        "(default: write nothing and exit 1)")
+                   help="write the best student even if it does not beat the input on validation by "
+                        "--min-improvement (default: write nothing and exit 1)")
     o.add_argument("--seed", type=int, metavar="N", help="seed of prompts' noise and sample order (default 0)")
     o.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="autocast for the student (auto: bf16 on CUDA, fp32 otherwise); master weights stay fp32")
@@ -80,7 +89,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         resolution=args.resolution, guidance=args.guidance, gen_batch_size=args.gen_batch_size,
         val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_codebooks=args.lr_codebooks,
-        lr_scales=args.lr_scales, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
+        lr_scales=args.lr_scales, lr_reference_error=args.lr_reference_error, flat_lr=args.flat_lr or None,
+        min_improvement=args.min_improvement, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
         patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)

@@ -241,6 +241,7 @@ class DistillResult:
     improved: bool  # the written student beats the input on validation
     seconds: float
     resumed_from_step: int | None
+    lr_scale: float = 1.0  # the factor the learning rates were scaled by (engine.error_lr_scale)
 
 
 def _layer_stats(manifest: dict) -> dict[str, dict]:
@@ -300,7 +301,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     identity = json_normalise({
         "teacher_unet_sha256": unet_fingerprint(source_dir=teacher),
         "student_weights_sha256": manifest["files"][WEIGHTS_FILE],
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse")},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse", "min_improvement")},
         "prompts_sha256": prompts_digest(prompts),
     })
     params = prepare_student(unet, cfg)
@@ -308,6 +309,10 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     done = _resume_or_start(ckpt, identity, params, optimizer, resume, force, cfg)
 
     val_bank, test_bank = _eval_banks(pipe, unet, cfg, prompts, done)
+    # the input's validation error (restored on --resume, so a resumed run gets the same rates)
+    lr_scale = engine.error_lr_scale(done.selection.before, cfg.lr_reference_error)
+    engine.scale_learning_rates(optimizer, lr_scale)
+    done.extra["lr_scale"] = lr_scale
     _train(pipe, unet, cfg, prompts, params, optimizer, precision, done, val_bank,
            lambda: ckpt.save(identity, done.step, done.loss_curve, params, optimizer,
                              {**done.extra, "selection": done.selection.to_dict()}, best=done.selection.best_state),
@@ -320,11 +325,13 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
                f"test {_fmt(ex['test_error_before'])} -> {_fmt(ex.get('test_error_after'))}")
     if not sel.improved and not cfg.allow_worse:
         ckpt.remove()
-        raise DistillNotBetter(f"no distilled student beat the input on validation ({figures}); nothing written. "
-                               "Try a lower --lr / --lr-codebooks / --lr-scales or more --num-prompts, or pass "
-                               "--allow-worse to write the best one anyway")
+        raise DistillNotBetter(f"no distilled student beat the input on validation by the required "
+                               f"{cfg.min_improvement:.1%} ({figures}); nothing written. Try a lower --lr / "
+                               "--lr-codebooks / --lr-scales / --lr-reference-error or more --num-prompts, lower "
+                               "--min-improvement, or pass --allow-worse to write the best one anyway")
     if not sel.improved:
-        log.warning("writing a student that does not beat the input on validation (--allow-worse): %s", figures)
+        log.warning("writing a student that does not beat the input on validation by %.1f%% (--allow-worse): %s",
+                    100 * cfg.min_improvement, figures)
     distillation = {
         "method": "MSE between student and teacher U-Net outputs on teacher trajectories (SPEC 4)",
         "teacher": {"name": teacher.resolve().name, "family": family, "unet_sha256": identity["teacher_unet_sha256"]},
@@ -343,7 +350,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     ckpt.remove()
     return DistillResult(out, done.loss_curve, sel.before, sel.best_error, ex["test_error_before"],
                          ex.get("test_error_after"), sel.best_step, bool(ex.get("stopped_early")), sel.improved,
-                         time.perf_counter() - start, done.resumed_from)
+                         time.perf_counter() - start, done.resumed_from, ex.get("lr_scale", 1.0))
 
 
 def _fmt(x: float | None) -> str:
@@ -386,7 +393,7 @@ def _eval_banks(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], d
     done.add_seconds("trajectory", time.perf_counter() - t0)
     if done.selection is None:
         before = relative_error(unet, val, cfg.batch_size)
-        done.selection = engine.Selection(before=before, patience=cfg.patience)
+        done.selection = engine.Selection(before=before, patience=cfg.patience, min_improvement=cfg.min_improvement)
         done.extra["test_error_before"] = relative_error(unet, test, cfg.batch_size) if test is not None else None
         log.info("input student: validation relative error %.6g, test %s", before, _fmt(done.extra["test_error_before"]))
     return val, test
@@ -454,7 +461,8 @@ def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precisi
     return {
         **cfg.to_dict(),
         "effective_batch": cfg.effective_batch,
-        "optimizer": {"name": "Adam", "lr": cfg.optim().lrs(), "betas": [cfg.beta1, cfg.beta2],
+        "optimizer": {"name": "Adam", "lr": {g: lr * ex.get("lr_scale", 1.0) for g, lr in cfg.optim().lrs().items()},
+                      "lr_scale": ex.get("lr_scale", 1.0), "betas": [cfg.beta1, cfg.beta2],
                       "schedule": f"linear warmup over {cfg.warmup:.0%} of the steps, cosine to "
                                   f"{cfg.min_lr_factor:g} x", "clip_grad_norm": cfg.clip_grad_norm},
         "precision": precision, "device": str(dev), "teacher_dtype": str(tdtype).replace("torch.", ""),
@@ -468,7 +476,7 @@ def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precisi
         "error": "relative U-Net output error sum |student - teacher|^2 / sum |teacher|^2 on teacher trajectories",
         "val_error_before": sel.before, "val_error_after": sel.best_error, "val_history": sel.history,
         "best_step": sel.best_step, "steps_run": done.step, "stopped_early": bool(ex.get("stopped_early")),
-        "improved_on_validation": sel.improved,
+        "improved_on_validation": sel.improved, "val_change": sel.relative_change,
         "test_error_before": ex.get("test_error_before"), "test_error_after": ex.get("test_error_after"),
         "resumed_from_step": done.resumed_from,
     }

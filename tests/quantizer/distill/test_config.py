@@ -11,10 +11,13 @@ def test_scale_follows_the_unet_width_and_sets_the_learning_rates(tiny_sdxl_dir,
     assert model_scale({"block_out_channels": [320, 640, 1280]}) == "full"
     assert model_scale({"block_out_channels": [32, 64, 64]}) == "tiny"
     tiny, turbo = detect_recipe(tiny_sdxl_dir).distill, detect_recipe(tiny_turbo_dir).distill
-    assert (tiny.lr, tiny.lr_codebooks, tiny.lr_scales) == tuple(DISTILL_LRS["tiny"].values())
+    assert {k: getattr(tiny, k) for k in DISTILL_LRS["tiny"]} == DISTILL_LRS["tiny"]
+    assert tiny.lr_reference_error == 0.2  # K = 2's error; closer students get smaller rates
     assert turbo.scheduler == "native" and turbo.lr_codebooks == DISTILL_LRS["tiny"]["lr_codebooks"]
     full = recipe("sdxl").distill
     assert full.lr == 1e-6 and full.lr_codebooks == DISTILL_LRS["full"]["lr_codebooks"]
+    assert full.lr_reference_error is None  # not measured at full scale: the rates as given
+    assert full.val_prompts == 16 and full.test_prompts == 16
     with pytest.raises(ConfigError, match="model scale"):
         recipe("sdxl", "huge")
 
@@ -28,3 +31,15 @@ def test_small_runs_keep_at_least_eight_prompts_a_round():
     assert turbo.fit_rounds(8).rounds == 1 and turbo.fit_rounds(8).num_prompts == 8
     with pytest.raises(ConfigError, match="--val-prompts"):
         d.replace(val_prompts=0)
+
+
+def test_acceptance_and_error_scaling_settings():
+    d = recipe("sdxl", "tiny").distill
+    assert d.min_improvement == 0.02
+    assert d.replace(flat_lr=True).lr_reference_error is None
+    assert d.replace(flat_lr=None).lr_reference_error == 0.2
+    assert d.replace(min_improvement=0.0).min_improvement == 0.0
+    with pytest.raises(ConfigError, match="--min-improvement"):
+        d.replace(min_improvement=1.0)
+    with pytest.raises(ConfigError, match="--lr-reference-error"):
+        d.replace(lr_reference_error=-0.1)

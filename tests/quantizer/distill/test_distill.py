@@ -21,15 +21,15 @@ from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.sampling import Batch, SamplingConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
-# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples, lr 3e-4 on every group without warmup
-# (validation every 5 steps on 2 prompts, test on 2 others). Random tiny
+# Tiny runs: 32 prompts in 2 rounds at 64², 30 Adam steps of 8 samples, lr 3e-4 on every group without warmup,
+# not scaled by the student's error (--flat-lr) (validation every 5 steps on 2 prompts, test on 2 others). Random tiny
 # models need far more than the real recipe's 1e-6 to move in 30 steps.
 FAMILY_ARGS = {
     "sdxl": ["--steps", "4"],
     "sdxl-turbo": ["--steps", "2"],
 }
 COMMON = ["--num-prompts", "32", "--rounds", "2", "--resolution", "64", "--train-steps", "30", "--batch-size", "4",
-          "--grad-accum", "2", "--lr", "3e-4", "--lr-codebooks", "3e-4", "--lr-scales", "3e-4", "--warmup", "0",
+          "--grad-accum", "2", "--lr", "3e-4", "--lr-codebooks", "3e-4", "--lr-scales", "3e-4", "--warmup", "0", "--flat-lr",
           "--gen-batch-size", "2", "--val-prompts", "2", "--test-prompts", "2",
           "--eval-every", "5", "--checkpoint-every", "10", "--no-progress"]
 HELD_OUT = ("a lighthouse on a cliff at dusk", "a bowl of ramen, studio photo", "an owl in the snow",
@@ -174,6 +174,33 @@ def test_harmful_learning_rate_writes_nothing_and_exits_nonzero(runs, capsys):
     assert main([*r["args"], *harmful, "--allow-worse", "--out", str(out)]) == 0  # written when asked, and marked
     d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
     assert d["improved_on_validation"] is False and d["val_error_after"] >= d["val_error_before"]
+
+
+def test_min_improvement_refuses_a_gain_within_noise(runs, capsys):
+    """The written run beat its input by the default 2%; a run that must beat it by 90% writes nothing."""
+    d = json.loads((runs["sdxl"]["distilled"] / MANIFEST_FILE).read_text())["distillation"]
+    assert d["min_improvement"] == 0.02 and d["improved_on_validation"] and d["val_change"] <= -0.02
+    r = runs["sdxl"]
+    cheap = ["--num-prompts", "4", "--rounds", "1", "--train-steps", "4", "--eval-every", "2"]
+    out = r["root"] / "strict"
+    assert main([*r["args"], *cheap, "--min-improvement", "0.9", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "by the required 90.0%" in err and "nothing written" in err and "--min-improvement" in err
+    assert not out.exists() and not DistillCheckpoint.dir_for(out).exists()
+
+
+def test_learning_rates_scaled_by_the_inputs_validation_error(runs):
+    """Without --flat-lr the rates are x min(1, validation error / --lr-reference-error), recorded in the manifest."""
+    r = runs["sdxl"]
+    out = r["root"] / "scaled"
+    assert main(["distill", "--teacher", str(r["teacher"]), "--student", str(r["student"]), "--out", str(out),
+                 "--steps", "4", "--num-prompts", "4", "--rounds", "1", "--resolution", "64", "--train-steps", "2",
+                 "--batch-size", "4", "--grad-accum", "1", "--val-prompts", "2", "--test-prompts", "0",
+                 "--eval-every", "1", "--lr-reference-error", "10", "--allow-worse", "--no-progress"]) == 0
+    d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
+    scale = d["val_error_before"] / 10
+    assert d["optimizer"]["lr_scale"] == pytest.approx(scale) and d["lr_reference_error"] == 10
+    assert d["optimizer"]["lr"]["codebooks"] == pytest.approx(d["lr_codebooks"] * scale)
 
 
 def test_inspect_shows_test_figures(runs, capsys):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vqdm.quantizer.distill.engine import OptimSettings, Selection, fit, group_of, lr_factor, make_optimizer
+from vqdm.quantizer.distill.engine import (OptimSettings, Selection, error_lr_scale, fit, group_of, lr_factor,
+                                          make_optimizer, scale_learning_rates)
 
 
 def test_groups_and_their_learning_rates():
@@ -42,6 +43,32 @@ def test_selection_keeps_the_best_and_stops_after_patience():
     worse = Selection(before=0.1, patience=1)
     worse.update(1, 0.2, p)
     assert not worse.improved
+
+
+def test_a_gain_below_min_improvement_is_not_an_improvement():
+    p = {"w": nn.Parameter(torch.tensor([0.0]))}
+    noise = Selection(before=1.0, patience=3, min_improvement=0.02)
+    noise.update(1, 0.99, p)  # best trained student, but only 1% better: within the noise band
+    assert noise.best_step == 1 and not noise.improved and noise.relative_change == pytest.approx(-0.01)
+    noise.update(2, 0.97, p)
+    assert noise.improved and noise.best_step == 2
+    again = Selection.from_dict(noise.to_dict(), noise.best_state)
+    assert again.min_improvement == 0.02 and again.improved
+    old = {k: v for k, v in noise.to_dict().items() if k != "min_improvement"}  # a checkpoint from before the rule
+    assert Selection.from_dict(old, None).min_improvement == 0.0
+    assert Selection(before=1.0, patience=1).relative_change is None
+
+
+def test_learning_rates_scale_with_the_students_error():
+    assert error_lr_scale(0.05, 0.2) == pytest.approx(0.25)  # a 4x closer student: 4x smaller steps
+    assert error_lr_scale(0.5, 0.2) == 1.0  # never up
+    assert error_lr_scale(0.05, None) == 1.0
+    assert error_lr_scale(0.0, 0.2) == pytest.approx(1e-3)  # floor: a perfect input still trains
+    params = {"l.codebooks": nn.Parameter(torch.zeros(2)), "l.bias": nn.Parameter(torch.zeros(2))}
+    opt = make_optimizer(params, OptimSettings(lr=1e-3, lr_codebooks=2e-3, lr_scales=3e-3))
+    scale_learning_rates(opt, 0.25)
+    assert {g["name"]: (g["lr"], g["base_lr"]) for g in opt.param_groups} == {
+        "codebooks": (pytest.approx(5e-4), pytest.approx(5e-4)), "other": (pytest.approx(2.5e-4), pytest.approx(2.5e-4))}
 
 
 def _toy(seed: int):
@@ -84,3 +111,25 @@ def test_fit_reports_a_harmful_run_and_returns_its_least_bad_student():
               eval_every=2, patience=5)
     assert not res.selection.improved and res.steps_run == 10 and len(res.selection.history) == 5
     assert validate() == pytest.approx(min(e for _, e in res.selection.history))
+
+
+def test_fit_refuses_a_gain_below_min_improvement():
+    """The same good run is 'improved' at 0 and refused when it must beat the input by 99.9%."""
+    student, loss_fn, xs, validate = _toy(0)
+    opt = OptimSettings(lr=3e-2, lr_codebooks=3e-2, lr_scales=3e-2)
+    res = fit(dict(student.named_parameters()), loss_fn, iter(xs * 3), validate, total_steps=40, opt=opt,
+              eval_every=10, patience=3, min_improvement=0.999)
+    assert res.selection.best_error < res.selection.before and not res.selection.improved
+
+
+def test_fit_with_a_reference_error_takes_smaller_steps():
+    """lr_reference_error far above the input's error scales the rates down: the student barely moves."""
+    runs = {}
+    for ref in (None, 1e3):
+        student, loss_fn, xs, validate = _toy(0)
+        w0 = student.weight.detach().clone()
+        fit(dict(student.named_parameters()), loss_fn, iter(xs), validate, total_steps=10,
+            opt=OptimSettings(lr=3e-2, lr_codebooks=3e-2, lr_scales=3e-2, warmup=0), eval_every=10, patience=3,
+            lr_reference_error=ref)
+        runs[ref] = float((student.weight.detach() - w0).abs().max())
+    assert runs[1e3] < 0.01 * runs[None]

@@ -1,6 +1,9 @@
 """Does `vqdm distill` with default flags recover quality? Tiny SDXL / tiny Turbo, K, prompts, seeds, lr.
 
-For every (family, K) a student is made once: the tiny random-weight model (`vqdm make-model`)
+Families: the tiny random-weight SDXL and Turbo (`vqdm make-model`) and `digits`, the trained tiny
+model the repo ships (`models/pretrained/tiny-sdxl-digits`, benchmarks/train_tiny.py), distilled at
+its own resolution (32) and guidance (4) on its 30 digit prompts (held-out prompts reuse those
+texts with new seeds once 30 are used). For every (family, K) a student is made once: the model
 quantized with the real AQ at cheap settings (identity H, beam 2, 2 Adam steps, 1 round: the CPU
 budget; a weaker student than `vqdm quantize` gives, so there is more to recover). Then
 `vqdm distill` runs with the preset's defaults except the run size (prompts, steps, resolution,
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vqdm.models import load_pipeline, make_model, quantize_layers, vq_modules
+from vqdm.models.digits import DIGIT_WORDS, DIGITS_MODEL_DIR, PROMPT_TEMPLATES, digit_prompt
 from vqdm.models.artifact import save_artifact, unet_fingerprint
 from vqdm.quantizer import quantize_weight
 from vqdm.quantizer.distill.run import DistillNotBetter, distill
@@ -37,7 +41,9 @@ from vqdm.quantizer.recipes import detect_recipe
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill_sensitivity.json"
 RUN = {"resolution": 64, "train_steps": 40, "batch_size": 4, "grad_accum": 2, "val_prompts": 8, "test_prompts": 8}
-STEPS = {"sdxl": 4, "sdxl-turbo": 2}
+STEPS = {"sdxl": 4, "sdxl-turbo": 2, "digits": 4}
+FAMILY_RUN = {"digits": {"resolution": 32, "guidance": 4.0}}  # the trained model's own preset (64 for the others)
+FAMILIES = ("sdxl", "sdxl-turbo", "digits")
 
 
 def make_student(teacher: Path, out: Path, k: int) -> Path:
@@ -55,6 +61,23 @@ def make_student(teacher: Path, out: Path, k: int) -> Path:
                          source_dir=teacher)
 
 
+def teacher_dir(work: Path, family: str) -> Path:
+    if family == "digits":
+        return DIGITS_MODEL_DIR
+    teacher = work / f"teacher-{family}"
+    if not teacher.exists():
+        make_model("tiny-sdxl" if family == "sdxl" else "tiny-sdxl-turbo", teacher, seed=0 if family == "sdxl" else 1)
+    return teacher
+
+
+def digit_prompts_file(work: Path) -> Path:
+    """The 30 prompts the digits model was trained on, digit-major within each template."""
+    path = work / "digit_prompts.txt"
+    path.write_text("\n".join(digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES))
+                              for d in range(len(DIGIT_WORDS))) + "\n")
+    return path
+
+
 def load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["cells"] if path.is_file() else []
 
@@ -65,15 +88,15 @@ def save(path: Path, cells: list[dict]) -> None:
                                indent=1) + "\n")
 
 
-def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float) -> dict:
-    teacher = work / f"teacher-{family}"
-    if not teacher.exists():
-        make_model("tiny-sdxl" if family == "sdxl" else "tiny-sdxl-turbo", teacher, seed=0 if family == "sdxl" else 1)
+def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float, run: dict = RUN) -> dict:
+    teacher = teacher_dir(work, family)
     student = work / f"student-{family}-k{k}"
     if not student.exists():
         make_student(teacher, student, k)
     base = detect_recipe(teacher).distill
-    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **RUN)  # as the CLI does
+    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **{**run, **FAMILY_RUN.get(family, {})})
+    if family == "digits":
+        cfg = cfg.replace(prompts_file=str(digit_prompts_file(work)))
     if lr_scale != 1:
         cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
                           lr_scales=cfg.lr_scales * lr_scale)
@@ -118,7 +141,7 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
     def change(c):  # written: test change; not written: the input is kept, change 0
         return 100 * (c["test_after"] / c["test_before"] - 1) if c.get("written") else 0.0
 
-    for (fam, k), marker in zip([(f, k) for f in ("sdxl", "sdxl-turbo") for k in (2, 3)], "os^v"):
+    for (fam, k), marker in zip([(f, k) for f in FAMILIES for k in (2, 3)], "os^v<>"):
         sel = [c for c in cells if c["family"] == fam and c["k"] == k and c["lr_scale"] == 1]
         ps = sorted({c["prompts"] for c in sel})
         if ps:

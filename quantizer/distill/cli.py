@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, metavar="S", help="sampling steps (Turbo: the maximum; batches cycle 1..S)")
     t.add_argument("--resolution", type=int, metavar="R", help="image side in pixels")
     t.add_argument("--guidance", type=float, metavar="G", help="CFG scale (above 1: both CFG halves are trained)")
+    t.add_argument("--seeds-per-prompt", type=int, metavar="N",
+                   help="noise seeds per training prompt, each its own trajectory (default: enough for 32 "
+                        "trajectories a round; 1 for the SPEC runs)")
     t.add_argument("--gen-batch-size", type=int, metavar="N", help="prompts per teacher pipeline call")
     t.add_argument("--val-prompts", type=int, metavar="N",
                    help="unseen prompts/seeds for model selection and early stopping (default 16)")
@@ -87,7 +90,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = base.replace(
         prompts_file=args.prompts, num_prompts=args.num_prompts, rounds=args.rounds, steps=args.steps,
         resolution=args.resolution, guidance=args.guidance, gen_batch_size=args.gen_batch_size,
-        val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
+        seeds_per_prompt=args.seeds_per_prompt, val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_codebooks=args.lr_codebooks,
         lr_scales=args.lr_scales, lr_reference_error=args.lr_reference_error, flat_lr=args.flat_lr or None,
         min_improvement=args.min_improvement, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,

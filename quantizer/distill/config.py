@@ -11,6 +11,11 @@ from vqdm.quantizer.sampling import SamplingConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 MIN_PROMPTS_PER_ROUND = 8
+# Trajectories (prompt, noise seed) a round should hold; small runs draw several seeds per prompt
+# to get there. Measured on tiny Turbo K = 3, 8 prompts at 2 steps (16 samples, each revisited 20
+# times in 40 steps): test error -13..-18% with one seed per prompt, -26..-29% with four
+# (benchmarks/distill_sensitivity.py; docs/distill.md).
+MIN_TRAJECTORIES_PER_ROUND = 32
 WEIGHT_GRADS = ("dense", "per-call")
 
 
@@ -42,6 +47,9 @@ class DistillConfig:
     seed: int = 0
     prompts_file: str | None = None
     gen_batch_size: int = 1  # prompts per teacher pipeline call
+    # noise seeds per training prompt, each its own trajectory; None: enough for
+    # MIN_TRAJECTORIES_PER_ROUND a round (1 for the SPEC runs: 512 and 10,240 prompts a round)
+    seeds_per_prompt: int | None = None
     val_prompts: int = 8  # unseen prompts/seeds: model selection and early stopping
     test_prompts: int = 8  # other unseen prompts/seeds, never used for selection: the reported figures
     eval_every: int | None = None  # optimizer steps between validations (None: train_steps // 10, at least 1)
@@ -82,6 +90,8 @@ class DistillConfig:
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),
             (self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1, got {self.gen_batch_size}"),
+            (self.seeds_per_prompt is None or self.seeds_per_prompt >= 1,
+             f"--seeds-per-prompt must be at least 1, got {self.seeds_per_prompt}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.weight_grad in WEIGHT_GRADS, f"--weight-grad must be one of {WEIGHT_GRADS}, got {self.weight_grad!r}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
@@ -95,6 +105,18 @@ class DistillConfig:
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum
+
+    @property
+    def trajectories_per_prompt(self) -> int:
+        """Seeds per training prompt: `seeds_per_prompt`, or enough for MIN_TRAJECTORIES_PER_ROUND a round."""
+        if self.seeds_per_prompt is not None:
+            return self.seeds_per_prompt
+        return max(1, math.ceil(MIN_TRAJECTORIES_PER_ROUND * self.rounds / self.num_prompts))
+
+    @property
+    def num_trajectories(self) -> int:
+        """Teacher trajectories over all rounds: every training prompt with each of its seeds."""
+        return self.num_prompts * self.trajectories_per_prompt
 
     @property
     def validate_every(self) -> int:
@@ -126,7 +148,7 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
     def sampling(self) -> SamplingConfig:
-        """The sampling settings of the teacher trajectories."""
-        return SamplingConfig(num_prompts=self.num_prompts, steps=self.steps, guidance=self.guidance,
+        """The sampling settings of the teacher trajectories (every training prompt with each of its seeds)."""
+        return SamplingConfig(num_prompts=self.num_trajectories, steps=self.steps, guidance=self.guidance,
                                  resolution=self.resolution, scheduler=self.scheduler, vary_steps=self.vary_steps,
                                  batch_size=self.gen_batch_size, seed=self.seed, prompts_file=self.prompts_file)

@@ -57,9 +57,15 @@ class DistillNotBetter(VQDMError):
 
 
 # -- the plan: rounds of prompts and of optimizer steps ------------------------------------------
+def training_texts(cfg: DistillConfig, prompts: list[str]) -> list[str]:
+    """Text of trajectory j: prompt j // S of the run (S = seeds per prompt), cycling the prompt file."""
+    per = cfg.trajectories_per_prompt
+    return [prompts[(j // per) % len(prompts)] for j in range(cfg.num_trajectories)]
+
+
 def round_batches(cfg: DistillConfig, prompts: list[str]) -> list[list[Batch]]:
-    """Teacher pipeline batches of each round: prompt i is prompts[i mod len] with seed (seed, i)."""
-    batches = plan_batches(cfg.sampling(), prompts)
+    """Teacher pipeline batches of each round: trajectory j is training_texts[j] with seed (seed, j)."""
+    batches = plan_batches(cfg.sampling(), training_texts(cfg, prompts))
     nb = len(batches)
     return [batches[r * nb // cfg.rounds:(r + 1) * nb // cfg.rounds] for r in range(cfg.rounds)]
 
@@ -71,15 +77,17 @@ def round_steps(cfg: DistillConfig) -> list[tuple[int, int]]:
 
 def eval_batches(cfg: DistillConfig, prompts: list[str], split: str) -> list[Batch]:
     """The validation or test prompts: never trained on (their seeds are new, their text too while
-    the file lasts). Validation is prompts num_prompts.. of the run, test the ones after it."""
+    the file lasts). Validation is prompts num_prompts.. of the run, test the ones after it; their
+    seeds follow the training trajectories'."""
     count = cfg.val_prompts if split == "val" else cfg.test_prompts
     first = cfg.num_prompts + (0 if split == "val" else cfg.val_prompts)
+    seed_shift = cfg.num_trajectories - cfg.num_prompts
     out = []
     for j, start in enumerate(range(0, count, cfg.gen_batch_size)):
         idx = range(first + start, first + min(count, start + cfg.gen_batch_size))
         steps = 1 + j % cfg.steps if cfg.vary_steps else cfg.steps
         out.append(Batch((10**9 if split == "val" else 2 * 10**9) + j, tuple(prompts[i % len(prompts)] for i in idx),
-                         tuple(prompt_seed(cfg.seed, i) for i in idx), steps))
+                         tuple(prompt_seed(cfg.seed, i + seed_shift) for i in idx), steps))
     return out
 
 
@@ -419,7 +427,7 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
             done.add_seconds("trajectory", time.perf_counter() - t0)
             if len(samples_per_round) <= r:
                 samples_per_round.append(len(bank))
-            log.info("round %d/%d: %d samples (%.2f GB) from %d prompts", r + 1, cfg.rounds, len(bank),
+            log.info("round %d/%d: %d samples (%.2f GB) from %d trajectories", r + 1, cfg.rounds, len(bank),
                      bank.nbytes() / 1e9, sum(len(b.prompts) for b in rounds[r]))
             t0 = time.perf_counter()
             while done.step < end:
@@ -461,6 +469,7 @@ def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precisi
     return {
         **cfg.to_dict(),
         "effective_batch": cfg.effective_batch,
+        "seeds_per_prompt_used": cfg.trajectories_per_prompt, "trajectories": cfg.num_trajectories,
         "optimizer": {"name": "Adam", "lr": {g: lr * ex.get("lr_scale", 1.0) for g, lr in cfg.optim().lrs().items()},
                       "lr_scale": ex.get("lr_scale", 1.0), "betas": [cfg.beta1, cfg.beta2],
                       "schedule": f"linear warmup over {cfg.warmup:.0%} of the steps, cosine to "

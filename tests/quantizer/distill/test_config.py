@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 
 from vqdm.errors import ConfigError
+from vqdm.quantizer.distill.config import MIN_TRAJECTORIES_PER_ROUND
+from vqdm.quantizer.distill.run import eval_batches, round_batches
 from vqdm.quantizer.recipes import DISTILL_LRS, detect_recipe, model_scale, recipe
 
 
@@ -43,3 +45,32 @@ def test_acceptance_and_error_scaling_settings():
         d.replace(min_improvement=1.0)
     with pytest.raises(ConfigError, match="--lr-reference-error"):
         d.replace(lr_reference_error=-0.1)
+
+
+def test_small_runs_draw_several_seeds_per_prompt_and_the_spec_runs_one():
+    d = recipe("sdxl").distill
+    assert d.trajectories_per_prompt == 1 and d.num_trajectories == 2048  # 512 prompts a round
+    assert recipe("sdxl-turbo").distill.trajectories_per_prompt == 1
+    small = d.fit_rounds(8)  # 1 round of 8 prompts -> 4 seeds each
+    assert small.trajectories_per_prompt == MIN_TRAJECTORIES_PER_ROUND // 8
+    assert d.fit_rounds(32).trajectories_per_prompt == 4  # 4 rounds of 8
+    assert d.fit_rounds(128).trajectories_per_prompt == 1
+    assert small.replace(seeds_per_prompt=1).num_trajectories == 8
+    assert small.sampling().num_prompts == small.num_trajectories
+    with pytest.raises(ConfigError, match="--seeds-per-prompt"):
+        d.replace(seeds_per_prompt=0)
+
+
+def test_training_trajectories_share_text_not_seeds_with_each_other_or_the_held_out_sets():
+    cfg = recipe("sdxl").distill.fit_rounds(8, 2)  # 4 seeds per prompt
+    prompts = [f"prompt {i}" for i in range(40)]
+    train = [b for r in round_batches(cfg, prompts) for b in r]
+    texts = [t for b in train for t in b.prompts]
+    assert texts == [f"prompt {j // 4}" for j in range(32)]
+    train_seeds = {s for b in train for s in b.seeds}
+    assert len(train_seeds) == 32
+    held_out = eval_batches(cfg, prompts, "val") + eval_batches(cfg, prompts, "test")
+    held_texts = {t for b in held_out for t in b.prompts}
+    held_seeds = {s for b in held_out for s in b.seeds}
+    assert held_texts.isdisjoint(texts) and held_seeds.isdisjoint(train_seeds)
+    assert len(held_seeds) == cfg.val_prompts + cfg.test_prompts

@@ -28,7 +28,8 @@ FAMILY_ARGS = {
     "sdxl": ["--steps", "4"],
     "sdxl-turbo": ["--steps", "2"],
 }
-COMMON = ["--num-prompts", "32", "--rounds", "2", "--resolution", "64", "--train-steps", "30", "--batch-size", "4",
+# One seed per prompt: the tests check the machinery; the default's extra seeds (config tests) would double the trajectories.
+COMMON = ["--num-prompts", "32", "--seeds-per-prompt", "1", "--rounds", "2", "--resolution", "64", "--train-steps", "30", "--batch-size", "4",
           "--grad-accum", "2", "--lr", "3e-4", "--lr-codebooks", "3e-4", "--lr-scales", "3e-4", "--warmup", "0", "--flat-lr",
           "--gen-batch-size", "2", "--val-prompts", "2", "--test-prompts", "2",
           "--eval-every", "5", "--checkpoint-every", "10", "--no-progress"]
@@ -162,7 +163,7 @@ def test_resume_equals_uninterrupted(runs):
 def test_harmful_learning_rate_writes_nothing_and_exits_nonzero(runs, capsys):
     """lr 0.3 without warmup or clipping wrecks the student: exit 1 with the figures, no artifact."""
     r = runs["sdxl"]
-    harmful = ["--num-prompts", "4", "--rounds", "1", "--train-steps", "4", "--eval-every", "2",
+    harmful = ["--num-prompts", "4", "--seeds-per-prompt", "1", "--rounds", "1", "--train-steps", "4", "--eval-every", "2",
                "--lr", "0.3", "--lr-codebooks", "0.3", "--lr-scales", "0.3", "--warmup", "0", "--clip-grad-norm", "1e9"]
     out = r["root"] / "harmful"
     assert main([*r["args"], *harmful, "--out", str(out)]) == 1
@@ -181,7 +182,7 @@ def test_min_improvement_refuses_a_gain_within_noise(runs, capsys):
     d = json.loads((runs["sdxl"]["distilled"] / MANIFEST_FILE).read_text())["distillation"]
     assert d["min_improvement"] == 0.02 and d["improved_on_validation"] and d["val_change"] <= -0.02
     r = runs["sdxl"]
-    cheap = ["--num-prompts", "4", "--rounds", "1", "--train-steps", "4", "--eval-every", "2"]
+    cheap = ["--num-prompts", "4", "--seeds-per-prompt", "1", "--rounds", "1", "--train-steps", "4", "--eval-every", "2"]
     out = r["root"] / "strict"
     assert main([*r["args"], *cheap, "--min-improvement", "0.9", "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -195,11 +196,13 @@ def test_learning_rates_scaled_by_the_inputs_validation_error(runs):
     out = r["root"] / "scaled"
     assert main(["distill", "--teacher", str(r["teacher"]), "--student", str(r["student"]), "--out", str(out),
                  "--steps", "4", "--num-prompts", "4", "--rounds", "1", "--resolution", "64", "--train-steps", "2",
+                 "--seeds-per-prompt", "2",
                  "--batch-size", "4", "--grad-accum", "1", "--val-prompts", "2", "--test-prompts", "0",
                  "--eval-every", "1", "--lr-reference-error", "10", "--allow-worse", "--no-progress"]) == 0
     d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
     scale = d["val_error_before"] / 10
     assert d["optimizer"]["lr_scale"] == pytest.approx(scale) and d["lr_reference_error"] == 10
+    assert d["seeds_per_prompt_used"] == 2 and d["trajectories"] == 8 and sum(d["samples_per_round"]) == 8 * 4  # 4 DDIM steps each
     assert d["optimizer"]["lr"]["codebooks"] == pytest.approx(d["lr_codebooks"] * scale)
 
 

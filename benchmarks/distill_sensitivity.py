@@ -11,10 +11,11 @@ train steps, and batch 4 x 2 instead of 4 x 16 / 8 x 8: small for a CPU) and the
 Σ‖ε_student − ε_teacher‖² / Σ‖ε_teacher‖² on unseen prompts and seeds (the `vqdm eval`
 `unet_rel_mse` metric on prompts never used for training or selection), before and after.
 
-    .venv/bin/python benchmarks/distill_sensitivity.py grid --families sdxl,sdxl-turbo --ks 2,3 \
+    .venv/bin/python benchmarks/distill_sensitivity.py grid --families sdxl,sdxl-turbo,digits --ks 2,3 \
         --prompts 8,32,128 --seeds 0,1,2            # appends to benchmarks/results/distill_sensitivity.json
-    .venv/bin/python benchmarks/distill_sensitivity.py lr --lr-scale 0.1,1,10,100   # lr sweep, one cell
+    .venv/bin/python benchmarks/distill_sensitivity.py lr --lr-scale 0.1,10   # lr panel: 32 prompts, seed 0
     .venv/bin/python benchmarks/distill_sensitivity.py plot   # -> benchmarks/results/distill_sensitivity.png
+    .venv/bin/python benchmarks/distill_sensitivity.py table  # the README's summary table
 
 Every finished cell is written at once (a partial run keeps what it measured); a cell already
 in the JSON is skipped.
@@ -166,10 +167,30 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
     print(f"wrote {png}")
 
 
+def table(cells: list[dict]) -> str:
+    """Markdown: per family and K, the test change at each prompt count over seeds (worst / mean / best), default lr."""
+    cells = [c for c in cells if c["lr_scale"] == 1]
+    counts = sorted({c["prompts"] for c in cells})
+    lines = ["| family | K | " + " | ".join(f"{p} prompts: worst / mean / best" for p in counts) + " | written |",
+             "|---|---|" + "---|" * len(counts) + "---|"]
+    for fam in FAMILIES:
+        for k in (2, 3):
+            sel = [c for c in cells if c["family"] == fam and c["k"] == k]
+            if not sel:
+                continue
+            row = []
+            for p in counts:
+                ch = [100 * (c["test_after"] / c["test_before"] - 1) for c in sel if c["prompts"] == p and c.get("written")]
+                row.append(f"{max(ch):+.1f} / {sum(ch) / len(ch):+.1f} / {min(ch):+.1f}" if ch else "—")
+            written = sum(bool(c.get("written")) for c in sel)
+            lines.append(f"| {fam} | {k} | " + " | ".join(row) + f" | {written} / {len(sel)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("grid", "lr", "plot"))
-    ap.add_argument("--families", default="sdxl,sdxl-turbo")
+    ap.add_argument("mode", choices=("grid", "lr", "plot", "table"))
+    ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--ks", default="2,3")
     ap.add_argument("--prompts", default="8,32,128")
     ap.add_argument("--seeds", default="0,1,2")
@@ -187,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = load(args.json)
     if args.mode == "lr":
         args.prompts, args.seeds = [32], [0]
+    if args.mode == "table":
+        print(table(cells))
+        return 0
     if args.mode in ("grid", "lr"):
         grid(args, cells)
     plot(args.json, cells, args.json.with_suffix(".png"))

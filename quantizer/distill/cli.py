@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "student gets them x (its error / E), never up (preset)")
     rates.add_argument("--flat-lr", action="store_true",
                        help="use the learning rates as given, not scaled by the student's error")
+    o.add_argument("--lr-min-scale", type=float, metavar="F",
+                   help="the error scaling never lowers the rates below F x the given ones (preset)")
     o.add_argument("--warmup", type=float, metavar="F", help="fraction of steps with a linear warmup (0.1)")
     o.add_argument("--clip-grad-norm", type=float, metavar="C", help="gradient norm clipping (1.0)")
     o.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (train steps / 10)")
@@ -93,6 +95,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         seeds_per_prompt=args.seeds_per_prompt, val_prompts=args.val_prompts, test_prompts=args.test_prompts, train_steps=args.train_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_codebooks=args.lr_codebooks,
         lr_scales=args.lr_scales, lr_reference_error=args.lr_reference_error, flat_lr=args.flat_lr or None,
+        lr_min_scale=args.lr_min_scale,
         min_improvement=args.min_improvement, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
         patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
         weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,

@@ -39,6 +39,7 @@ class DistillConfig:
     # The rates above suit a student whose validation error is this; a closer student gets them
     # scaled by its error / this, never up (engine.error_lr_scale; docs/distill.md). None: as given.
     lr_reference_error: float | None = None
+    lr_min_scale: float = 1e-3  # the scaling never goes below this factor (tiny preset: 0.25)
     warmup: float = 0.1  # fraction of train_steps with a linear ramp of the learning rates
     min_lr_factor: float = 0.1  # cosine decay to this fraction of each learning rate
     clip_grad_norm: float | None = 1.0
@@ -86,6 +87,7 @@ class DistillConfig:
             (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (self.lr_reference_error is None or self.lr_reference_error > 0,
              f"--lr-reference-error must be positive (to turn scaling off: --flat-lr), got {self.lr_reference_error}"),
+            (0 < self.lr_min_scale <= 1, f"--lr-min-scale must lie in (0, 1], got {self.lr_min_scale}"),
             (0 <= self.min_improvement < 1, f"--min-improvement must lie in [0, 1), got {self.min_improvement}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),

@@ -52,18 +52,20 @@ def make_optimizer(named_params: dict[str, nn.Parameter], opt: OptimSettings) ->
     return torch.optim.Adam(groups, betas=opt.betas)
 
 
-def error_lr_scale(error: float, reference_error: float | None) -> float:
+def error_lr_scale(error: float, reference_error: float | None, min_scale: float = 1e-3) -> float:
     """Multiplier of the learning rates for a student whose relative error (validation) is `error`.
 
     Adam moves every element by about lr per step whatever its gradient, so the rate that helps a
     far student breaks a close one (docs/distill.md). Presets give the rates for a student at
     `reference_error`; a closer student gets them scaled by error / reference_error, never up
-    (min 1). Measured on the tiny models: 3e-4 suits K = 2 (error ≈ 0.2) and ruins K = 3 (≈ 0.05),
-    which wants 3e-5..1e-4. None: no scaling.
+    (min 1), and never below `min_scale`. Measured on the tiny models: 3e-4 suits K = 2 (error ≈
+    0.2) and ruins K = 3 (≈ 0.05), which wants 3e-5..1e-4; a trained model's students are closer
+    in output (0.003–0.013) but not in weights, and want rates 10–30× above error / reference
+    (the floor). None: no scaling.
     """
     if reference_error is None or not math.isfinite(error):
         return 1.0
-    return max(1e-3, min(1.0, error / reference_error))
+    return max(min_scale, min(1.0, error / reference_error))
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -171,18 +173,18 @@ class FitResult:
 def fit(named_params: dict[str, nn.Parameter], loss_fn: Callable[[object], torch.Tensor], batches: Iterable,
         validate: Callable[[], float], total_steps: int, opt: OptimSettings, eval_every: int, patience: int,
         after_step: Callable[[], None] | None = None, min_improvement: float = 0.0,
-        lr_reference_error: float | None = None) -> FitResult:
+        lr_reference_error: float | None = None, lr_min_scale: float = 1e-3) -> FitResult:
     """Train `named_params` on `loss_fn(batch)` over `batches` (one per step), keep the best by `validate`.
 
     The student is whatever module owns `named_params`; `loss_fn` runs student and teacher (or
     reads recorded teacher outputs) and returns a scalar. At the end the parameters hold the best
     trained student by validation error (check `selection.improved` before using it: it needs a
     relative validation gain of at least `min_improvement`). With `lr_reference_error`, the rates
-    of `opt` are scaled by `error_lr_scale(input's validation error, lr_reference_error)`.
+    of `opt` are scaled by `error_lr_scale(input's validation error, lr_reference_error, lr_min_scale)`.
     """
     optimizer = make_optimizer(named_params, opt)
     sel = Selection(before=validate(), patience=patience, min_improvement=min_improvement)
-    scale_learning_rates(optimizer, error_lr_scale(sel.before, lr_reference_error))
+    scale_learning_rates(optimizer, error_lr_scale(sel.before, lr_reference_error, lr_min_scale))
     curve: list[float] = []
     it = iter(batches)
     stopped, step = False, 0

@@ -318,7 +318,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
 
     val_bank, test_bank = _eval_banks(pipe, unet, cfg, prompts, done)
     # the input's validation error (restored on --resume, so a resumed run gets the same rates)
-    lr_scale = engine.error_lr_scale(done.selection.before, cfg.lr_reference_error)
+    lr_scale = engine.error_lr_scale(done.selection.before, cfg.lr_reference_error, cfg.lr_min_scale)
     engine.scale_learning_rates(optimizer, lr_scale)
     done.extra["lr_scale"] = lr_scale
     _train(pipe, unet, cfg, prompts, params, optimizer, precision, done, val_bank,

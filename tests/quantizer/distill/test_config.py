@@ -15,6 +15,7 @@ def test_scale_follows_the_unet_width_and_sets_the_learning_rates(tiny_sdxl_dir,
     tiny, turbo = detect_recipe(tiny_sdxl_dir).distill, detect_recipe(tiny_turbo_dir).distill
     assert {k: getattr(tiny, k) for k in DISTILL_LRS["tiny"]} == DISTILL_LRS["tiny"]
     assert tiny.lr_reference_error == 0.2  # K = 2's error; closer students get smaller rates
+    assert tiny.lr_min_scale == 0.25 and recipe("sdxl").distill.lr_min_scale == 1e-3
     assert turbo.scheduler == "native" and turbo.lr_codebooks == DISTILL_LRS["tiny"]["lr_codebooks"]
     full = recipe("sdxl").distill
     assert full.lr == 1e-6 and full.lr_codebooks == DISTILL_LRS["full"]["lr_codebooks"]

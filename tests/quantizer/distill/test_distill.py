@@ -198,10 +198,12 @@ def test_learning_rates_scaled_by_the_inputs_validation_error(runs):
                  "--steps", "4", "--num-prompts", "4", "--rounds", "1", "--resolution", "64", "--train-steps", "2",
                  "--seeds-per-prompt", "2",
                  "--batch-size", "4", "--grad-accum", "1", "--val-prompts", "2", "--test-prompts", "0",
-                 "--eval-every", "1", "--lr-reference-error", "10", "--allow-worse", "--no-progress"]) == 0
+                 "--eval-every", "1", "--lr-reference-error", "10", "--lr-min-scale", "0.001", "--allow-worse",
+                 "--no-progress"]) == 0
     d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
     scale = d["val_error_before"] / 10
     assert d["optimizer"]["lr_scale"] == pytest.approx(scale) and d["lr_reference_error"] == 10
+    assert d["lr_min_scale"] == 0.001 and scale < 0.25  # below the tiny preset's floor, as asked
     assert d["seeds_per_prompt_used"] == 2 and d["trajectories"] == 8 and sum(d["samples_per_round"]) == 8 * 4  # 4 DDIM steps each
     assert d["optimizer"]["lr"]["codebooks"] == pytest.approx(d["lr_codebooks"] * scale)
 

@@ -64,6 +64,8 @@ def test_learning_rates_scale_with_the_students_error():
     assert error_lr_scale(0.5, 0.2) == 1.0  # never up
     assert error_lr_scale(0.05, None) == 1.0
     assert error_lr_scale(0.0, 0.2) == pytest.approx(1e-3)  # floor: a perfect input still trains
+    assert error_lr_scale(0.003, 0.2, min_scale=0.25) == 0.25  # the tiny preset's floor (trained students)
+    assert error_lr_scale(0.1, 0.2, min_scale=0.25) == pytest.approx(0.5)
     params = {"l.codebooks": nn.Parameter(torch.zeros(2)), "l.bias": nn.Parameter(torch.zeros(2))}
     opt = make_optimizer(params, OptimSettings(lr=1e-3, lr_codebooks=2e-3, lr_scales=3e-3))
     scale_learning_rates(opt, 0.25)

@@ -31,15 +31,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError, VQDMError
-from vqdm.kernels import dequantize
-from vqdm.kernels.decoded import conv_weight_view
-from vqdm.models import VQConv2d, detect_family, load_pipeline, vq_modules
+from vqdm.models import detect_family, load_pipeline, vq_modules
 from vqdm.models.artifact import WEIGHTS_FILE, load_vq_unet, save_artifact, unet_fingerprint
 from vqdm.quantizer.checkpoint import json_normalise
 from vqdm.quantizer.distill import engine
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.checks import check_inputs
 from vqdm.quantizer.distill.config import DistillConfig
+from vqdm.quantizer.distill.decoded_weights import DecodedWeights
 from vqdm.quantizer.recipes import detect_recipe
 from vqdm.quantizer.sampling import Batch, load_prompts, named_seed, plan_batches, prompt_seed, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
@@ -93,49 +92,6 @@ def sample_order(seed: int, round_index: int, num_samples: int, start: int, coun
         out.append(torch.randperm(num_samples, generator=gen)[within:within + take])
         pos += take
     return torch.cat(out)
-
-
-# -- dense weight gradients --------------------------------------------------------------------
-class DecodedWeights:
-    """A `weight_cache` for VQ modules during training: the decoded weight as a dense fp32 leaf.
-
-    Micro-batches accumulate dL/dW in the leaves; `push_gradients` carries them through one decode
-    per layer to codebooks and scales, and `refresh` re-decodes after the optimizer step.
-    """
-
-    def __init__(self, unet: nn.Module) -> None:
-        self.layers = [m for _, m in vq_modules(unet)]
-        self.weights: dict[int, torch.Tensor] = {}
-        for m in self.layers:
-            self.weights[id(m)] = dequantize(m.codes, m.codebooks.detach(), m.scales.detach()).float().requires_grad_()
-
-    @contextlib.contextmanager
-    def installed(self):
-        saved = [m.weight_cache for m in self.layers]
-        for m in self.layers:
-            m.weight_cache = self
-        try:
-            yield self
-        finally:
-            for m, cache in zip(self.layers, saved):
-                m.weight_cache = cache
-
-    def lookup(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights[id(module)]  # [n, d]
-        return conv_weight_view(w, module.in_channels, module.kernel_size) if isinstance(module, VQConv2d) else w
-
-    def push_gradients(self) -> None:
-        """dL/dW of every layer -> codebooks.grad, scales.grad (one layer's decode graph at a time)."""
-        for m in self.layers:
-            w = self.weights[id(m)]
-            if w.grad is not None:
-                torch.autograd.backward(dequantize(m.codes, m.codebooks, m.scales), w.grad)
-                w.grad = None
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        for m in self.layers:
-            self.weights[id(m)].copy_(dequantize(m.codes, m.codebooks, m.scales))
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def gptq_student(model: nn.Module, hs: dict, nbits: int = 3, group: int = 128) -
 def distill_student(student: nn.Module, teacher_states: list[tuple], train: list[dict], val: list[dict],
                     val_teacher: torch.Tensor, steps: int, opt: OptimSettings, eval_every: int, patience: int,
                     seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None,
-                    frozen: tuple[str, ...] = (), pv: PVSettings | None = None, pooled_weight: float = 0.0) -> dict:
+                    frozen: tuple[str, ...] = (), pv: PVSettings | None = None, pooled_weight: float = 0.0,
+                    pv_hessians: dict[str, torch.Tensor] | None = None) -> dict:
     """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit);
     parameters whose names start with one of `frozen` stay as they are. With `pv`, PV-tuning also
     moves the codes every `pv.every` steps (quantizer/distill/pv_tuning.py). `pooled_weight` adds
@@ -181,7 +182,7 @@ def distill_student(student: nn.Module, teacher_states: list[tuple], train: list
         p.requires_grad_(n in params)
     scale = [float(torch.stack([ts[i].var() for ts in teacher_states]).mean()) for i in range(len(teacher_states[0]))]
     decoded = DecodedWeights(student)
-    tuner = PVTuner(decoded.named, pv, seed) if pv is not None else None
+    tuner = PVTuner(decoded.named, pv, seed, pv_hessians) if pv is not None else None
 
     def loss_fn(i: int) -> torch.Tensor:
         b, target = train[i], teacher_states[i]
@@ -268,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-lr-factor", type=float, default=0.1, help="the cosine decays to this fraction")
     ap.add_argument("--pv-every", type=int, default=0,
                     help="PV-tuning: update the codes every N optimizer steps (0: off, codes frozen)")
-    ap.add_argument("--pv-step", type=float, default=0.5, help="PV-tuning step size (relative to rms of W)")
+    ap.add_argument("--pv-candidates", type=float, default=4.0,
+                    help="PV-tuning: pairs searched per update, x the trust ratio (the farthest-moved)")
+    ap.add_argument("--pv-step", type=float, default=0.05, help="PV-tuning step size (relative to rms of W)")
     ap.add_argument("--pv-trust", type=float, default=0.01,
                     help="PV-tuning trust ratio: most fraction of each layer's (row, group) pairs changed per update")
     ap.add_argument("--pv-beam", type=int, default=4, help="PV-tuning beam size")
+    ap.add_argument("--pv-direction", choices=("adam", "gradient"), default="adam", help="PV-tuning step direction")
+    ap.add_argument("--pv-metric", choices=("h", "identity"), default="h",
+                    help="PV-tuning distance: the calibration H's diagonal blocks, or plain squared error")
     ap.add_argument("--extra-texts", type=int, default=0,
                     help="add this many sentences from Python's stdlib docstrings to the training stream")
     ap.add_argument("--pooled-weight", type=float, default=0.0,
@@ -324,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"cosine {before['cosine']:.4f}", flush=True)
             opt = optim_settings(args, lr)
             pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust,
-                             beam_size=args.pv_beam) if args.pv_every else None)
+                             beam_size=args.pv_beam, direction=args.pv_direction, candidates=args.pv_candidates)
+                  if args.pv_every else None)
             run = distill_student(student, teacher_states, train, val, val_teacher, args.steps, opt, args.eval_every,
                                   args.patience, args.seed, args.min_improvement, args.lr_reference_error,
-                                  tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight)
+                                  tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
+                                  hs if args.pv_metric == "h" else None)
             after = embedding_error(embeddings(student, test), test_teacher)
             print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
                   f"{run['seconds']:.0f}s; validation {run['val_error_before']:.4g} -> {run['val_error_after']:.4g} "
@@ -365,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     "lr_factors": {"codebooks": args.lr_codebooks_factor, "scales": args.lr_scales_factor,
                                    "other": args.lr_other_factor},
                     "pv_tuning": ({"every": args.pv_every, "step_size": args.pv_step, "trust_ratio": args.pv_trust,
-                                   "beam_size": args.pv_beam} if args.pv_every else None),
+                                   "beam_size": args.pv_beam, "direction": args.pv_direction, "candidates": args.pv_candidates,
+                                   "metric": args.pv_metric} if args.pv_every else None),
                     "lr_reference_error": args.lr_reference_error, "min_improvement": args.min_improvement,
                     "frozen": args.freeze, "extra_texts": args.extra_texts, "pooled_weight": args.pooled_weight,
                     "eval_every": args.eval_every, "patience": args.patience,

@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="PV-tuning: update the codes every N optimizer steps (0: off, codes frozen)")
     ap.add_argument("--pv-candidates", type=float, default=4.0,
                     help="PV-tuning: pairs searched per update, x the trust ratio (the farthest-moved)")
-    ap.add_argument("--pv-step", type=float, default=0.05, help="PV-tuning step size (relative to rms of W)")
-    ap.add_argument("--pv-trust", type=float, default=0.01,
+    ap.add_argument("--pv-step", type=float, default=0.1, help="PV-tuning step size (relative to rms of W)")
+    ap.add_argument("--pv-trust", type=float, default=0.003,
                     help="PV-tuning trust ratio: most fraction of each layer's (row, group) pairs changed per update")
     ap.add_argument("--pv-beam", type=int, default=4, help="PV-tuning beam size")
     ap.add_argument("--pv-direction", choices=("adam", "gradient"), default="adam", help="PV-tuning step direction")

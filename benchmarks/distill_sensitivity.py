@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vqdm.models import load_pipeline, make_model, quantize_layers, vq_modules
-from vqdm.models.artifact import save_artifact, unet_fingerprint
+from vqdm.models.artifact import MANIFEST_FILE, save_artifact, unet_fingerprint
 from vqdm.quantizer import quantize_weight
 from vqdm.quantizer.distill.run import DistillNotBetter, distill
 from vqdm.quantizer.quantize.config import make_aq_config
@@ -65,7 +65,8 @@ def save(path: Path, cells: list[dict]) -> None:
                                indent=1) + "\n")
 
 
-def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float) -> dict:
+def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float, pv_every: int = 0,
+             train_steps: int = RUN["train_steps"], pv_step: float | None = None, pv_trust: float | None = None) -> dict:
     teacher = work / f"teacher-{family}"
     if not teacher.exists():
         make_model("tiny-sdxl" if family == "sdxl" else "tiny-sdxl-turbo", teacher, seed=0 if family == "sdxl" else 1)
@@ -74,16 +75,21 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
         make_student(teacher, student, k)
     base = detect_recipe(teacher).distill
     cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **RUN)  # as the CLI does
+    cfg = cfg.replace(train_steps=train_steps, pv_every=pv_every, pv_step=pv_step, pv_trust=pv_trust)
     if lr_scale != 1:
         cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
                           lr_scales=cfg.lr_scales * lr_scale)
     t0 = time.perf_counter()
     cell = {"family": family, "k": k, "prompts": prompts, "seed": seed, "lr_scale": lr_scale,
-            "lr": [cfg.lr, cfg.lr_codebooks, cfg.lr_scales]}
+            "lr": [cfg.lr, cfg.lr_codebooks, cfg.lr_scales], "train_steps": cfg.train_steps,
+            "pv_every": cfg.pv_every, "pv_step": cfg.pv_step if pv_every else None,
+            "pv_trust": cfg.pv_trust if pv_every else None}
     try:
         r = distill(teacher, student, work / "out", cfg, force=True, progress=False)
         cell |= {"written": True, "val": [r.val_error_before, r.val_error_after], "best_step": r.best_step,
                  "test_before": r.test_error_before, "test_after": r.test_error_after, "error_lr_scale": r.lr_scale}
+        d = json.loads((work / "out" / MANIFEST_FILE).read_text())["distillation"]
+        cell |= {"seconds_training": d["seconds"]["training"], "pv_codes_changed": d.get("pv_codes_changed")}
     except DistillNotBetter as e:
         cell |= {"written": False, "message": str(e)}
     cell["seconds"] = time.perf_counter() - t0
@@ -91,15 +97,16 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
 
 
 def grid(args, cells: list[dict]) -> None:
-    done = {(c["family"], c["k"], c["prompts"], c["seed"], c["lr_scale"]) for c in cells}
-    todo = [(f, k, p, s, ls) for p in args.prompts for s in args.seeds for f in args.families for k in args.ks
-            for ls in args.lr_scale]
+    done = {(c["family"], c["k"], c["prompts"], c["seed"], c["lr_scale"], c.get("pv_every", 0),
+             c.get("train_steps", RUN["train_steps"])) for c in cells}
+    todo = [(f, k, p, s, ls, pv, ts) for p in args.prompts for s in args.seeds for f in args.families for k in args.ks
+            for ls in args.lr_scale for pv in args.pv_every for ts in args.train_steps]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         for key in todo:
             if key in done:
                 continue
-            cell = run_cell(work, *key)
+            cell = run_cell(work, *key, pv_step=args.pv_step, pv_trust=args.pv_trust)
             cells.append(cell)
             save(args.json, cells)
             print(json.dumps(cell), flush=True)
@@ -151,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="8,32,128")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr-scale", default="1")
+    ap.add_argument("--pv-every", default="0", help="comma-separated PV-tuning periods (0: codes frozen)")
+    ap.add_argument("--pv-step", type=float, help="PV-tuning step (default: the config's)")
+    ap.add_argument("--pv-trust", type=float, help="PV-tuning trust ratio (default: the config's)")
+    ap.add_argument("--train-steps", default=str(RUN["train_steps"]), help="comma-separated optimizer step counts")
     ap.add_argument("--work", help="folder for teachers/students (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=RESULTS)
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args.prompts = [int(x) for x in args.prompts.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
     args.lr_scale = [float(x) for x in args.lr_scale.split(",")]
+    args.pv_every = [int(x) for x in args.pv_every.split(",")]
+    args.train_steps = [int(x) for x in args.train_steps.split(",")]
     cells = load(args.json)
     if args.mode == "lr":
         args.prompts, args.seeds = [32], [0]

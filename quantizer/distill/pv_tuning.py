@@ -56,8 +56,8 @@ class PVSettings:
     """When and how far the codes move (see the module docstring)."""
 
     every: int  # optimizer steps between code updates (the gradient is summed over them)
-    step_size: float = 0.05  # η: the target's distance from Ŵ, in units of rms(Ŵ), along −G/rms(G)
-    trust_ratio: float = 0.01  # τ: at most this fraction of each layer's (row, group) pairs change per update
+    step_size: float = 0.1  # η: the target's distance from Ŵ, in units of rms(Ŵ), along −G/rms(G)
+    trust_ratio: float = 0.003  # τ: at most this fraction of each layer's (row, group) pairs change per update
     beam_size: int = 4  # beam of the search over the K codes of a group
     # direction of the step: "adam" = m̂ / (√v̂ + ε) of the weight gradients seen (every element moves
     # by at most ≈ η·rms(Ŵ); outlier gradients cannot throw a group far), "gradient" = G / rms(G)

@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pv-trust", type=float, default=0.003,
                     help="PV-tuning trust ratio: most fraction of each layer's (row, group) pairs changed per update")
     ap.add_argument("--pv-beam", type=int, default=4, help="PV-tuning beam size")
+    ap.add_argument("--pv-until", type=float, default=0.8,
+                    help="PV-tuning: no code updates after this fraction of the steps (the codebooks adapt)")
     ap.add_argument("--pv-direction", choices=("adam", "gradient"), default="adam", help="PV-tuning step direction")
     ap.add_argument("--pv-metric", choices=("h", "identity"), default="h",
                     help="PV-tuning distance: the calibration H's diagonal blocks, or plain squared error")
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"cosine {before['cosine']:.4f}", flush=True)
             opt = optim_settings(args, lr)
             pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust,
-                             beam_size=args.pv_beam, direction=args.pv_direction, candidates=args.pv_candidates)
+                             beam_size=args.pv_beam, direction=args.pv_direction, candidates=args.pv_candidates,
+                             until=int(args.pv_until * args.steps))
                   if args.pv_every else None)
             run = distill_student(student, teacher_states, train, val, val_teacher, args.steps, opt, args.eval_every,
                                   args.patience, args.seed, args.min_improvement, args.lr_reference_error,
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     "lr_factors": {"codebooks": args.lr_codebooks_factor, "scales": args.lr_scales_factor,
                                    "other": args.lr_other_factor},
                     "pv_tuning": ({"every": args.pv_every, "step_size": args.pv_step, "trust_ratio": args.pv_trust,
-                                   "beam_size": args.pv_beam, "direction": args.pv_direction, "candidates": args.pv_candidates,
+                                   "beam_size": args.pv_beam, "direction": args.pv_direction, "candidates": args.pv_candidates, "until": args.pv_until,
                                    "metric": args.pv_metric} if args.pv_every else None),
                     "lr_reference_error": args.lr_reference_error, "min_improvement": args.min_improvement,
                     "frozen": args.freeze, "extra_texts": args.extra_texts, "pooled_weight": args.pooled_weight,

@@ -76,6 +76,8 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
     base = detect_recipe(teacher).distill
     cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **RUN)  # as the CLI does
     cfg = cfg.replace(train_steps=train_steps, pv_every=pv_every, pv_step=pv_step, pv_trust=pv_trust)
+    if pv_every:  # PV-tuning stops at the same step whatever the run length (equal-time runs are longer)
+        cfg = cfg.replace(pv_until=min(1.0, 0.8 * RUN["train_steps"] / train_steps))
     if lr_scale != 1:
         cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
                           lr_scales=cfg.lr_scales * lr_scale)

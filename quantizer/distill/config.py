@@ -60,6 +60,7 @@ class DistillConfig:
     pv_every: int = 0
     pv_step: float = 0.1  # η, relative to each layer's rms(Ŵ), along Adam's direction m̂/√v̂
     pv_trust: float = 0.003  # at most this fraction of each layer's (row, group) pairs change per update
+    pv_until: float = 0.8  # no code updates after this fraction of train_steps (the codebooks adapt to the last)
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +97,7 @@ class DistillConfig:
              "--pv-every needs --weight-grad dense (PV-tuning reads the dense weight gradients)"),
             (self.pv_step > 0, f"--pv-step must be positive, got {self.pv_step}"),
             (0 < self.pv_trust <= 1, f"--pv-trust must lie in (0, 1], got {self.pv_trust}"),
+            (0 < self.pv_until <= 1, f"--pv-until must lie in (0, 1], got {self.pv_until}"),
             (math.ceil(self.num_prompts / self.gen_batch_size) >= self.rounds,
              f"{self.num_prompts} prompt(s) in batches of {self.gen_batch_size} cannot fill {self.rounds} rounds"),
         ]
@@ -128,7 +130,10 @@ class DistillConfig:
 
     def pv(self) -> PVSettings | None:
         """PV-tuning settings, None when off."""
-        return PVSettings(every=self.pv_every, step_size=self.pv_step, trust_ratio=self.pv_trust) if self.pv_every else None
+        if not self.pv_every:
+            return None
+        return PVSettings(every=self.pv_every, step_size=self.pv_step, trust_ratio=self.pv_trust,
+                          until=int(self.pv_until * self.train_steps))
 
     def replace(self, **overrides) -> "DistillConfig":
         """A copy with the fields given (None: keep this config's value; `flat_lr=True` sets

@@ -56,7 +56,7 @@ class PVSettings:
     """When and how far the codes move (see the module docstring)."""
 
     every: int  # optimizer steps between code updates (the gradient is summed over them)
-    step_size: float = 0.1  # η: the target's distance from Ŵ, in units of rms(Ŵ), along −G/rms(G)
+    step_size: float = 0.1  # η: the target's distance from Ŵ, in units of rms(Ŵ), along −D
     trust_ratio: float = 0.003  # τ: at most this fraction of each layer's (row, group) pairs change per update
     beam_size: int = 4  # beam of the search over the K codes of a group
     # direction of the step: "adam" = m̂ / (√v̂ + ε) of the weight gradients seen (every element moves
@@ -65,6 +65,9 @@ class PVSettings:
     direction: str = "adam"
     # pairs searched per update, as a multiple of the trust ratio: those whose target moved farthest
     candidates: float = 4.0
+    # no code updates after this optimizer step (None: until the end), so that the codebooks adapt
+    # to the last changes before the run ends (an update costs validation error for some steps)
+    until: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
@@ -283,7 +286,8 @@ class PVTuner:
     def step(self) -> dict | None:
         """After an optimizer step: update the codes when due; returns that update's summary or None."""
         self.steps += 1
-        if self.steps % self.settings.every or not self.m:
+        until = self.settings.until
+        if self.steps % self.settings.every or not self.m or (until is not None and self.steps > until):
             return None
         stats = [update_codes(self.layers[n], self.direction(n), self.settings, self.generator, self.blocks.get(n))
                  for n in self.m]

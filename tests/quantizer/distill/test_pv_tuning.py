@@ -137,6 +137,17 @@ def test_tuner_adam_direction_is_bias_corrected_and_bounded():
     assert tuner.direction("l").abs().max() <= 1.0 + 1e-6
 
 
+def test_tuner_updates_every_n_steps_until_its_last_step():
+    layer = VQLinear(16, 4, num_codebooks=1, group_size=8)
+    layer.set_quantized(torch.randint(0, 256, (4, 2, 1), dtype=torch.uint8), torch.randn(1, 256, 8), torch.ones(4))
+    tuner = PVTuner({"l": layer}, PVSettings(every=2, until=5))
+    done = []
+    for _ in range(8):
+        tuner.accumulate({"l": torch.randn(4, 16)})
+        done.append(tuner.step() is not None)
+    assert done == [False, True, False, True, False, False, False, False]
+
+
 def test_fit_with_pv_tuning_changes_codes_and_keeps_them_with_the_best_student():
     # a VQ student fitted to a dense teacher layer: PV moves codes, the best student's codes are restored
     torch.manual_seed(0)

@@ -259,7 +259,7 @@ def test_pv_tuning_moves_codes_keeps_the_format_and_checkpoints_them(runs):
     pv = ["--pv-every", "2", "--pv-step", "0.5", "--pv-trust", "0.05", "--allow-worse"]
     out = r["root"] / "pv"
     with pytest.raises(DistillStopped):
-        main([*r["args"], *pv, "--out", str(out), "--stop-after-step", "10"])
+        main(["-v", *r["args"], *pv, "--out", str(out), "--stop-after-step", "10"])
     saved = _tensors(DistillCheckpoint.dir_for(out) / "params-10.safetensors")
     a = _tensors(r["student"] / WEIGHTS_FILE)
     codes = [k for k in a if k.endswith(".codes")]

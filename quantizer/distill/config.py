@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vqdm.errors import ConfigError
 from vqdm.quantizer.distill.engine import OptimSettings
+from vqdm.quantizer.distill.pv_tuning import PVSettings
 from vqdm.quantizer.sampling import SamplingConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -63,6 +64,12 @@ class DistillConfig:
     gradient_checkpointing: bool = True
     weight_grad: str = "dense"
     checkpoint_every: int = 100
+    # PV-tuning (quantizer/distill/pv_tuning.py): move the codes every pv_every optimizer steps
+    # (0: off, codes frozen as in the paper). Needs weight_grad "dense" (it reads dL/dŴ there).
+    pv_every: int = 0
+    pv_step: float = 0.1  # η, relative to each layer's rms(Ŵ), along Adam's direction m̂/√v̂
+    pv_trust: float = 0.003  # at most this fraction of each layer's (row, group) pairs change per update
+    pv_until: float = 0.8  # no code updates after this fraction of train_steps (the codebooks adapt to the last)
 
     def __post_init__(self) -> None:
         checks = [
@@ -97,6 +104,12 @@ class DistillConfig:
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.weight_grad in WEIGHT_GRADS, f"--weight-grad must be one of {WEIGHT_GRADS}, got {self.weight_grad!r}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
+            (self.pv_every >= 0, f"--pv-every must be >= 0 (0: off), got {self.pv_every}"),
+            (self.pv_every == 0 or self.weight_grad == "dense",
+             "--pv-every needs --weight-grad dense (PV-tuning reads the dense weight gradients)"),
+            (self.pv_step > 0, f"--pv-step must be positive, got {self.pv_step}"),
+            (0 < self.pv_trust <= 1, f"--pv-trust must lie in (0, 1], got {self.pv_trust}"),
+            (0 < self.pv_until <= 1, f"--pv-until must lie in (0, 1], got {self.pv_until}"),
             (math.ceil(self.num_prompts / self.gen_batch_size) >= self.rounds,
              f"{self.num_prompts} prompt(s) in batches of {self.gen_batch_size} cannot fill {self.rounds} rounds"),
         ]
@@ -138,6 +151,13 @@ class DistillConfig:
         return OptimSettings(lr=self.lr, lr_codebooks=self.lr_codebooks, lr_scales=self.lr_scales,
                              betas=(self.beta1, self.beta2), warmup=self.warmup, min_lr_factor=self.min_lr_factor,
                              clip_grad_norm=self.clip_grad_norm)
+
+    def pv(self) -> PVSettings | None:
+        """PV-tuning settings, None when off."""
+        if not self.pv_every:
+            return None
+        return PVSettings(every=self.pv_every, step_size=self.pv_step, trust_ratio=self.pv_trust,
+                          until=int(self.pv_until * self.train_steps))
 
     def replace(self, **overrides) -> "DistillConfig":
         """A copy with the fields given (None: keep this config's value; `flat_lr=True` sets

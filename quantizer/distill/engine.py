@@ -173,7 +173,9 @@ class FitResult:
 def fit(named_params: dict[str, nn.Parameter], loss_fn: Callable[[object], torch.Tensor], batches: Iterable,
         validate: Callable[[], float], total_steps: int, opt: OptimSettings, eval_every: int, patience: int,
         after_step: Callable[[], None] | None = None, min_improvement: float = 0.0,
-        lr_reference_error: float | None = None, lr_min_scale: float = 1e-3) -> FitResult:
+        lr_reference_error: float | None = None, lr_min_scale: float = 1e-3,
+        after_backward: Callable[[], None] | None = None,
+        kept_with_best: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train `named_params` on `loss_fn(batch)` over `batches` (one per step), keep the best by `validate`.
 
     The student is whatever module owns `named_params`; `loss_fn` runs student and teacher (or
@@ -181,23 +183,31 @@ def fit(named_params: dict[str, nn.Parameter], loss_fn: Callable[[object], torch
     trained student by validation error (check `selection.improved` before using it: it needs a
     relative validation gain of at least `min_improvement`). With `lr_reference_error`, the rates
     of `opt` are scaled by `error_lr_scale(input's validation error, lr_reference_error, lr_min_scale)`.
+
+    Hooks: `after_backward` runs between the backward and the optimizer step (e.g. carry dense
+    weight gradients to codebooks), `after_step` after it (e.g. PV-tuning's code updates).
+    `kept_with_best`: tensors that are not trained by the optimizer but change during training
+    (PV-tuning's codes); they are saved with the best student and restored with it.
     """
     optimizer = make_optimizer(named_params, opt)
     sel = Selection(before=validate(), patience=patience, min_improvement=min_improvement)
     scale_learning_rates(optimizer, error_lr_scale(sel.before, lr_reference_error, lr_min_scale))
+    state = {**named_params, **(kept_with_best or {})}
     curve: list[float] = []
     it = iter(batches)
     stopped, step = False, 0
     for step in range(total_steps):
         loss = loss_fn(next(it))
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer_step(optimizer, step, total_steps, opt)
         if after_step is not None:
             after_step()
         curve.append(float(loss.detach()))
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
-            if sel.update(step + 1, validate(), named_params):
+            if sel.update(step + 1, validate(), state):
                 stopped = step + 1 < total_steps
                 break
-    sel.restore_best(named_params)
+    sel.restore_best(state)
     return FitResult(sel, curve, step + 1, stopped)

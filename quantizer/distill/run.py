@@ -6,7 +6,8 @@ halves; Turbo with its own scheduler, 1–4 steps, no CFG); every U-Net call bec
 (x_t, t, conditioning, teacher output). The student is trained on MSE(student(x_t), teacher(x_t))
 with Adam, gradient accumulation to the effective batch, bf16 autocast on CUDA and gradient
 checkpointing. Trainable: codebooks, scales and every other U-Net parameter, in fp32 master
-copies; codes are buffers and never change, so the output artifact has the input's size.
+copies; codes are buffers and never change (unless PV-tuning is on, `pv_every`: then they are
+re-chosen every few steps, quantizer/distill/pv_tuning.py), so the output artifact has the input's size.
 
 Weight gradients (`weight_grad`):
     dense     each VQ layer's weight is decoded once per optimizer step into a dense fp32 leaf;
@@ -31,15 +32,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError, VQDMError
-from vqdm.kernels import dequantize
-from vqdm.kernels.decoded import conv_weight_view
-from vqdm.models import VQConv2d, detect_family, load_pipeline, vq_modules
+from vqdm.models import detect_family, load_pipeline, vq_modules
 from vqdm.models.artifact import WEIGHTS_FILE, load_vq_unet, save_artifact, unet_fingerprint
 from vqdm.quantizer.checkpoint import json_normalise
 from vqdm.quantizer.distill import engine
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.checks import check_inputs
 from vqdm.quantizer.distill.config import DistillConfig
+from vqdm.quantizer.distill.decoded_weights import DecodedWeights
+from vqdm.quantizer.distill.pv_tuning import PVTuner
 from vqdm.quantizer.recipes import detect_recipe
 from vqdm.quantizer.sampling import Batch, load_prompts, named_seed, plan_batches, prompt_seed, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
@@ -103,49 +104,6 @@ def sample_order(seed: int, round_index: int, num_samples: int, start: int, coun
     return torch.cat(out)
 
 
-# -- dense weight gradients --------------------------------------------------------------------
-class DecodedWeights:
-    """A `weight_cache` for VQ modules during training: the decoded weight as a dense fp32 leaf.
-
-    Micro-batches accumulate dL/dW in the leaves; `push_gradients` carries them through one decode
-    per layer to codebooks and scales, and `refresh` re-decodes after the optimizer step.
-    """
-
-    def __init__(self, unet: nn.Module) -> None:
-        self.layers = [m for _, m in vq_modules(unet)]
-        self.weights: dict[int, torch.Tensor] = {}
-        for m in self.layers:
-            self.weights[id(m)] = dequantize(m.codes, m.codebooks.detach(), m.scales.detach()).float().requires_grad_()
-
-    @contextlib.contextmanager
-    def installed(self):
-        saved = [m.weight_cache for m in self.layers]
-        for m in self.layers:
-            m.weight_cache = self
-        try:
-            yield self
-        finally:
-            for m, cache in zip(self.layers, saved):
-                m.weight_cache = cache
-
-    def lookup(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights[id(module)]  # [n, d]
-        return conv_weight_view(w, module.in_channels, module.kernel_size) if isinstance(module, VQConv2d) else w
-
-    def push_gradients(self) -> None:
-        """dL/dW of every layer -> codebooks.grad, scales.grad (one layer's decode graph at a time)."""
-        for m in self.layers:
-            w = self.weights[id(m)]
-            if w.grad is not None:
-                torch.autograd.backward(dequantize(m.codes, m.codebooks, m.scales), w.grad)
-                w.grad = None
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        for m in self.layers:
-            self.weights[id(m)].copy_(dequantize(m.codes, m.codebooks, m.scales))
-
-
 # -- training ------------------------------------------------------------------------------------
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
@@ -176,7 +134,7 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch
 
 
 def accumulate_gradients(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], precision: str,
-                         decoded: DecodedWeights | None = None) -> float:
+                         decoded: DecodedWeights | None = None, pv: PVTuner | None = None) -> float:
     """Gradients of the mean MSE over `micro_batches` (sample indices) into the parameters' .grad."""
     device = next(unet.parameters()).device
     total = 0.0
@@ -188,15 +146,21 @@ def accumulate_gradients(unet: nn.Module, bank: SampleBank, micro_batches: list[
         (loss / len(micro_batches)).backward()
         total += loss.item()
     if decoded is not None:
+        if pv is not None:  # dL/dŴ of the whole step, before it is carried to codebooks and scales
+            pv.accumulate(decoded.grads())
         decoded.push_gradients()
     return total / len(micro_batches)
 
 
 def train_step(unet: nn.Module, bank: SampleBank, micro_batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-               precision: str, decoded: DecodedWeights | None, step: int, cfg: DistillConfig) -> float:
-    """Optimizer step `step` (0-based) over `micro_batches`; returns the mean MSE."""
-    loss = accumulate_gradients(unet, bank, micro_batches, precision, decoded)
+               precision: str, decoded: DecodedWeights | None, step: int, cfg: DistillConfig,
+               pv: PVTuner | None = None) -> float:
+    """Optimizer step `step` (0-based) over `micro_batches`; returns the mean MSE. With `pv`, the
+    codes are updated after the step when due (PV-tuning)."""
+    loss = accumulate_gradients(unet, bank, micro_batches, precision, decoded, pv)
     engine.optimizer_step(optimizer, step, cfg.train_steps, cfg.optim())
+    if pv is not None:
+        pv.step()
     if decoded is not None:
         decoded.refresh()
     return loss
@@ -222,6 +186,11 @@ def relative_error(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> fl
     """Σ‖unet(x_t) − recorded‖² / Σ‖recorded‖² over the bank: `vqdm eval`'s unet_rel_mse on these samples."""
     pred, target = _eval_predictions(unet, bank, batch_size)
     return float(((pred - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30))
+
+
+def codes_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The live codes buffers by "<layer>.codes" (PV-tuning: kept with the best student and in checkpoints)."""
+    return {f"{n}.codes": m.codes for n, m in vq_modules(unet)}
 
 
 def codes_snapshot(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -314,19 +283,21 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     })
     params = prepare_student(unet, cfg)
     optimizer = make_optimizer(params, cfg)
-    done = _resume_or_start(ckpt, identity, params, optimizer, resume, force, cfg)
+    # what a checkpoint and the best student hold: the parameters, and the codes when PV-tuning moves them
+    state = {**params, **codes_state(unet)} if cfg.pv_every else params
+    done = _resume_or_start(ckpt, identity, state, optimizer, resume, force, cfg)
 
     val_bank, test_bank = _eval_banks(pipe, unet, cfg, prompts, done)
     # the input's validation error (restored on --resume, so a resumed run gets the same rates)
     lr_scale = engine.error_lr_scale(done.selection.before, cfg.lr_reference_error, cfg.lr_min_scale)
     engine.scale_learning_rates(optimizer, lr_scale)
     done.extra["lr_scale"] = lr_scale
-    _train(pipe, unet, cfg, prompts, params, optimizer, precision, done, val_bank,
-           lambda: ckpt.save(identity, done.step, done.loss_curve, params, optimizer,
+    _train(pipe, unet, cfg, prompts, state, optimizer, precision, done, val_bank,
+           lambda: ckpt.save(identity, done.step, done.loss_curve, state, optimizer,
                              {**done.extra, "selection": done.selection.to_dict()}, best=done.selection.best_state),
            stop_after_step, progress, ckpt)
     sel = done.selection
-    sel.restore_best(params)
+    sel.restore_best(state)
     _finish_training(unet, codes_before, test_bank, cfg, done)
     ex = done.extra
     figures = (f"validation relative error {sel.before:.4g} -> {sel.best_error:.4g} (best of step {sel.best_step}); "
@@ -382,8 +353,11 @@ def _resume_or_start(ckpt: DistillCheckpoint, identity: dict, params: dict, opti
 
 def _finish_training(unet: nn.Module, codes_before: dict, test_bank: SampleBank | None, cfg: DistillConfig,
                      done: _Progress) -> None:
-    """Check the codes stayed frozen, measure the test error after, and leave the U-Net in eval mode."""
-    check_codes_unchanged(unet, codes_before)
+    """Check the codes stayed frozen (unless PV-tuning), measure the test error after, and leave the U-Net in eval mode."""
+    if cfg.pv_every:
+        done.extra["pv_codes_changed"] = sum(int((m.codes != codes_before[n]).any(-1).sum()) for n, m in vq_modules(unet))
+    else:
+        check_codes_unchanged(unet, codes_before)
     if test_bank is not None:
         done.extra["test_error_after"] = relative_error(unet, test_bank, cfg.batch_size)
         log.info("test relative error: %.6g -> %.6g", done.extra["test_error_before"], done.extra["test_error_after"])
@@ -415,6 +389,10 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
     rounds, spans = round_batches(cfg, prompts), round_steps(cfg)
     samples_per_round = done.extra.setdefault("samples_per_round", [])
     decoded = DecodedWeights(unet) if cfg.weight_grad == "dense" else None
+    # PV-tuning (identity metric: the U-Net artifact carries no H); its Adam moments start afresh on --resume
+    pv = PVTuner(decoded.named, cfg.pv(), cfg.seed) if cfg.pv_every and decoded is not None else None
+    if pv is not None:
+        pv.steps = done.step  # on --resume: the same update steps (every N, until) as the uninterrupted run
     bar = tqdm(total=cfg.train_steps, initial=done.step, desc="distill", unit="step", disable=not progress)
     with decoded.installed() if decoded is not None else contextlib.nullcontext():
         for r, (first, end) in enumerate(spans):
@@ -434,7 +412,7 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
                 order = sample_order(cfg.seed, r, len(bank), (done.step - first) * cfg.effective_batch,
                                      cfg.effective_batch)
                 loss = train_step(unet, bank, list(order.split(cfg.batch_size)), optimizer, precision, decoded,
-                                  done.step, cfg)
+                                  done.step, cfg, pv)
                 done.loss_curve.append(loss)
                 done.step += 1
                 bar.update(1)
@@ -479,7 +457,9 @@ def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precisi
         "prompts_sha256": prompts_sha256, "prompt_lines": prompt_lines,
         "samples_per_round": ex.get("samples_per_round", []),
         "trainable_parameters": sum(p.numel() for p in params.values()),
-        "trainable": "codebooks, scales and every non-quantized U-Net parameter (codes frozen)",
+        "trainable": "codebooks, scales and every non-quantized U-Net parameter "
+                     + ("and the codes (PV-tuning)" if cfg.pv_every else "(codes frozen)"),
+        "pv_codes_changed": ex.get("pv_codes_changed"),
         "loss_curve": curve,
         "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
         "error": "relative U-Net output error sum |student - teacher|^2 / sum |teacher|^2 on teacher trajectories",

@@ -257,3 +257,31 @@ def test_frozen_codes_are_checked(simple_quantizer):
     m.codes[0, 0, 0] += 1
     with pytest.raises(RuntimeError, match="codes of 1 layer"):
         check_codes_unchanged(unet, before)
+
+
+def test_pv_tuning_moves_codes_keeps_the_format_and_checkpoints_them(runs):
+    r = runs["sdxl"]
+    pv = ["--pv-every", "2", "--pv-step", "0.5", "--pv-trust", "0.05", "--allow-worse"]
+    out = r["root"] / "pv"
+    with pytest.raises(DistillStopped):
+        main(["-v", *r["args"], *pv, "--out", str(out), "--stop-after-step", "10"])
+    saved = _tensors(DistillCheckpoint.dir_for(out) / "params-10.safetensors")
+    a = _tensors(r["student"] / WEIGHTS_FILE)
+    codes = [k for k in a if k.endswith(".codes")]
+    assert codes and all(k in saved for k in codes)  # the moved codes travel with the checkpoint
+    assert any(not torch.equal(saved[k].to(torch.uint8), a[k]) for k in codes)
+    assert main([*r["args"], *pv, "--out", str(out), "--resume"]) == 0
+    b = _tensors(out / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(b[k].dtype == a[k].dtype and b[k].shape == a[k].shape for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in codes)
+    assert (r["student"] / WEIGHTS_FILE).stat().st_size == (out / WEIGHTS_FILE).stat().st_size
+    d = json.loads((out / MANIFEST_FILE).read_text())["distillation"]
+    assert d["pv_every"] == 2 and d["pv_codes_changed"] > 0 and "PV-tuning" in d["trainable"]
+    unet, _ = load_vq_unet(out)  # loads: codes within the codebooks' range
+    for _, m in vq_modules(unet):
+        assert int(m.codes.max()) < m.codebooks.shape[1]
+
+
+def test_pv_tuning_needs_dense_weight_gradients():
+    with pytest.raises(ConfigError, match="--weight-grad dense"):
+        recipe("sdxl").distill.replace(pv_every=5, weight_grad="per-call")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import json
 import platform
 import random
@@ -55,7 +56,7 @@ from vqdm.models.quantized_unet import make_vq_module, set_submodule  # noqa: E4
 from vqdm.quantizer import gptq_quantize, quantize_weight  # noqa: E402
 from vqdm.quantizer.distill.decoded_weights import DecodedWeights  # noqa: E402
 from vqdm.quantizer.distill.engine import OptimSettings, fit  # noqa: E402
-from vqdm.quantizer.distill.pv_tuning import PVSettings, PVTuner  # noqa: E402
+from vqdm.quantizer.distill.pv_tuning import PVSettings, PVTuner, codes_state  # noqa: E402
 from vqdm.quantizer.quantize.config import make_aq_config  # noqa: E402
 from vqdm.quantizer.sampling import load_prompts  # noqa: E402
 
@@ -246,7 +247,7 @@ def distill_student(student: nn.Module, teacher_states: list[tuple], train: list
         res = fit(params, loss_fn, stream(), validate, steps, opt, eval_every, patience,
                   min_improvement=min_improvement, lr_reference_error=lr_reference_error,
                   after_backward=after_backward, after_step=after_step,
-                  kept_with_best=tuner.codes() if tuner is not None else None)
+                  kept_with_best=codes_state(student) if tuner is not None else None)
     student.eval().requires_grad_(False)
     out = {"val_error_before": res.selection.before, "val_error_after": res.selection.best_error,
            "best_step": res.selection.best_step, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
              "kmeans_iters": args.kmeans_iters, "cg_iters": args.cg_iters, "damping": args.damping,
              "seed": args.seed}
     lrs = [float(x) for x in args.lrs.split(",")]
+    pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust, beam_size=args.pv_beam,
+                     direction=args.pv_direction, candidates=args.pv_candidates, until=int(args.pv_until * args.steps))
+          if args.pv_every else None)
     result: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for k in [int(x) for x in args.ks.split(",")]:
         runs = []
@@ -351,10 +355,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"K={k}: AQ {bits:.2f} bits/weight ({q_seconds:.0f}s quantizing); test error {before['error']:.4g} "
                   f"cosine {before['cosine']:.4f}", flush=True)
             opt = optim_settings(args, lr)
-            pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust,
-                             beam_size=args.pv_beam, direction=args.pv_direction, candidates=args.pv_candidates,
-                             until=int(args.pv_until * args.steps))
-                  if args.pv_every else None)
             run = distill_student(student, teacher_states, train, val, val_teacher, args.steps, opt, args.eval_every,
                                   args.patience, args.seed, args.min_improvement, args.lr_reference_error,
                                   tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
@@ -395,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                     "optim": optim_settings(args, lrs[0]).__dict__ | {"lr": "per run"},
                     "lr_factors": {"codebooks": args.lr_codebooks_factor, "scales": args.lr_scales_factor,
                                    "other": args.lr_other_factor},
-                    "pv_tuning": ({"every": args.pv_every, "step_size": args.pv_step, "trust_ratio": args.pv_trust,
-                                   "beam_size": args.pv_beam, "direction": args.pv_direction, "candidates": args.pv_candidates, "until": args.pv_until,
-                                   "metric": args.pv_metric} if args.pv_every else None),
+                    # `until` as the fraction of the steps given on the command line
+                    "pv_tuning": ({**dataclasses.asdict(pv), "until": args.pv_until, "metric": args.pv_metric}
+                                  if pv is not None else None),
                     "lr_reference_error": args.lr_reference_error, "min_improvement": args.min_improvement,
                     "frozen": args.freeze, "extra_texts": args.extra_texts,
                     "augment": {"copies": args.augment, "word_dropout": args.augment_rate}, "pooled_weight": args.pooled_weight,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from vqdm.models import vq_modules
 from vqdm.quantizer.layer.beam_search import search_group
 from vqdm.vq_format import decode, decode_groups
 
@@ -237,6 +238,12 @@ def _objective(target: torch.Tensor, w: torch.Tensor, h_blocks: torch.Tensor | N
     return float(torch.einsum("nGa,Gab,nGb->", e, h_blocks.double(), e))
 
 
+def codes_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live codes buffers of `model`'s VQ layers by "<layer>.codes": what PV-tuning moves, so
+    what is kept with the best student and in checkpoints besides the parameters."""
+    return {f"{n}.codes": m.codes for n, m in vq_modules(model)}
+
+
 class PVTuner:
     """Tracks each VQ layer's weight gradients and moves its codes every `settings.every` steps.
 
@@ -301,6 +308,3 @@ class PVTuner:
         self.history.append(summary)
         return summary
 
-    def codes(self) -> dict[str, torch.Tensor]:
-        """The codes buffers by layer name (to snapshot with the best student)."""
-        return {f"{n}.codes": m.codes for n, m in self.layers.items()}

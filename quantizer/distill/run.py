@@ -40,7 +40,7 @@ from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.checks import check_inputs
 from vqdm.quantizer.distill.config import DistillConfig
 from vqdm.quantizer.distill.decoded_weights import DecodedWeights
-from vqdm.quantizer.distill.pv_tuning import PVTuner
+from vqdm.quantizer.distill.pv_tuning import PVTuner, codes_state
 from vqdm.quantizer.recipes import detect_recipe
 from vqdm.quantizer.sampling import Batch, load_prompts, named_seed, plan_batches, prompt_seed, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
@@ -186,11 +186,6 @@ def relative_error(unet: nn.Module, bank: SampleBank, batch_size: int = 8) -> fl
     """Σ‖unet(x_t) − recorded‖² / Σ‖recorded‖² over the bank: `vqdm eval`'s unet_rel_mse on these samples."""
     pred, target = _eval_predictions(unet, bank, batch_size)
     return float(((pred - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30))
-
-
-def codes_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The live codes buffers by "<layer>.codes" (PV-tuning: kept with the best student and in checkpoints)."""
-    return {f"{n}.codes": m.codes for n, m in vq_modules(unet)}
 
 
 def codes_snapshot(unet: nn.Module) -> dict[str, torch.Tensor]:

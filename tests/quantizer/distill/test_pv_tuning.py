@@ -8,8 +8,8 @@ import torch.nn as nn
 from vqdm.models.vq_layers import VQLinear
 from vqdm.quantizer.distill.decoded_weights import DecodedWeights
 from vqdm.quantizer.distill.engine import OptimSettings, fit
-from vqdm.quantizer.distill.pv_tuning import (PVSettings, PVTuner, candidate_pairs, hessian_blocks, limit_changes, pv_target,
-                                              reencode, reencode_reference, update_codes)
+from vqdm.quantizer.distill.pv_tuning import (PVSettings, PVTuner, candidate_pairs, codes_state, hessian_blocks,
+                                              limit_changes, pv_target, reencode, reencode_reference, update_codes)
 from vqdm.vq_format import decode
 
 
@@ -188,7 +188,7 @@ def test_fit_with_pv_tuning_changes_codes_and_keeps_them_with_the_best_student()
     with decoded.installed():
         res = fit(params, loss_fn, iter(range(1000)), validate, 20, OptimSettings(1e-3, 1e-3, 1e-3), eval_every=5,
                   patience=10, after_step=after_step, after_backward=after_backward,
-                  kept_with_best=tuner.codes())
+                  kept_with_best=codes_state(model))
         best_codes = res.selection.best_state["0.codes"]
         assert torch.equal(student.codes, best_codes.to(student.codes.dtype))
         assert validate() == pytest.approx(res.selection.best_error, rel=1e-5)

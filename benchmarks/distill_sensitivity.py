@@ -33,7 +33,7 @@ import torch
 
 from vqdm.models import load_pipeline, make_model, quantize_layers, vq_modules
 from vqdm.models.artifact import MANIFEST_FILE, save_artifact, unet_fingerprint
-from vqdm.models.digits import DIGIT_WORDS, DIGITS_MODEL_DIR, PROMPT_TEMPLATES, digit_prompt
+from vqdm.models.digits import DIGITS_MODEL_DIR, training_prompts
 from vqdm.quantizer import quantize_weight
 from vqdm.quantizer.distill.run import DistillNotBetter, distill
 from vqdm.quantizer.quantize.config import make_aq_config
@@ -74,8 +74,7 @@ def teacher_dir(work: Path, family: str) -> Path:
 def digit_prompts_file(work: Path) -> Path:
     """The 30 prompts the digits model was trained on, digit-major within each template."""
     path = work / "digit_prompts.txt"
-    path.write_text("\n".join(digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES))
-                              for d in range(len(DIGIT_WORDS))) + "\n")
+    path.write_text("\n".join(training_prompts()) + "\n")
     return path
 
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from vqdm.quantizer.quantize.hessians import collect_hessians
     from vqdm.quantizer.recipes import recipe
     from vqdm.quantizer.sampling import load_prompts
-    from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, digit_prompt
+    from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, digit_prompt, training_prompts
 
     quick = args.quick
     trained = not args.random_init
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             make_model("tiny-sdxl", teacher, seed=0)
     if trained:  # every phrasing to calibrate and distill; the eval seeds (1000 + i) are never used there
-        prompts = [digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(10)]
+        prompts = training_prompts()
         held_out = [digit_prompt(d % 10) for d in range(s["eval"]["num_prompts"])]
         train = prompts
     else:

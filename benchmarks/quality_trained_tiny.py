@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vqdm.models import Preset, load_pipeline, select_layers
-from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, DigitJudge, digit_prompt,
+from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, DigitJudge, digit_prompt, training_prompts,
                                 frechet_distance, generate_digits, images_to_digits)
 
 BENCH = Path(__file__).resolve().parent
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = work / "dense"
     if not teacher.exists():
         shutil.copytree(args.model, teacher)
-    train_prompts = [digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(10)]
+    train_prompts = training_prompts()
     (work / "train_prompts.txt").write_text("\n".join(train_prompts) + "\n")
     (work / "eval_prompts.txt").write_text("\n".join(digit_prompt(d) for d in range(10)) + "\n")
     common = ["--resolution", str(res), "--guidance", str(guidance), "--prompts", str(work / "train_prompts.txt")]

@@ -38,6 +38,11 @@ def digit_prompt(digit: int, template: int = 0) -> str:
     return PROMPT_TEMPLATES[template].format(d=digit, w=DIGIT_WORDS[digit])
 
 
+def training_prompts() -> list[str]:
+    """Every phrasing of every digit the model is trained on, digits 0-9 within each template in turn."""
+    return [digit_prompt(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(len(DIGIT_WORDS))]
+
+
 def _sklearn_digits():
     try:
         from sklearn.datasets import load_digits

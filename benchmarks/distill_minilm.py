@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kmeans-iters", type=int, default=10, help="AQ Lloyd iterations at initialisation")
     ap.add_argument("--cg-iters", type=int, default=0, help="AQ least-squares codebook iterations (0: Adam only)")
     ap.add_argument("--damping", type=float, default=0.0, help="AQ search damping of H")
+    ap.add_argument("--init-passes", type=int, default=0,
+                    help="AQ sequential passes after k-means (0: the init every recorded run used)")
+    ap.add_argument("--tolerance", type=float, default=0.01, help="AQ stop rule (0.01: every recorded run's)")
     ap.add_argument("--cache", type=Path, help="folder for the quantized students (reused when present)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     knobs = {"beam_size": args.beam_size, "adam_steps": args.adam_steps, "max_rounds": args.max_rounds,
              "kmeans_iters": args.kmeans_iters, "cg_iters": args.cg_iters, "damping": args.damping,
-             "seed": args.seed}
+             "init_passes": args.init_passes, "relative_tolerance": args.tolerance, "seed": args.seed}
     lrs = [float(x) for x in args.lrs.split(",")]
     pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust, beam_size=args.pv_beam,
                      direction=args.pv_direction, candidates=args.pv_candidates, until=int(args.pv_until * args.steps))

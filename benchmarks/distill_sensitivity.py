@@ -48,7 +48,8 @@ FAMILIES = ("sdxl", "sdxl-turbo", "digits")
 
 
 def make_student(teacher: Path, out: Path, k: int) -> Path:
-    cfg = make_aq_config(k, beam_size=2, adam_steps=2, cg_iters=0, damping=0.0, max_rounds=1, kmeans_iters=10)
+    cfg = make_aq_config(k, beam_size=2, adam_steps=2, cg_iters=0, damping=0.0, max_rounds=1, kmeans_iters=10,
+                          init_passes=0)
 
     def fn(name, w):
         qw = quantize_weight(w, torch.eye(w.shape[1], dtype=torch.float64), cfg)

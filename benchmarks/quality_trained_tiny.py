@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     s = {  # every setting in one place, recorded in the JSON
         "resolution": res, "guidance": guidance, "sampling_steps": steps,
         "calibration": dict(num_prompts=10 if quick else 30, steps=4 if quick else 10, batch_size=10),
-        "aq": dict(beam=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 3, kmeans_iters=20 if quick else 100),
+        # init_passes 0 and tolerance 0.01: the AQ defaults the README table was measured with
+        "aq": dict(beam=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 3, kmeans_iters=20 if quick else 100,
+                   init_passes=0, tolerance=0.01),
         # The distillation recipe is the tiny one `vqdm distill` detects (lrs, warmup, clipping, rounds,
         # validation/test prompts); --allow-worse so a student that does not beat its input on validation
         # is still written and scored here, marked as such.
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     vqdm_cli(*[["quantize", "--model", str(teacher), "--preset", "sdxl", "--bits", str(k), "--out", str(aq[k]), *common,
                 "--num-prompts", str(c["num_prompts"]), "--steps", str(c["steps"]), "--batch-size", str(c["batch_size"]),
                 "--beam", str(a["beam"]), "--adam-steps", str(a["adam_steps"]), "--max-rounds", str(a["max_rounds"]),
-                "--kmeans-iters", str(a["kmeans_iters"])] for k in todo], log_dir=work)
+                "--kmeans-iters", str(a["kmeans_iters"]), "--init-passes", str(a["init_passes"]),
+                "--tolerance", str(a["tolerance"])] for k in todo], log_dir=work)
     aq_seconds = time.perf_counter() - t0
     for k, folder in aq.items():
         manifest = json.loads((folder / "unet" / "manifest.json").read_text())

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout": {"texts": "vqdm/quantizer/prompts.txt", "num_texts": len(heldout_texts), "tokens": tok_out},
         "aq": {"codebooks": ks, "nbits": 8, "group_size": 8, "beam_size": args.beam, "adam_steps": args.adam_steps,
                "cg_iters": args.cg_iters, "damping": args.damping,
-               "max_rounds": args.max_rounds, "relative_tolerance": 0.01, "seed": args.seed},
+               "max_rounds": args.max_rounds, "relative_tolerance": AQConfig().relative_tolerance, "seed": args.seed},
         "aq_defaults": {k: v for k, v in dataclasses.asdict(AQConfig()).items() if k not in ("device", "num_codebooks")},
         "scalar": {"group_size": SCALAR_GROUP, "bits": list(SCALAR_BITS), "gptq_damping": 0.01},
         "shapes": {n: list(s) for n, s in shapes.items()},

@@ -57,7 +57,8 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
 
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
-                   relative_tolerance=0.01 if converge else 0.0, device=device, **(knobs or {}))
+                   relative_tolerance=AQ_DEFAULTS.relative_tolerance if converge else 0.0, device=device,
+                   **(knobs or {}))
     cpu0 = time.process_time()
     qw = quantize_weight(w, h, cfg)
     cpu = time.process_time() - cpu0
@@ -67,13 +68,17 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
     done = qw.rounds
     per_round = (phases.get("lsq", 0.0) + phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
     total = cpu if cpu_time else qw.seconds
+    init_seconds = phases["kmeans"] + phases["cholesky"] + phases["pass_fit"] + phases["pass_search"]
     row = {"shape": name, "n": n, "d": d, "K": k, "rounds": done, "seconds": total, "seconds_by_phase": phases,
-           "init_seconds": phases["kmeans"], "seconds_per_round": per_round,
+           "init_seconds": init_seconds, "seconds_per_round": per_round,
            "beam_fraction": phases["beam"] / total, "adam_fraction": phases["adam"] / total,
            "lsq_fraction": phases.get("lsq", 0.0) / total,
-           "kmeans_fraction": phases["kmeans"] / total, "rel_error": qw.rel_error,
+           "kmeans_fraction": phases["kmeans"] / total,
+           "passes_fraction": (phases["cholesky"] + phases["pass_fit"] + phases["pass_search"]) / total,
+           "rel_error": qw.rel_error, "init_rel_error": qw.stats["init_rel_error"],
            "rel_error_history": [r["rel_error"] for r in qw.stats["history"]]}
-    print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {phases['kmeans']:6.1f} s  "
+    print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {init_seconds:6.1f} s "
+          f"(passes {row['passes_fraction']:.0%} of all)  "
           f"per round {per_round:6.1f} s  beam {row['beam_fraction']:.0%} fit {row['lsq_fraction']:.0%} "
           f"adam {row['adam_fraction']:.0%} "
           f"rel_error {qw.rel_error:.4f}", flush=True)
@@ -84,8 +89,10 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
     """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d.
 
     A round's products with H (codebook fit, Adam, loss) cost n·d² and are scaled so; the beam
-    search and the k-means init are scaled by n·d. Beyond the largest measured d (the up blocks'
-    1280×23040 convs) the n·d² part is extrapolated, not measured.
+    search and the k-means init are scaled by n·d. The init's sequential passes: their codebook
+    fits by n·d², their code choice (a beam step per group, plus the n·d²/2 error feedback, a small
+    share) by n·d, and the one inverse Cholesky of H by d³. Beyond the largest measured d (the up
+    blocks' 1280×23040 convs) the n·d² and d³ parts are extrapolated, not measured.
     """
     from vqdm.models import build_unet, layer_dims, select_layers
 
@@ -100,8 +107,10 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
         phases, done = ref["seconds_by_phase"], max(ref["rounds"], 1)
         h_products = (phases.get("lsq", 0.0) + phases["adam"] + phases["loss"]) / done
         per_round = quadratic * h_products + linear * phases["beam"] / done
-        cost = linear * ref["init_seconds"] + rounds * per_round
-        init += linear * ref["init_seconds"]
+        layer_init = (linear * (phases["kmeans"] + phases.get("pass_search", 0.0)) + quadratic * phases.get("pass_fit", 0.0)
+                      + (d / ref["d"]) ** 3 * phases.get("cholesky", 0.0))
+        cost = layer_init + rounds * per_round
+        init += layer_init
         total += cost
         by_shape[ref["shape"]] = by_shape.get(ref["shape"], 0.0) + cost
     return {"rounds_assumed": rounds, "seconds": total, "hours": total / 3600, "init_seconds": init,
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, {args.device}, "
           f"{args.threads} thread(s) per process, {'CPU' if args.cpu_time else 'wall'} time): "
           f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {args.ranks} rank(s)")
-    print("\n| layer (n×d) | K | rounds | seconds | k-means init | per round | beam search | codebook fit | Adam |")
+    print("\n| layer (n×d) | K | rounds | seconds | init (k-means + passes) | per round | beam search | codebook fit | Adam |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows + ([converged] if converged else []):
         print(f"| {r['shape']} | {r['K']} | {r['rounds']} | {r['seconds']:.1f} | {r['init_seconds']:.1f} | "

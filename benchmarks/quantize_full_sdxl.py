@@ -38,7 +38,7 @@ VQDM = [sys.executable, "-m", "vqdm.cli"]
 SUBSETS_QUANTIZED = "down_blocks.0,mid_block"
 # Cheap settings for a loaded 2-core CPU (state them: they are the run's, not the SPEC's).
 CALIBRATION = ["--num-prompts", "2", "--batch-size", "2", "--steps", "1", "--resolution", "256", "--guidance", "1"]
-AQ = ["--beam", "1", "--max-rounds", "0", "--kmeans-iters", "1"]
+AQ = ["--beam", "1", "--max-rounds", "0", "--kmeans-iters", "1", "--init-passes", "0"]
 
 
 class LoadSampler(threading.Thread):

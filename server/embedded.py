@@ -18,9 +18,10 @@ EMBEDDED_PRESET = "tiny-sdxl-digits"
 
 
 # Cheap knobs for start-up: one round, few optimiser steps, greedy code search.
-# The settings the shipped default was judged with (80% of digits recognised); cg_iters=0 and no
-# damping keep them fixed as AQConfig's defaults move.
-EMBEDDED_KNOBS = {"beam_size": 1, "adam_steps": 5, "cg_iters": 0, "damping": 0.0, "max_rounds": 1, "kmeans_iters": 5}
+# The settings the shipped default was judged with (80% of digits recognised); cg_iters=0, no
+# damping and no sequential passes keep them fixed as AQConfig's defaults move.
+EMBEDDED_KNOBS = {"beam_size": 1, "adam_steps": 5, "cg_iters": 0, "damping": 0.0, "max_rounds": 1, "kmeans_iters": 5,
+                  "init_passes": 0}
 
 
 def embedded_config(num_codebooks: int):

@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Adam steps per round on codebooks and scales, after the fit (default 0)")
     q.add_argument("--max-rounds", type=int, metavar="N", help="cap on Adam + beam-search rounds per layer")
     q.add_argument("--kmeans-iters", type=int, metavar="N", help="Lloyd iterations per codebook at init (default 100)")
+    q.add_argument("--init-passes", type=int, metavar="N",
+                   help="after k-means, N passes choosing every code again with GPTQ's error feedback "
+                        "(default 8; 0: the k-means init alone)")
+    q.add_argument("--tolerance", type=float, metavar="F",
+                   help="stop a layer's rounds when one lowers the error by less than this fraction (default 0.005)")
     q.add_argument("--damping", type=float, metavar="F",
                    help="search on H + F·mean(diag H)·I, errors still on H (default 0.2)")
 
@@ -73,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # CLI flag -> AQConfig field, in one place.
 AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters",
-            "damping": "damping"}
+            "damping": "damping", "init_passes": "init_passes", "tolerance": "relative_tolerance"}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

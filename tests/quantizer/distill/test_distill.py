@@ -46,7 +46,7 @@ def quantize_fn(k: int):
     from vqdm.quantizer.quantize.config import make_aq_config
 
     # Pinned (not AQConfig's defaults): the same cheap Adam student whatever the quantizer's defaults.
-    cfg = make_aq_config(k, beam_size=2, adam_steps=2, cg_iters=0, damping=0.0, max_rounds=1)
+    cfg = make_aq_config(k, beam_size=2, adam_steps=2, cg_iters=0, damping=0.0, max_rounds=1, init_passes=0)
 
     def fn(name, w):
         qw = quantize_weight(w, torch.eye(w.shape[1], dtype=torch.float64), cfg)

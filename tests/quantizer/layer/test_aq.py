@@ -48,12 +48,15 @@ def test_output_format_and_stats(layer):
     assert qw.stats["base_loss"] == pytest.approx(layer_loss(w, torch.zeros_like(w), h), rel=1e-9)
     assert qw.bits_per_weight == pytest.approx(3 + 3 * 256 * 8 * 16 / (256 * 256) + 16 / 256)
     assert 1 <= qw.rounds <= 2 and qw.seconds > 0
-    assert set(qw.stats["seconds_by_phase"]) == {"kmeans", "lsq", "adam", "beam", "loss"}
+    assert set(qw.stats["seconds_by_phase"]) == {"kmeans", "cholesky", "pass_fit", "pass_search", "lsq", "adam", "beam",
+                                                 "loss"}
+    assert len(qw.stats["pass_losses"]) == AQConfig().init_passes
 
 
 def test_each_round_decreases_the_loss(layer):
     w, h = layer
-    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, adam_steps=30, max_rounds=4, relative_tolerance=0.0))
+    # from the k-means start (no sequential passes), where rounds have the most to gain
+    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, adam_steps=30, max_rounds=4, relative_tolerance=0.0, init_passes=0))
     hist = qw.stats["history"]
     assert len(hist) == 4
     prev = qw.stats["objective_init_loss"]  # the search's own objective (on the damped H)
@@ -67,7 +70,7 @@ def test_each_round_decreases_the_loss(layer):
 
 def test_stops_when_a_round_gains_less_than_the_tolerance(layer):
     w, h = layer
-    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, adam_steps=10, max_rounds=50, relative_tolerance=0.05))
+    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, adam_steps=10, max_rounds=50, relative_tolerance=0.05, init_passes=0))
     hist = qw.stats["history"]
     assert len(hist) < 50
     losses = [qw.stats["objective_init_loss"]] + [r["loss_after_beam"] for r in hist]
@@ -91,8 +94,10 @@ def test_more_codebooks_lower_error(layer):
 
 def test_greedy_search_works(layer):
     w, h = layer
-    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, beam_size=1, **FAST))
+    qw = quantize_weight(w, h, AQConfig(num_codebooks=2, beam_size=1, init_passes=0, **FAST))
     assert qw.rel_error < 0.8 * qw.stats["init_rel_error"]
+    greedy_passes = quantize_weight(w, h, AQConfig(num_codebooks=2, beam_size=1, **FAST))  # a beam of 1 in the passes too
+    assert greedy_passes.rel_error < qw.rel_error
 
 
 def test_same_seed_same_result_other_seed_differs(layer):
@@ -128,7 +133,7 @@ def test_zero_rows_dead_inputs_and_float32_h():
     ("num_codebooks", 0), ("num_codebooks", 2.5), ("nbits", 4), ("nbits", 16), ("group_size", 0),
     ("beam_size", 0), ("adam_steps", -1), ("lr", 0.0), ("lr", float("nan")), ("betas", (0.9,)),
     ("betas", (0.0, 1.0)), ("kmeans_iters", 101), ("relative_tolerance", -0.1), ("max_rounds", -1),
-    ("seed", "x"), ("device", "gpu-please"),
+    ("seed", "x"), ("device", "gpu-please"), ("init_passes", -1), ("init_passes", 1.5), ("init_cg_iters", -2),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(AQConfigError) as info:
@@ -211,3 +216,16 @@ def test_damping_must_be_a_non_negative_number():
     for bad in (-0.1, float("nan"), True, "0.2"):
         with pytest.raises(AQConfigError, match="damping"):
             AQConfig(damping=bad)
+
+
+def test_sequential_passes_start_lower_and_end_lower(layer):
+    """The passes after k-means: a far better start, and a lower error after the same rounds."""
+    w, h = layer
+    cheap = dict(max_rounds=2, relative_tolerance=0.0, kmeans_iters=20)
+    plain = quantize_weight(w, h, AQConfig(num_codebooks=2, init_passes=0, **cheap))
+    passes = quantize_weight(w, h, AQConfig(num_codebooks=2, init_passes=4, **cheap))
+    assert passes.stats["init_rel_error"] < 0.9 * plain.stats["init_rel_error"]
+    assert passes.rel_error < plain.rel_error
+    assert plain.stats["pass_losses"] == [] and len(passes.stats["pass_losses"]) == 4
+    # the pass reports the exact objective loss of its codes (before the next codebook fit)
+    assert passes.stats["seconds_by_phase"]["pass_search"] > 0 and plain.stats["seconds_by_phase"]["pass_fit"] == 0

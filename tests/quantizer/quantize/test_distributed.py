@@ -61,7 +61,7 @@ def test_two_gloo_processes_give_the_single_process_h(tiny_sdxl_dir, tmp_path, m
             torch.testing.assert_close(h2, h1, rtol=1e-12, atol=1e-12 * h1.abs().max().item())
 
 
-AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5}
+AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5, "init_passes": 1}
 
 
 def _quantize_first_subset(model_dir, out):

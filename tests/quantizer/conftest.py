@@ -10,7 +10,7 @@ import pytest
 # Calibration and AQ small enough for CPU tests: 2 prompts x 2 steps at 64², a token AQ search.
 TINY_ARGS = ["--num-prompts", "2", "--steps", "2", "--resolution", "64", "--batch-size", "2",
              "--beam", "2", "--adam-steps", "2", "--max-rounds", "1", "--kmeans-iters", "5", "--damping", "0.1",
-             "--init-passes", "1",
+             "--init-passes", "1", "--tolerance", "0.01",
              "--no-progress"]
 
 

@@ -34,6 +34,7 @@ def test_sdxl_preset_end_to_end(sdxl_run, tiny_sdxl_dir, capsys):
     m = pipe.vqdm_manifest
     assert m["quantization"]["num_codebooks"] == 3 and m["quantization"]["method"] == "aq"
     assert m["quantization"]["damping"] == 0.1 and m["quantization"]["cg_iters"] == 20  # --damping; the default fit
+    assert m["quantization"]["init_passes"] == 1 and m["quantization"]["relative_tolerance"] == 0.01  # the new flags
     assert m["base_model"]["unet_sha256"] == unet_fingerprint(source_dir=tiny_sdxl_dir)
     cal = m["calibration"]
     assert (cal["preset"], cal["scheduler"], cal["guidance"], cal["steps"], cal["num_prompts"], cal["resolution"]) == \

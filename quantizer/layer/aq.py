@@ -5,8 +5,8 @@
 1. s_i = ‖w_i‖₂; residual k-means on the g-vectors of W/s gives codebooks and codes (`kmeans`),
    Lloyd on a subsample of 256 points per centroid for big layers. Then `init_passes` times: a
    least-squares fit of codebooks and scales to the codes (`init_cg_iters` CG steps per fit), and
-   every code chosen again, group by group with GPTQ's error feedback (`sequential_pass`). This
-   start is what puts AQ below the AQLM reference's error (README "AQ search").
+   every code chosen again, group by group with GPTQ's error feedback (`sequential_pass`). From
+   this start the rounds end 8–12% lower than from k-means alone (README "AQ search").
 2. Rounds until one improves L by less than `relative_tolerance` (or `max_rounds`): with the codes
    fixed, a least-squares fit of the codebooks (`cg_iters` conjugate-gradient steps), the exact
    scales for them and the codebooks again (`codebook_fit`); then `adam_steps` Adam steps on
@@ -67,8 +67,9 @@ class AQConfig:
     kmeans_tol: float = 1e-4  # stop Lloyd early when the mean distance improves by less (relative)
     kmeans_points_per_centroid: int = 256  # Lloyd on a subsample of 2^B·this points (0: all of them)
     # After k-means: passes of (least-squares fit, every code re-chosen with GPTQ's error feedback).
-    # 8 passes at 5 CG steps a fit: 0.85-0.9x the error of the k-means start alone at about the
-    # same total time (fewer rounds follow). 0: the k-means init alone (the SPEC's).
+    # 8 passes at 5 CG steps a fit: on the 36 MiniLM layers the median error is 0.88-0.92x that of
+    # the k-means start alone, at about the same time per layer (fewer rounds follow; README "AQ
+    # search"). 0: the k-means init alone (the SPEC's).
     init_passes: int = 8
     init_cg_iters: int = 5
     # The search minimises the loss on H + damping·mean(diag H)·I; errors are reported on H itself.

@@ -16,7 +16,8 @@ from vqdm.quantizer.recipes import recipe
 
 # The settings of the shared `sdxl_run` (conftest `tiny_args`), as library arguments.
 CALIB = dict(num_prompts=2, steps=2, resolution=64, batch_size=2)
-AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5, "damping": 0.1, "init_passes": 1}
+AQ = {"beam_size": 2, "adam_steps": 2, "max_rounds": 1, "kmeans_iters": 5, "damping": 0.1, "init_passes": 1,
+      "relative_tolerance": 0.01}
 
 
 def _tensors(path):

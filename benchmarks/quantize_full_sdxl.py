@@ -12,9 +12,10 @@ Runs the real commands, each as a child process whose peak RSS comes from wait4:
   3. `vqdm inspect` (hashes every file) and `vqdm generate` (one step, small size) from the artifact;
   4. `vqdm plan --preset sdxl --bits 3`, whole and for the same subsets, to compare bytes.
 The quantize settings are cheap on purpose (CLI flags below, all recorded): 2 prompts x 1 step at
-256^2 without CFG, and AQ = the residual k-means init only (`--max-rounds 0 --kmeans-iters 1 --init-passes 0`; one
-round with beam 1 cost 5.7-15x more on down_blocks.0, too much for the mid block on a shared 2-core
-CPU). They show the pipeline runs at full size in bounded memory, not what quality the SPEC
+256^2 without CFG, and AQ = the residual k-means init only (`--max-rounds 0 --kmeans-iters 1 --init-passes 0`).
+With `--subsets mid_block --no-calibrate-skipped --aq-args '--beam 1 --kmeans-iters 1 --init-passes 1
+--max-rounds 1 --cg-iters 2'` the mid block gets one sequential pass and one round: 15.8 min of AQ on
+the 2-core CPU (`benchmarks/results/quantize_full_sdxl_mid_round.json`). They show the pipeline runs at full size in bounded memory, not what quality the SPEC
 settings reach. `--resume` continues
 an interrupted quantize run from its last finished subset. Weights and artifact stay in --workdir.
 """

@@ -68,13 +68,14 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
     done = qw.rounds
     per_round = (phases.get("lsq", 0.0) + phases["adam"] + phases["beam"] + phases["loss"]) / max(done, 1)
     total = cpu if cpu_time else qw.seconds
-    init_seconds = phases["kmeans"] + phases["cholesky"] + phases["pass_fit"] + phases["pass_search"]
+    passes_seconds = phases["cholesky"] + phases["pass_fit"] + phases["pass_search"]
+    init_seconds = phases["kmeans"] + passes_seconds
     row = {"shape": name, "n": n, "d": d, "K": k, "rounds": done, "seconds": total, "seconds_by_phase": phases,
            "init_seconds": init_seconds, "seconds_per_round": per_round,
            "beam_fraction": phases["beam"] / total, "adam_fraction": phases["adam"] / total,
            "lsq_fraction": phases.get("lsq", 0.0) / total,
            "kmeans_fraction": phases["kmeans"] / total,
-           "passes_fraction": (phases["cholesky"] + phases["pass_fit"] + phases["pass_search"]) / total,
+           "passes_fraction": passes_seconds / total,
            "rel_error": qw.rel_error, "init_rel_error": qw.stats["init_rel_error"],
            "rel_error_history": [r["rel_error"] for r in qw.stats["history"]]}
     print(f"{name:<22} K={k} rounds={done:<3} {total:7.1f} s  init {init_seconds:6.1f} s "

@@ -31,7 +31,7 @@ import torch
 
 from vqdm.errors import ConfigError
 from vqdm.quantizer.layer.beam_search import beam_search_pass
-from vqdm.quantizer.layer.codebook_fit import fit_codebooks, fit_scales
+from vqdm.quantizer.layer.codebook_fit import fit_codebooks_and_scales
 from vqdm.quantizer.layer.error import check_weight_and_h, quadratic_loss
 from vqdm.quantizer.layer.kmeans import residual_kmeans_init
 from vqdm.quantizer.layer.sequential_pass import permuted_inverse_cholesky, sequential_code_pass
@@ -212,17 +212,13 @@ def _adam_phase(
 
 def _least_squares_phase(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, books: torch.Tensor,
                          scales: torch.Tensor, loss: float, cg_iters: int, loss_of):
-    """Codebooks by least squares, then the exact scales, then the codebooks again (codes fixed).
-
-    Each fit is optimal for what it holds fixed, so the loss can only fall in exact arithmetic;
-    the result is kept only when it did (float noise). Returns (codebooks, scales, loss).
+    """`fit_codebooks_and_scales`, kept only when the loss fell (in exact arithmetic it cannot
+    rise; float noise can). Returns (codebooks, scales, loss).
     """
-    books_1 = fit_codebooks(w, h, codes, books, scales, cg_iters)
-    scales_1 = fit_scales(w, h, codes, books_1, scales)
-    books_2 = fit_codebooks(w, h, codes, books_1, scales_1, cg_iters)
-    new_loss = loss_of(codes, books_2, scales_1)
+    new_books, new_scales = fit_codebooks_and_scales(w, h, codes, books, scales, cg_iters)
+    new_loss = loss_of(codes, new_books, new_scales)
     if new_loss < loss:
-        return books_2, scales_1, new_loss
+        return new_books, new_scales, new_loss
     return books, scales, loss
 
 
@@ -243,9 +239,7 @@ def _sequential_passes(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, bo
     losses = []
     for _ in range(cfg.init_passes):
         t0 = time.perf_counter()
-        books = fit_codebooks(w, h, codes, books, scales, cfg.init_cg_iters)
-        scales = fit_scales(w, h, codes, books, scales)
-        books = fit_codebooks(w, h, codes, books, scales, cfg.init_cg_iters)
+        books, scales = fit_codebooks_and_scales(w, h, codes, books, scales, cfg.init_cg_iters)
         t1 = time.perf_counter()
         codes, loss = sequential_code_pass(w, h, codes, books, scales, cfg.beam_size, gen, u_chol)
         seconds["pass_fit"] += t1 - t0

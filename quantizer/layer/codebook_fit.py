@@ -76,3 +76,14 @@ def fit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks:
     uh = u @ h
     num, den = (uh * w).sum(1), (uh * u).sum(1)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), scales)
+
+
+def fit_codebooks_and_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                             scales: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebooks, then the exact scales for them, then the codebooks again (codes fixed): (codebooks, scales).
+
+    Each fit is optimal for what it holds fixed, so in exact arithmetic the loss cannot rise.
+    """
+    books = fit_codebooks(w, h, codes, codebooks, scales, iters)
+    scales = fit_scales(w, h, codes, books, scales)
+    return fit_codebooks(w, h, codes, books, scales, iters), scales

@@ -61,6 +61,12 @@ def group_order(h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.argsort(h.diagonal().reshape(-1, group_size).sum(1), descending=True, stable=True)
 
 
+def _order_and_columns(h: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`group_order`, the input columns in that order)."""
+    perm = group_order(h, group_size)
+    return perm, (perm[:, None] * group_size + torch.arange(group_size, device=perm.device)).reshape(-1)
+
+
 @torch.no_grad()
 def sequential_code_pass(
     w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -75,8 +81,7 @@ def sequential_code_pass(
     """
     n, d = w.shape
     num_books, _, g = codebooks.shape
-    perm = group_order(h, g)
-    cols = (perm[:, None] * g + torch.arange(g, device=perm.device)).reshape(-1)
+    perm, cols = _order_and_columns(h, g)
     if u_chol is None:
         u_chol = permuted_inverse_cholesky(h, g)
     blocks_inv = torch.linalg.solve_triangular(  # U_JJ⁻¹ for every group, [G, g, g]
@@ -114,6 +119,5 @@ def sequential_code_pass(
 
 def permuted_inverse_cholesky(h: torch.Tensor, group_size: int) -> torch.Tensor:
     """`inverse_cholesky` of H with its columns in `group_order`: what `sequential_code_pass` walks."""
-    perm = group_order(h, group_size)
-    cols = (perm[:, None] * group_size + torch.arange(group_size, device=perm.device)).reshape(-1)
+    _, cols = _order_and_columns(h, group_size)
     return inverse_cholesky(h.index_select(0, cols).index_select(1, cols))

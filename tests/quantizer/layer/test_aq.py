@@ -227,5 +227,5 @@ def test_sequential_passes_start_lower_and_end_lower(layer):
     assert passes.stats["init_rel_error"] < 0.9 * plain.stats["init_rel_error"]
     assert passes.rel_error < plain.rel_error
     assert plain.stats["pass_losses"] == [] and len(passes.stats["pass_losses"]) == 4
-    # the pass reports the exact objective loss of its codes (before the next codebook fit)
+    # the passes' time is booked to their own phases
     assert passes.stats["seconds_by_phase"]["pass_search"] > 0 and plain.stats["seconds_by_phase"]["pass_fit"] == 0

@@ -27,10 +27,6 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vqdm/ vqdm/
-COPY quantizer/ quantizer/
-COPY kernels/ kernels/
-COPY models/ models/
-COPY server/ server/
 # A regular (non-editable) install: the runtime stage copies /opt/vqdm and nothing from /src.
 # CPU images drop Triton (~1 GB, nearly half the venv): it only runs the GPU kernels, and
 # vqdm.kernels picks CPU paths when it is absent.

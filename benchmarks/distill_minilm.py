@@ -247,7 +247,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
                     shared_dropout: float | None = None, anchor: float = 0.0, final_only: bool = False) -> dict:
     """Train the student's codebooks/scales/other params to the teacher's hidden states (engine.fit);
     parameters whose names start with one of `frozen` stay as they are. With `pv`, PV-tuning also
-    moves the codes every `pv.every` steps (quantizer/distill/pv_tuning.py). `pooled_weight` adds
+    moves the codes every `pv.every` steps (vqdm/quantizer/distill/pv_tuning.py). `pooled_weight` adds
     that times the batch's relative MSE of the mean-pooled final hidden state (the embedding the
     benchmark reports) to the per-layer loss. With `shared_dropout` (a rate), both models run in
     train mode with dropout at that rate and the same masks (the teacher through a copy). `anchor` pulls the

@@ -1,7 +1,7 @@
 """Does `vqdm distill` with default flags recover quality? Tiny SDXL / tiny Turbo, K, prompts, seeds, lr.
 
 Families: the tiny random-weight SDXL and Turbo (`vqdm make-model`) and `digits`, the trained tiny
-model the repo ships (`models/pretrained/tiny-sdxl-digits`, benchmarks/train_tiny.py), distilled at
+model the repo ships (`vqdm/models/pretrained/tiny-sdxl-digits`, benchmarks/train_tiny.py), distilled at
 its own resolution (32) and guidance (4) on its 30 digit prompts (held-out prompts reuse those
 texts with new seeds once 30 are used). For every (family, K) a student is made once: the model
 quantized with the real AQ at cheap settings (identity H, beam 2, 2 Adam steps, 1 round: the CPU

@@ -1,6 +1,6 @@
 """Train the tiny SDXL-architecture digits model that the embedded default serves.
 
-    python benchmarks/train_tiny.py [--out models/pretrained/tiny-sdxl-digits] [--json FILE] [--png FILE]
+    python benchmarks/train_tiny.py [--out vqdm/models/pretrained/tiny-sdxl-digits] [--json FILE] [--png FILE]
                                     [--vae-steps N] [--unet-steps N] [--seed 0] [--threads 2]
 
 Data: the training 70% of scikit-learn's 8×8 handwritten digits (`vqdm.models.digits.digit_split`;

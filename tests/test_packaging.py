@@ -17,7 +17,7 @@ def test_subpackages_import_only_under_vqdm(tmp_path):
     # run outside the repo so the checkout itself is not on sys.path
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     found = json.loads(out.stdout)
-    assert found["vqdm.kernels"] == str(REPO / "kernels" / "__init__.py")
+    assert found["vqdm.kernels"] == str(REPO / "vqdm" / "kernels" / "__init__.py")
     for top in ("kernels", "models", "server", "quantizer"):
         assert found[top] is None or not str(found[top]).startswith(str(REPO)), (top, found[top])
 
@@ -34,5 +34,5 @@ def test_built_wheel_holds_only_the_vqdm_package(tmp_path):
     for sub in ("kernels", "models", "quantizer", "server", "quantizer/layer", "quantizer/quantize",
                 "quantizer/distill", "quantizer/evaluate"):
         assert f"vqdm/{sub}/__init__.py" in names
-    assert "vqdm/quantizer/prompts.txt" in names or not (REPO / "quantizer" / "prompts.txt").exists()
+    assert "vqdm/quantizer/prompts.txt" in names or not (REPO / "vqdm" / "quantizer" / "prompts.txt").exists()
     assert "vqdm = vqdm.cli:main" in entry_points

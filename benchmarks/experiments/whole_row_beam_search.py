@@ -3,7 +3,7 @@
 Measured against the product beam (`vqdm.quantizer.layer.beam_search`, which settles each group
 before the next) in benchmarks/results/aq_whole_row_beam.json: no lower error at beam 8 on the
 MiniLM layers measured, 12-29% more time per layer, so the product keeps its beam. To rerun: copy
-this file over quantizer/layer/beam_search.py in a scratch copy of the tree, install that copy
+this file over vqdm/quantizer/layer/beam_search.py in a scratch copy of the tree, install that copy
 with `pip install --no-deps --target DIR .`, and run benchmarks/quant_quality.py with
 PYTHONPATH=DIR; then benchmarks/compare_quality.py on the two runs.
 

@@ -90,13 +90,13 @@ def test_hadolint_passes_at_the_strictest_threshold():
 def test_ignore_matcher_follows_docker_rules():
     pats = [".venv", "**/__pycache__", "tests", "**/*.safetensors", "docs", "!docs/keep.md"]
     assert ignored(".venv/bin/python", pats)
-    assert ignored("models/__pycache__/x.pyc", pats)
+    assert ignored("vqdm/models/__pycache__/x.pyc", pats)
     assert ignored("runs/a/unet/vqdm.safetensors", pats)
     assert ignored("tests", pats)
-    assert not ignored("models/builders.py", pats)
+    assert not ignored("vqdm/models/builders.py", pats)
     assert not ignored("docs/keep.md", pats)
     assert not ignored("testsuite.py", pats)
-    assert not ignored("models/tests/x.py", pats), "a pattern without **/ matches from the root only"
+    assert not ignored("vqdm/tests/x.py", pats), "a pattern without **/ matches from the root only"
     assert not ignored("a.safetensors.txt", pats)
 
 
@@ -130,14 +130,15 @@ def test_copied_sources_exist_are_not_ignored_and_cover_every_package():
         assert (REPO / src).exists(), f"COPY {src}: not in the repo"
         assert not ignored(src, pats), f"COPY {src}: excluded by .dockerignore"
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    # Every code folder is a subpackage of vqdm/ (packages.find includes vqdm and vqdm.*).
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["vqdm", "vqdm.*"]
+    package_dirs = {"vqdm"}
     assert package_dirs <= set(sources), f"packages not copied into the image: {package_dirs - set(sources)}"
     assert pyproject["project"]["readme"] in sources, "setuptools needs the readme to build"
     # Package data (the prompt file) must reach the build too.
-    for data_glob in pyproject["tool"]["setuptools"].get("package-data", {}).values():
-        for pkg_dir in package_dirs:
-            for f in (REPO / pkg_dir).glob(data_glob[0]):
-                assert not ignored(str(f.relative_to(REPO)), pats), f
+    for package, data_glob in pyproject["tool"]["setuptools"].get("package-data", {}).items():
+        for f in (REPO / package.replace(".", "/")).glob(data_glob[0]):
+            assert not ignored(str(f.relative_to(REPO)), pats), f
     # The context stays small: the venv, git history, weights and tests are left out.
     for heavy in (".venv", ".git", "runs", "tests", "x/unet/vqdm.safetensors"):
         assert ignored(heavy, pats), heavy

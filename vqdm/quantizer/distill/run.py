@@ -7,7 +7,7 @@ halves; Turbo with its own scheduler, 1–4 steps, no CFG); every U-Net call bec
 with Adam, gradient accumulation to the effective batch, bf16 autocast on CUDA and gradient
 checkpointing. Trainable: codebooks, scales and every other U-Net parameter, in fp32 master
 copies; codes are buffers and never change (unless PV-tuning is on, `pv_every`: then they are
-re-chosen every few steps, quantizer/distill/pv_tuning.py), so the output artifact has the input's size.
+re-chosen every few steps, vqdm/quantizer/distill/pv_tuning.py), so the output artifact has the input's size.
 
 Weight gradients (`weight_grad`):
     dense     each VQ layer's weight is decoded once per optimizer step into a dense fp32 leaf;

@@ -64,7 +64,7 @@ class DistillConfig:
     gradient_checkpointing: bool = True
     weight_grad: str = "dense"
     checkpoint_every: int = 100
-    # PV-tuning (quantizer/distill/pv_tuning.py): move the codes every pv_every optimizer steps
+    # PV-tuning (vqdm/quantizer/distill/pv_tuning.py): move the codes every pv_every optimizer steps
     # (0: off, codes frozen as in the paper). Needs weight_grad "dense" (it reads dL/dŴ there).
     pv_every: int = 0
     pv_step: float = 0.1  # η, relative to each layer's rms(Ŵ), along Adam's direction m̂/√v̂

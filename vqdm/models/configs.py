@@ -81,7 +81,7 @@ TINY_UNET: dict[str, Any] = {
 TINY_VAE: dict[str, Any] = {**SDXL_VAE, "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8,
                             "layers_per_block": 1, "sample_size": 128}
 
-# The trained digits model (benchmarks/train_tiny.py, shipped in models/pretrained/): tiny-sdxl's
+# The trained digits model (benchmarks/train_tiny.py, shipped in vqdm/models/pretrained/): tiny-sdxl's
 # U-Net, its VAE one stage shorter (factor 4), 32² images and 8×8 latents (which hold an 8×8 digit
 # exactly; 32² keeps VAE training cheap on a 2-core CPU) and text encoders over CLIP's
 # BPE cut to its first 4,096 merges. Any text still tokenizes (down to single bytes, never <unk>),

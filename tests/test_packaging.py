@@ -9,17 +9,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_subpackages_import_only_under_vqdm(tmp_path):
+    """The vqdm distribution provides one top-level name, and `kernels`, `models`, `server` and
+    `quantizer` never resolve into this checkout's sources: looked up from outside the repo and from
+    its root, wherever the venv lives (the Makefile puts it inside the repo)."""
     code = (
-        "import importlib.util, json, vqdm.kernels, vqdm.models, vqdm.quantizer, vqdm.server\n"
-        "print(json.dumps({m: (lambda s: s.origin if s else None)(importlib.util.find_spec(m))"
-        " for m in ['kernels', 'models', 'server', 'quantizer', 'vqdm.kernels']}))"
+        "import importlib.metadata, importlib.util, json, vqdm.kernels, vqdm.models, vqdm.quantizer, vqdm.server\n"
+        "tops = importlib.metadata.packages_distributions()\n"
+        "print(json.dumps({'origins': {m: (lambda s: s.origin if s else None)(importlib.util.find_spec(m))"
+        " for m in ['kernels', 'models', 'server', 'quantizer', 'vqdm.kernels']},"
+        " 'from_vqdm': sorted(t for t, dists in tops.items() if 'vqdm' in dists)}))"
     )
-    # run outside the repo so the checkout itself is not on sys.path
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    found = json.loads(out.stdout)
-    assert found["vqdm.kernels"] == str(REPO / "vqdm" / "kernels" / "__init__.py")
-    for top in ("kernels", "models", "server", "quantizer"):
-        assert found[top] is None or not str(found[top]).startswith(str(REPO)), (top, found[top])
+    for cwd in (tmp_path, REPO):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+        found = json.loads(out.stdout)
+        origins = found["origins"]
+        assert origins["vqdm.kernels"] == str(REPO / "vqdm" / "kernels" / "__init__.py")
+        assert found["from_vqdm"] == ["vqdm"], found["from_vqdm"]
+        for top in ("kernels", "models", "server", "quantizer"):
+            origin = origins[top]
+            if origin is None:
+                continue
+            path = Path(origin).resolve()
+            assert not path.is_relative_to(REPO / "vqdm") and not path.is_relative_to(REPO / top), (cwd, top, origin)
 
 
 def test_built_wheel_holds_only_the_vqdm_package(tmp_path):

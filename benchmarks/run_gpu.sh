@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # GPU session for the kernels (run on a CUDA machine from the repo root; used on the lent H100).
 #   bash benchmarks/run_gpu.sh tests|layers|unet OUTDIR
-# Needs torch + triton; diffusers (and importlib_metadata) may come as wheels in .whl/.
+# Needs the machine's own torch + triton. Everything else comes from the lock: on a machine without
+# internet, run `make gpu-wheels` here first and carry .whl/ (requirements/gpu.txt, hash-checked).
 set -o pipefail
 what=$1; out=${2:-benchmarks/results}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --find-links .whl --no-deps --require-hashes --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site -r requirements/gpu.txt || exit 1
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-if ! python3 -c "import vqdm.kernels" 2>/dev/null; then  # editable install of this checkout, offline
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
-fi
+# The checkout itself, importable from the root (vqdm/ holds every code folder): no build, no index.
+export PYTHONPATH=$PWD:$PYTHONPATH
 mkdir -p "$out"
 case $what in
   tests)

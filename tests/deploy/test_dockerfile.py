@@ -114,12 +114,18 @@ def test_build_is_multi_stage_with_a_cuda_switch():
     assert runtime["ENTRYPOINT"] == '["vqdm"]' and runtime["CMD"] == '["serve"]'
 
 
-def test_torch_pin_matches_the_makefile_and_open_clip_has_no_deps():
+def test_dependencies_come_from_the_lock():
     args = {v.split("=")[0]: v.split("=", 1)[1] for k, v in instructions() if k == "ARG" and "=" in v}
-    make_pin = re.search(r"^TORCH_PIN \?= torch==(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
-    assert args["TORCH_VERSION"] == make_pin
-    run_text = " ".join(v for k, v in instructions() if k == "RUN")
-    assert re.search(r"pip install [^&]*--no-deps [^&]*open-clip-torch", run_text)
+    torch_in = re.search(r"^torch==([\w.]+)", (REPO / "requirements" / "torch.in").read_text(), re.M).group(1)
+    assert args["TORCH_VERSION"] == torch_in, "the image's torch follows requirements/torch.in"
+    installs = [v for k, v in instructions() if k == "RUN" and "pip install" in v]
+    assert any(re.search(r"--no-deps\b.*--require-hashes -r /src/requirements/runtime.txt", v) for v in installs)
+    # Nothing else is resolved from an index: torch by its pinned version, vqdm itself without deps.
+    for cmd in installs:
+        for part in cmd.split("&&"):
+            if "pip install" not in part or "--require-hashes" in part:
+                continue
+            assert '"torch==${TORCH_VERSION}"' in part or ("--no-deps" in part and part.rstrip().endswith(" .")), part
 
 
 def test_copied_sources_exist_are_not_ignored_and_cover_every_package():
@@ -135,10 +141,12 @@ def test_copied_sources_exist_are_not_ignored_and_cover_every_package():
     package_dirs = {"vqdm"}
     assert package_dirs <= set(sources), f"packages not copied into the image: {package_dirs - set(sources)}"
     assert pyproject["project"]["readme"] in sources, "setuptools needs the readme to build"
-    # Package data (the prompt file) must reach the build too.
-    for package, data_glob in pyproject["tool"]["setuptools"].get("package-data", {}).items():
-        for f in (REPO / package.replace(".", "/")).glob(data_glob[0]):
-            assert not ignored(str(f.relative_to(REPO)), pats), f
+    # Package data (the prompt file, the embedded model's json and weights) must reach the build too.
+    data_files = [f for package, globs in pyproject["tool"]["setuptools"].get("package-data", {}).items()
+                  for g in globs for f in (REPO / package.replace(".", "/")).glob(g)]
+    assert any(f.suffix == ".safetensors" for f in data_files), "the embedded model's weights are package data"
+    for f in data_files:
+        assert not ignored(str(f.relative_to(REPO)), pats), f"{f}: package data excluded by .dockerignore"
     # The context stays small: the venv, git history, weights and tests are left out.
     for heavy in (".venv", ".git", "runs", "tests", "x/unet/vqdm.safetensors"):
         assert ignored(heavy, pats), heavy

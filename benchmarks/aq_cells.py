@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_quality as qq  # noqa: E402  (sibling script: model, sentences and H collection)
+from provenance import git_commit  # noqa: E402
 
 from vqdm.quantizer import AQConfig, quantize_weight, relative_error  # noqa: E402
 from vqdm.quantizer.sampling import load_prompts  # noqa: E402
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     h_cal, _ = qq.collect_hessians(model, tok, qq.read_lines(qq.SENTENCES), names)
     h_out, _ = qq.collect_hessians(model, tok, load_prompts(None), names)
     modules = dict(model.named_modules())
+    commit = git_commit()
     for name, k in cells:
         w = modules[name].weight.detach().float().clone()
         cpu, wall = time.process_time(), time.perf_counter()
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"layer": name, "method": f"aq{k}", "aq": knobs, "rel_error": relative_error(w, w_hat, h_cal[name]),
                           "rel_error_heldout": relative_error(w, w_hat, h_out[name]), "cpu_seconds": cpu,
                           "wall_seconds": wall, "rounds": qw.rounds,
-                          "seconds_by_phase": qw.stats["seconds_by_phase"]}), flush=True)
+                          "seconds_by_phase": qw.stats["seconds_by_phase"], "commit": commit}), flush=True)
     return 0
 
 

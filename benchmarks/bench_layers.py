@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import machine  # noqa: E402  (sibling module)
 
 from vqdm.kernels import available_backends, choose_backend, vq_conv2d, vq_linear
 from vqdm.kernels.cpu_decode import decode_cpu_scratch
@@ -173,21 +176,6 @@ def bench_shape(shape: Shape, m: int, k: int, device: str, dtype: torch.dtype, r
             for p, t in ms.items()]
 
 
-def machine_info(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        import triton
-
-        info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                         g = f"  graph {r.graph_ms:8.4f} ms ratio {r.graph_ratio:5.2f}" if r.graph_ms is not None else ""
                         print(f"{dt:5} {r.layer[:32]:32} {r.m:6d} {k:2d} {r.path:14} {r.ms:9.3f} {r.dense_ms:9.3f} "
                               f"{r.ratio:6.2f}  {r.auto_choice}{g}", flush=True)
-    out = {"machine": machine_info(dev), "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]}
+    out = {"machine": machine(dev), "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

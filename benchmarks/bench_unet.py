@@ -20,8 +20,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import machine  # noqa: E402  (sibling module)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -223,28 +227,6 @@ def _wait_quiet(max_s: float, threshold: float = 0.6) -> float:
     return time.time() - t0
 
 
-def machine_info(device: str) -> dict:
-    import platform
-
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import psutil
-
-        info["ram_bytes"] = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    if device == "cuda":
-        import triton
-
-        info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
-    return info
-
-
 def plot_cache_curve(paths: list[str], out_png: str) -> None:
     """Step latency vs resident U-Net weight memory: dense, VQ with no cache, and each cache budget."""
     import matplotlib
@@ -312,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = {"preset": a.preset, "resolution": a.resolution, "bits": a.bits, "device": a.device,
               "dense_from": a.dense_from,
               "policy": a.policy, "batch": 1 if a.preset.endswith("turbo") else 2,
-              "command": "python " + " ".join(sys.argv), "machine": machine_info(a.device), "runs": {}}
+              "command": "python " + " ".join(sys.argv), "machine": machine(a.device), "runs": {}}
     reuse = json.load(open(a.dense_from))["runs"] if a.dense_from else {}
     for dt in dtypes:
         dense = reuse[dt]["dense"] if dt in reuse else run_worker(a, "dense", dt)

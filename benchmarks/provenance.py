@@ -17,8 +17,26 @@ def git_commit() -> str:
     return (head or "unknown") + ("-dirty" if dirty else "")
 
 
-def machine() -> dict:
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(device: str | None = None) -> dict:
+    """The commit, the processor, and on CUDA the GPU with its CUDA and Triton versions (device None:
+    CUDA where torch sees a GPU)."""
+    import psutil
     import torch
 
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"commit": git_commit(), "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "cuda":
+        import triton
+
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__)
+    return info

@@ -24,12 +24,14 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import machine  # noqa: E402  (sibling module)
 
 from vqdm.quantizer import AQConfig
 
@@ -183,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {**{k: v for k, v in settings.items() if k not in ("device", "seed", "max_rounds",
                                                                               "relative_tolerance")},
                            "K": args.codebooks, "calibration_rows": CALIBRATION_ROWS, "seed": args.seed},
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": args.threads, "cpu_time": args.cpu_time, "ranks": args.ranks, "torch": torch.__version__, "device": args.device,
-                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+              "machine": {**machine("cuda" if args.device.startswith("cuda") else "cpu"), "threads": args.threads,
+                          "cpu_time": args.cpu_time, "ranks": args.ranks, "device": args.device},
               "command": "benchmarks/quant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU the Triton kernels run under the interpreter, which @triton.jit reads when
+# vqdm.kernels.triton_vq is imported: set it here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def nearest_codeword_quantizer(num_codebooks: int, group_size: int = 8, seed: int = 0):

@@ -1,4 +1,4 @@
-"""LoRA on VQ layers (vqdm.models.lora) against an independent reference: the same file loaded by
+"""LoRA on VQ layers (vqdm.models.lora, vqdm.models.lora_keys) against an independent reference: the same file loaded by
 diffusers + PEFT into the dense twin (every VQ layer decoded into an nn.Linear / nn.Conv2d) and
 fused into its weights. Adapter files are made with PEFT on the tiny model, in the diffusers/PEFT
 layout and converted to kohya-ss's, with alpha != rank so the alpha handling is exercised."""
@@ -10,10 +10,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vqdm.kernels import conv_weight_from_matrix
 from vqdm.models import VQConv2d, VQLinear, build_pipeline, quantize_layers, vq_modules
-from vqdm.models.lora import LoraError, LoraRuntime, load_lora, lora_files
+from vqdm.models.lora import LoraRuntime, load_lora, lora_files, parse_lora
+from vqdm.models.lora_keys import LoraError
 from vqdm.models.quantized_unet import set_submodule
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut",
@@ -141,25 +143,36 @@ def test_unmerged_vq_lora_matches_dense_decode_with_merged_lora(vq_pipe, lora_di
 def test_compressed_weights_untouched_and_adapters_add_linearly(vq_pipe, lora_dir):
     before = {n: (m.codes.clone(), m.codebooks.clone(), m.scales.clone()) for n, m in vq_modules(vq_pipe.unet)}
     rt = LoraRuntime(vq_pipe)
-    rt.add(load_lora(lora_dir / "style.safetensors", vq_pipe))
-    rt.add(load_lora(lora_dir / "other.safetensors", vq_pipe))
+    style = load_lora(lora_dir / "style.safetensors", vq_pipe)
+    other = load_lora(lora_dir / "other.safetensors", vq_pipe)
+    rt.add(style)
+    rt.add(other)
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 500])
     ehs = torch.randn(2, 77, 64)
     cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    # One VQLinear and one VQConv2d that both adapters adapt, each fed its own input.
+    targets = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": torch.randn(2, 16, 64),
+               "unet.down_blocks.1.resnets.0.conv1": torch.randn(2, 32, 8, 8)}
+    mods = {tgt: vq_pipe.unet.get_submodule(tgt.removeprefix("unet.")) for tgt in targets}
+    assert [type(m) for m in mods.values()] == [VQLinear, VQConv2d]
+    assert all(tgt in style.layers and tgt in other.layers for tgt in targets)
+    mixes = {"a": [("style", 0.5)], "b": [("other", -1.0)], "both": [("style", 0.5), ("other", -1.0)]}
 
     def unet() -> torch.Tensor:
         with torch.inference_mode():
             return vq_pipe.unet(x, t, ehs, added_cond_kwargs=cond).sample
 
+    def layer_outputs() -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return {tgt: mods[tgt](xin) for tgt, xin in targets.items()}
+
     try:
-        base = unet()
-        with rt.activate([("style", 0.5)]):
-            a = unet()
-        with rt.activate([("other", -1.0)]):
-            b = unet()
-        with rt.activate([("style", 0.5), ("other", -1.0)]):
-            both = unet()
+        base, base_layer = unet(), layer_outputs()
+        full, layer = {}, {}
+        for mix, choice in mixes.items():
+            with rt.activate(choice):
+                full[mix], layer[mix] = unet(), layer_outputs()
         with rt.activate([("style", 0.0)]):
             zero = unet()
     finally:
@@ -167,8 +180,20 @@ def test_compressed_weights_untouched_and_adapters_add_linearly(vq_pipe, lora_di
     for n, m in vq_modules(vq_pipe.unet):
         assert all(torch.equal(x, y) for x, y in zip(before[n], (m.codes, m.codebooks, m.scales))), n
     assert torch.equal(zero, base)
-    # The U-Net is nonlinear, so "both" is not a + b - base; but each adapter must matter in "both".
-    assert rel(both, a) > 1e-3 and rel(both, b) > 1e-3
+    for target, xin in targets.items():
+        d_a, d_b = layer["a"][target] - base_layer[target], layer["b"][target] - base_layer[target]
+        d_both = layer["both"][target] - base_layer[target]
+        # On one adapted layer the branches add: (A+B) - base == (A - base) + (B - base)...
+        assert rel(d_both, d_a + d_b) < 1e-5, (target, rel(d_both, d_a + d_b))
+        # ...and each is scale · ΔW applied to the input, ΔW = alpha/r · B·A from the file.
+        conv = xin.dim() == 4
+        for d, adapter, scale in ((d_a, style, 0.5), (d_b, other, -1.0)):
+            dw = scale * adapter.layers[target].delta_weight()
+            want = F.conv2d(xin, dw, padding=mods[target].padding) if conv else F.linear(xin, dw)
+            assert rel(d, want) < 1e-3, (target, rel(d, want))
+        assert d_a.norm() > 1e-2 * base_layer[target].norm() and d_b.norm() > 1e-2 * base_layer[target].norm()
+    # The whole U-Net is nonlinear, so there "both" is not a + b - base; but each adapter matters in "both".
+    assert rel(full["both"], full["a"]) > 1e-3 and rel(full["both"], full["b"]) > 1e-3
     numel = sum(lay.down.numel() + lay.up.numel() for a in rt.adapters.values() for lay in a.layers.values())
     assert rt.nbytes == 2 * numel  # A and B held in fp16
 
@@ -247,8 +272,6 @@ def test_metadata_alpha_and_unknown_adapter(vq_pipe, lora_dir):
 
 def test_kohya_sgm_names_map_to_diffusers_layers(vq_pipe):
     """kohya-ss trains SDXL on the sgm U-Net: its keys say input_blocks_4_1 for down_blocks.1.attentions.0."""
-    from vqdm.models.lora import parse_lora
-
     sgm_to_diffusers = {
         "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
         "input_blocks_2_0_in_layers_2": "down_blocks.0.resnets.1.conv1",
@@ -281,7 +304,6 @@ def test_conv_shaped_lora_on_linear_layer_and_matrix_shaped_1x1_up():
     import types
 
     from vqdm.models import build_unet
-    from vqdm.models.lora import parse_lora
 
     pipe = types.SimpleNamespace(unet=build_unet("tiny-sdxl"))
     sd = {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.randn(4, 64, 1, 1),

@@ -89,14 +89,16 @@ def test_quantized_default_draws_digits_the_judge_recognises(embedded):
 
 
 def test_serving_the_default_never_imports_the_quantizer():
-    """A fresh process builds the app `vqdm serve` builds with no model, waits for /readyz, asks
-    /v1/models, and has not imported vqdm.quantizer (nor any module under it)."""
+    """A fresh process builds `vqdm serve`'s command line and the app it builds with no model, waits
+    for /readyz, asks /v1/models, and has not imported vqdm.quantizer (nor any module under it)."""
     script = textwrap.dedent("""
         import json, sys, time
         from fastapi.testclient import TestClient
+        from vqdm.cli import build_parser
         from vqdm.server.app import create_app
         from vqdm.server.settings import Settings
 
+        assert build_parser("serve").parse_args(["serve"]).command == "serve"
         with TestClient(create_app(Settings(devices=["cpu"], cpu_threads=1))) as client:
             deadline = time.monotonic() + 300
             while client.get("/readyz").status_code != 200:
@@ -112,6 +114,17 @@ def test_serving_the_default_never_imports_the_quantizer():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["model"] == "vqdm-tiny-sdxl" and result["layers"] == 180, result  # it did serve the default
     assert result["quantizer"] == [], f"the server imported the offline quantizer: {result['quantizer']}"
+
+
+def test_every_subcommand_has_its_module():
+    """`vqdm COMMAND` imports only COMMANDS[COMMAND]: the map must name every subcommand there is."""
+    from vqdm.cli import COMMANDS, build_parser
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert list(sub.choices) == list(COMMANDS)
+    for command, module in COMMANDS.items():
+        (only,) = [a for a in build_parser(command)._actions if a.dest == "command"]
+        assert command in only.choices, (command, module)
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@
 # CUDA names a PyTorch wheel flavour (cu126, cu128, ...). Those wheels carry the CUDA runtime,
 # cuBLAS and cuDNN as pip packages, so the base stays python-slim and the host needs only the
 # NVIDIA driver and container toolkit (`docker run --gpus all`, or nvidia.com/gpu in k8s).
-# Artifacts are mounted read-only at /models; with none, the server builds and quantizes its
-# embedded tiny default at start-up. Configuration: VQDM_* environment variables (docs/deploy.md).
+# Artifacts are mounted read-only at /models; with none, the server loads the prebuilt artifact of its
+# embedded tiny default (package data). Configuration: VQDM_* environment variables (docs/deploy.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

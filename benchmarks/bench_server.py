@@ -8,7 +8,7 @@ size the server formed (from its own /metrics). Only loopback traffic; every loo
     python benchmarks/bench_server.py --json benchmarks/results/bench_server_cpu.json
     python benchmarks/bench_server.py --model DIR --size 512x512 --steps 4   # a real artifact
 
-With no --model the server's embedded default (tiny SDXL, quantized at start-up) is measured.
+With no --model the server's embedded default (tiny SDXL, its prebuilt K=2 artifact) is measured.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Train the tiny SDXL-architecture digits model that the embedded default serves.
+"""Train the tiny SDXL-architecture digits model that the embedded default serves (quantized into its
+prebuilt artifact by `benchmarks/make_embedded_artifact.py --force`: run that after training).
 
     python benchmarks/train_tiny.py [--out vqdm/models/pretrained/tiny-sdxl-digits] [--json FILE] [--png FILE]
                                     [--vae-steps N] [--unet-steps N] [--seed 0] [--threads 2]

@@ -10,24 +10,23 @@ import sys
 from vqdm import __version__
 from vqdm.errors import VQDMError
 
-# Modules providing `register(subparsers)`; each subcommand sets `func(args) -> int`.
-COMMAND_MODULES = (
-    "vqdm.models.cli",
-    "vqdm.quantizer.quantize.cli",
-    "vqdm.quantizer.distill.cli",
-    "vqdm.quantizer.evaluate.cli",
-    "vqdm.server.cli",
-)
+# The module that registers each subcommand (`register(subparsers)`; each subcommand sets
+# `func(args) -> int`). `vqdm serve` builds only the server's parser, so the serving process never
+# imports vqdm.quantizer (tests/server/test_embedded.py checks it); help lists them all, in this order.
+COMMANDS = {"make-model": "vqdm.models.cli", "plan": "vqdm.models.cli", "inspect": "vqdm.models.cli",
+            "quantize": "vqdm.quantizer.quantize.cli", "distill": "vqdm.quantizer.distill.cli",
+            "eval": "vqdm.quantizer.evaluate.cli", "serve": "vqdm.server.cli", "generate": "vqdm.server.cli"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `command` (a known subcommand) only the module that registers it."""
     parser = argparse.ArgumentParser(prog="vqdm", description=(
         "Compress SDXL / SDXL-Turbo U-Nets to 2-4 bits per weight with additive vector "
         "quantization, and serve them over HTTP."))
     parser.add_argument("--version", action="version", version=f"vqdm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in COMMAND_MODULES:
+    for mod in [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values()):
         importlib.import_module(mod).register(sub)
     return parser
 
@@ -40,7 +39,8 @@ def _quiet_torchvision_fallback(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_quiet_torchvision_fallback)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))  # the subcommand, if any
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

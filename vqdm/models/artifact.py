@@ -7,6 +7,12 @@
     unet/manifest.json      format version, quantization, layers, bits, bytes, base model,
                             calibration / distillation settings, tool version, sha256 of every file
 
+An artifact may share its non-U-Net components with the dense folder it was made from instead of
+copying them (`save_artifact(..., share_components=True)`, for the small embedded default that
+ships beside its dense model): the manifest then names that folder (`components`, a path relative
+to the artifact) and lists its files, with their sha256, under paths relative to the artifact
+(`../tiny-sdxl-digits/vae/...`), so they are checked like the artifact's own.
+
 `save_artifact` and `load_artifact` are the pair; loading verifies hashes, names and shapes and
 raises `ArtifactError(file, reason)` rather than letting torch fail deep inside.
 No pickles: safetensors and JSON only.
@@ -70,13 +76,18 @@ def _tool_version() -> str:
     return __version__
 
 
-def _unet_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict at rest: codes stay uint8, every float tensor becomes fp16."""
+_VQ_FLOATS = (".codebooks", ".scales")
+
+
+def _unet_tensors(unet: nn.Module, codebook_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """State dict at rest: codes stay uint8, codebooks and scales become `codebook_dtype`, every other
+    float tensor fp16."""
     out = {}
     for name, t in unet.state_dict().items():
         t = t.detach().to("cpu")
-        out[name] = t if t.dtype == torch.uint8 else t.to(torch.float16)
-        out[name] = out[name].contiguous()
+        if t.dtype != torch.uint8:
+            t = t.to(codebook_dtype if name.endswith(_VQ_FLOATS) else torch.float16)
+        out[name] = t.contiguous()
     return out
 
 
@@ -92,25 +103,39 @@ def _write_components(pipe, tmp: Path, source_dir: Path | None) -> None:
 
 
 def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
-                  source_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+                  source_dir: str | Path | None = None, overwrite: bool = False,
+                  codebook_dtype: torch.dtype = torch.float16, share_components: bool = False) -> Path:
     """Write `pipe` (with VQ layers in its U-Net) as an artifact folder.
 
     `manifest_fields` holds what only the caller knows: "quantization" (num_codebooks, nbits,
     group_size, method), "layers" stats by name (rel_error, bits, seconds), "base_model" (name,
     unet_sha256), and optionally "calibration" / "distillation". The folder is assembled next to
     `out_dir` and renamed into place, so an interrupted write never looks like a finished artifact.
+
+    `codebook_dtype` float32 keeps codebooks and scales exactly as the quantizer made them (SPEC §6
+    stores fp16; the embedded default keeps fp32 so it serves what start-up quantization served).
+    `share_components` lists `source_dir`'s components with their hashes instead of copying them.
     """
     out_dir = Path(out_dir)
+    if share_components and source_dir is None:
+        raise ValueError("share_components needs the source_dir whose components the artifact shares")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (use --force to overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _write_components(pipe, tmp, Path(source_dir) if source_dir else None)
+        shared = {}
+        if share_components:
+            components = Path(os.path.relpath(Path(source_dir).resolve(), out_dir.resolve()))
+            shared = {str(components / rel): sha256_file(Path(source_dir) / rel)
+                      for rel in _component_files(Path(source_dir))}
+            shutil.copy2(Path(source_dir) / "model_index.json", tmp / "model_index.json")  # what tools read first
+        else:
+            _write_components(pipe, tmp, Path(source_dir) if source_dir else None)
         unet = pipe.unet
         (tmp / "unet").mkdir()
         unet.save_config(tmp / "unet")
-        save_file(_unet_tensors(unet), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        save_file(_unet_tensors(unet, codebook_dtype), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
 
         q = dict(manifest_fields.get("quantization", {}))
         layers = vq_modules(unet)
@@ -119,7 +144,8 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
         k, g = layers[0][1].num_codebooks, layers[0][1].group_size
         subsets = _whole_subsets(unet, [n for n, _ in layers])
         q.setdefault("method", "aq")
-        q.update(num_codebooks=k, nbits=8, group_size=g, subsets=subsets)
+        q.update(num_codebooks=k, nbits=8, group_size=g, subsets=subsets,
+                 codebook_dtype=str(codebook_dtype).removeprefix("torch."))
         stats = manifest_fields.get("layers", {})
         layer_list = []
         for name, m in layers:
@@ -142,10 +168,12 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
             "distillation": manifest_fields.get("distillation"),
             "layers": layer_list,
         }
+        if share_components:
+            manifest["components"] = str(components)
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p)
             for p in sorted(tmp.rglob("*")) if p.is_file() and str(p.relative_to(tmp)) != MANIFEST_FILE
-        }
+        } | shared
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         _make_readable(tmp)
         if out_dir.exists():
@@ -163,6 +191,26 @@ def _make_readable(root: Path) -> None:
     os.umask(umask)
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _component_files(folder: Path) -> list[str]:
+    """The files a pipeline load reads from `folder` besides the U-Net: model_index.json and the components."""
+    return ["model_index.json"] + sorted(str(p.relative_to(folder)) for name in COMPONENTS
+                                        for p in (folder / name).rglob("*") if p.is_file())
+
+
+def components_dir(path: str | Path, manifest: dict) -> Path:
+    """The folder the non-U-Net components load from: the artifact itself, or the folder it shares them with."""
+    path = Path(path)
+    shared = manifest.get("components")
+    if shared is None:
+        return path
+    if not isinstance(shared, str) or Path(shared).is_absolute():
+        raise ArtifactError(path / MANIFEST_FILE, f"components {shared!r} must be a path relative to the artifact")
+    folder = path / shared
+    if not (folder / "model_index.json").is_file():
+        raise ArtifactError(folder, "the folder whose components this artifact shares is missing (no model_index.json)")
+    return folder
 
 
 def _whole_subsets(unet: nn.Module, vq_names: list[str]) -> list[str]:
@@ -238,8 +286,11 @@ def verify_files(path: str | Path, manifest: dict) -> None:
     for required in (WEIGHTS_FILE, CONFIG_FILE):
         if required not in files:
             raise ArtifactError(path / MANIFEST_FILE, f"{required} is not listed in the manifest")
-    unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                      if p.is_file() and str(p.relative_to(path)) not in files and str(p.relative_to(path)) != MANIFEST_FILE)
+    present = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+    shared = components_dir(path, manifest)
+    if shared != path:  # the shared folder's components load too: each must be listed
+        present += [os.path.join(manifest["components"], rel) for rel in _component_files(shared)]
+    unlisted = sorted(rel for rel in present if rel not in files and rel != MANIFEST_FILE)
     if unlisted:
         more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
         raise ArtifactError(path / unlisted[0], f"not listed in the manifest{more}: remove it, or re-export the "
@@ -322,8 +373,8 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     unet, manifest = load_vq_unet(path, dtype, device, verify)
     try:
         # safetensors only: a component folder carrying pickles (.bin, .pt) is refused, never unpickled.
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, unet=unet, dtype=dtype, local_files_only=True,
-                                                         use_safetensors=True)
+        pipe = StableDiffusionXLPipeline.from_pretrained(components_dir(path, manifest), unet=unet, dtype=dtype,
+                                                         local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ArtifactError(path, f"could not load the non-U-Net components: {e}") from None
     pipe.set_progress_bar_config(disable=True)

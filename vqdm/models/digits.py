@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 DIGITS_PRESET = "tiny-sdxl-digits"
 DIGITS_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / DIGITS_PRESET
+# The server's embedded default: the model above quantized (K = 2) by benchmarks/make_embedded_artifact.py.
+DIGITS_ARTIFACT_DIR = DIGITS_MODEL_DIR.parent / f"{DIGITS_PRESET}-vq2"
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Phrasings the U-Net is trained on; {d} is the numeral, {w} the word. Only a few: the frozen

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from vqdm.errors import ModelFolderError
-from vqdm.models.artifact import load_artifact
+from vqdm.models.artifact import MANIFEST_FILE, components_dir, load_artifact, read_manifest
 
 SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline",)
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -31,9 +31,16 @@ def read_model_index(path: str | Path) -> dict:
             f"{path}: pipeline class {cls!r} is not SDXL; vqdm supports {', '.join(SUPPORTED_PIPELINES)}"
         )
     missing = [s for s in REQUIRED_SUBFOLDERS if not (path / s).is_dir()]
+    if missing and "unet" not in missing and (path / MANIFEST_FILE).is_file():
+        missing = [s for s in missing if not (_components(path) / s).is_dir()]
     if missing:
         raise ModelFolderError(f"{path}: missing component folder(s) {', '.join(missing)}")
     return index
+
+
+def _components(path: Path) -> Path:
+    """Where the non-U-Net components are: the folder itself, or the folder an artifact shares them with."""
+    return components_dir(path, read_manifest(path)) if (path / MANIFEST_FILE).is_file() else path
 
 
 def read_unet_config(path: str | Path) -> dict:
@@ -48,7 +55,7 @@ def read_unet_config(path: str | Path) -> dict:
 
 def detect_family(path: str | Path) -> str:
     """'sdxl-turbo' when the scheduler is trailing-spaced Euler ancestral (Turbo's), else 'sdxl'."""
-    sched = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    sched = json.loads((_components(Path(path)) / "scheduler" / "scheduler_config.json").read_text())
     turbo = sched.get("_class_name") == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing"
     return "sdxl-turbo" if turbo else "sdxl"
 

@@ -1,70 +1,54 @@
-"""The embedded default model: with no model configured the server loads the trained tiny
-SDXL-architecture model that ships inside the package (`tiny-sdxl-digits`: it draws scikit-learn's
-handwritten digits at 32², made by `benchmarks/train_tiny.py`), quantizes every selected U-Net
-layer with the real per-layer quantizer at a cheap setting, and serves it. Offline, seconds.
+"""The embedded default model: with no model configured the server serves the prebuilt artifact
+that ships inside the package (`tiny-sdxl-digits-vq2`): the trained tiny SDXL-architecture model
+that draws scikit-learn's handwritten digits at 32² (`benchmarks/train_tiny.py`), quantized offline
+by `benchmarks/make_embedded_artifact.py` with the real per-layer quantizer at a cheap setting.
 
-There is no calibration data at start-up, so H = identity: each layer minimises plain weight-space
-error instead of output error. On this model that still draws legible digits (tests/server/
-test_embedded.py has the scikit-learn judge score them).
+It loads through the same path as any artifact (`load_pipeline`: manifest read, every file's sha256
+checked, a corrupt one refused with the file and the reason); nothing is quantized at start-up and
+the server never imports `vqdm.quantizer`. The artifact was quantized with H = identity (no
+calibration data): each layer minimises plain weight-space error; on this model that still draws
+legible digits (tests/server/test_embedded.py has the scikit-learn judge score them).
 """
 from __future__ import annotations
 
 import logging
-import time
+from pathlib import Path
+
+from vqdm.errors import VQDMError
+from vqdm.models import Preset
+from vqdm.models.artifact import read_manifest
+from vqdm.models.digits import DIGITS_ARTIFACT_DIR, DIGITS_PRESET
 
 log = logging.getLogger("vqdm.server")
 
-EMBEDDED_PRESET = "tiny-sdxl-digits"
+REMAKE = "python benchmarks/make_embedded_artifact.py"
 
 
-# Cheap knobs for start-up: one round, few optimiser steps, greedy code search.
-# The settings the shipped default was judged with (80% of digits recognised); cg_iters=0, no
-# damping and no sequential passes keep them fixed as AQConfig's defaults move.
-EMBEDDED_KNOBS = {"beam_size": 1, "adam_steps": 5, "cg_iters": 0, "damping": 0.0, "max_rounds": 1, "kmeans_iters": 5,
-                  "init_passes": 0}
+def embedded_artifact(seed: int = 0, num_codebooks: int = 2) -> tuple[Path, Preset]:
+    """(the prebuilt artifact's folder, its preset), after checking it is the one asked for.
+
+    Only the manifest is read here; `load_pipeline` verifies every file when it loads the folder.
+    """
+    path = DIGITS_ARTIFACT_DIR
+    if not path.is_dir():
+        raise VQDMError(f"the embedded default artifact is missing from {path}: reinstall vqdm, or recreate it "
+                        f"with `{REMAKE} --force`, or serve a folder with --model")
+    q = read_manifest(path)["quantization"]
+    made = (q.get("num_codebooks"), q.get("seed"))
+    if made != (num_codebooks, seed):
+        raise VQDMError(f"the embedded default ships quantized with K={made[0]} codebooks (seed {made[1]}), but "
+                        f"K={num_codebooks}, seed {seed} was asked for: make that artifact with `{REMAKE} "
+                        f"--codebooks {num_codebooks} --seed {seed} --out DIR` and serve it with --model DIR")
+    log.info("embedded default: loading the prebuilt artifact %s (%s quantized offline with K=%d codebooks, "
+             "seed %d; no calibration data, so H = identity: weight-space error, not output error)",
+             path, DIGITS_PRESET, num_codebooks, seed)
+    return path, Preset.from_name(DIGITS_PRESET)
 
 
-def embedded_config(num_codebooks: int):
-    """A quantizer setting that takes seconds for the whole tiny U-Net, not the paper's."""
-    from vqdm.quantizer import AQConfig
-
-    return AQConfig(num_codebooks=num_codebooks, nbits=8, group_size=8, **EMBEDDED_KNOBS)
-
-
-def build_embedded(seed: int = 0, num_codebooks: int = 2):
-    """(pipeline with a VQ U-Net, quantization facts for /v1/models, the preset)."""
-    import torch
-
-    from vqdm.errors import VQDMError
-    from vqdm.models import Preset, load_pipeline, quantize_layers
-    from vqdm.models.digits import DIGITS_MODEL_DIR
-    from vqdm.quantizer import quantize_weight
-
-    preset = Preset.from_name(EMBEDDED_PRESET)
-    if not (DIGITS_MODEL_DIR / "model_index.json").is_file():
-        raise VQDMError(f"the embedded default model is missing from {DIGITS_MODEL_DIR}: reinstall vqdm, or "
-                        "recreate it with `python benchmarks/train_tiny.py`, or serve a folder with --model")
-    pipe = load_pipeline(DIGITS_MODEL_DIR)
-    cfg = embedded_config(num_codebooks)
-    log.info("embedded default: loading %s (trained on handwritten digits) and quantizing it with K=%d codebooks "
-             "(seed %d); no calibration data at start-up, so H = identity (weight-space error, not output error)",
-             EMBEDDED_PRESET, num_codebooks, seed)
-    errors: list[float] = []
-
-    def quantize(name: str, w: torch.Tensor):
-        qw = quantize_weight(w, torch.eye(w.shape[1]), cfg)
-        errors.append(float((qw.dequantize() - w).square().sum() / w.square().sum().clamp_min(1e-30)))
-        return qw.codes, qw.codebooks, qw.scales
-
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    names = quantize_layers(pipe.unet, num_codebooks, quantize)
-    seconds = time.perf_counter() - t0
-    errors.sort()
-    log.info("embedded default: quantized %d layers in %.1fs (median relative weight error %.3g)",
-             len(names), seconds, errors[len(errors) // 2])
-    extra = {"base_model": {"name": f"{EMBEDDED_PRESET} (trained on scikit-learn's handwritten digits)"},
-             "calibration": "none: H = identity (no calibration data at start-up)",
-             "quantize_seconds": round(seconds, 3),
-             "median_rel_weight_error": round(errors[len(errors) // 2], 6)}
-    return pipe, extra, preset
+def quantization_facts(manifest: dict) -> dict:
+    """What /v1/models reports for the default beyond K/B/g: how its artifact was made, from the manifest."""
+    q = manifest["quantization"]
+    facts = {"quantize_seconds": q["quantize_seconds"], "median_rel_weight_error": q["median_rel_weight_error"]}
+    log.info("embedded default: %d layers quantized offline in %.1fs (median relative weight error %.3g)",
+             len(manifest["layers"]), facts["quantize_seconds"], facts["median_rel_weight_error"])
+    return facts

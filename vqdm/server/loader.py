@@ -7,7 +7,6 @@ can build the sampler it asks for.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -153,27 +152,23 @@ def _quiet_loading_bars() -> None:
 
 
 def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> ServedModel:
-    """Load (or for the embedded default: build and quantize) one model onto every device."""
+    """Load one model onto every device: an artifact or diffusers folder, or the embedded default's
+    prebuilt artifact (through the same loader, hashes checked)."""
     from vqdm.models import detect_family, load_pipeline, resident_weight_bytes
 
     _quiet_loading_bars()
     t0 = time.perf_counter()
     if spec.path is None:
-        from vqdm.server.embedded import build_embedded
+        from vqdm.server import embedded
 
-        base, quant_extra, preset = build_embedded(settings.embedded_seed, settings.embedded_codebooks)
-        family, (steps, guidance) = preset.family, (preset.steps, preset.guidance)
-        pipes = {}
-        for i, dev in enumerate(devices):
-            pipe = base if i == len(devices) - 1 else copy.deepcopy(base)
-            pipes[dev] = pipe.to(dtype=resolve_dtype(settings.dtype, dev))
-        manifest, source = None, "embedded"
+        path, preset = embedded.embedded_artifact(settings.embedded_seed, settings.embedded_codebooks)
+        family, steps, guidance, source = preset.family, preset.steps, preset.guidance, "embedded"
     else:
-        family = detect_family(spec.path)
+        path, family, source = spec.path, detect_family(spec.path), str(spec.path)
         steps, guidance = _family_defaults(family)
-        quant_extra = None
-        pipes = {dev: load_pipeline(spec.path, dtype=resolve_dtype(settings.dtype, dev), device=dev) for dev in devices}
-        manifest, source = getattr(next(iter(pipes.values())), "vqdm_manifest", None), str(spec.path)
+    pipes = {dev: load_pipeline(path, dtype=resolve_dtype(settings.dtype, dev), device=dev) for dev in devices}
+    manifest = getattr(next(iter(pipes.values())), "vqdm_manifest", None)
+    quant_extra = embedded.quantization_facts(manifest) if spec.path is None else None
     replicas = {dev: prepare_replica(p, dev, settings) for dev, p in pipes.items()}
     pipe = next(iter(replicas.values())).pipe
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor

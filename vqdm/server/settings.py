@@ -25,7 +25,7 @@ class ModelSpec:
     """One model to serve: its public id and where it comes from (a folder, or the embedded default)."""
 
     id: str
-    path: Path | None  # None: the embedded default, built and quantized at start-up
+    path: Path | None  # None: the embedded default (its prebuilt artifact, shipped in the package)
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -117,7 +117,8 @@ class Settings(BaseSettings):
         default_factory=list, description="NAME=PATH (.safetensors) or a folder of them, loaded at start-up")
     lora_memory_budget: str = Field("1GB", description="bytes of LoRA weights per device, e.g. 1GB, 512MiB")
 
-    # The embedded default (served when no model is given).
+    # The embedded default (served when no model is given): the K and seed its prebuilt artifact was
+    # made with; another pair is refused with the command that makes it (vqdm.server.embedded).
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 
 from vqdm.errors import ConfigError
+from vqdm.models.schedulers import swapped_scheduler
 
 DEFAULT_PROMPTS = "prompts.txt"  # packaged with vqdm.quantizer
 
@@ -134,14 +135,8 @@ def sampling_scheduler(pipe, kind: str):
     if kind != "ddim":
         yield pipe
         return
-    from diffusers import DDIMScheduler  # lazy: diffusers costs seconds of start-up
-
-    saved = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(saved.config)
-    try:
+    with swapped_scheduler(pipe, "DDIMScheduler"):
         yield pipe
-    finally:
-        pipe.scheduler = saved
 
 
 def run_trajectories(pipe, cfg: SamplingConfig, batches: list[Batch],

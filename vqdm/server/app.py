@@ -14,16 +14,22 @@ import logging
 from typing import Callable
 
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
+from vqdm import __version__
 from vqdm.server.batching import Dispatcher
+from vqdm.server.edits import EDITS_PATH
+from vqdm.server.edits import router as edits_router
 from vqdm.server.errors import install_error_handlers
+from vqdm.server.loader import ModelLoader, load_models, resolve_device
 from vqdm.server.loras import attach_loras
 from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from vqdm.server.loader import ModelLoader
 from vqdm.server.replicas import Peers
+from vqdm.server.routes import router
 from vqdm.server.settings import Settings
 from vqdm.server.state import ServerState
+from vqdm.server.warmup import warm_up
 
 log = logging.getLogger("vqdm.server")
 
@@ -39,7 +45,7 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
             state.metrics.set_model(m.id, m.weight_bytes)
         if state.settings.warmup:
             state.phase = "warming up"
-            await state.dispatcher.warm_up(state.settings.warmup_steps)
+            await warm_up(state.dispatcher, state.settings.warmup_steps)
         state.dispatcher.start()
         state.ready, state.phase = True, "ready"
         state.metrics.ready.set(1)
@@ -65,16 +71,12 @@ async def drain(state: ServerState | None) -> None:
 
 def create_app(settings: Settings | None = None, loader: ModelLoader | None = None,
                on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """`loader(settings, devices) -> [ServedModel]` defaults to `registry.load_models`; `on_fatal`
+    """`loader(settings, devices) -> [ServedModel]` defaults to `loader.load_models`; `on_fatal`
     is called with the error when start-up fails (the CLI uses it to stop uvicorn)."""
-    from vqdm import __version__
-
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from vqdm.server.loader import load_models, resolve_device
-
         devices = [resolve_device(d) for d in settings.devices]
         metrics = Metrics()
         metrics.build_info.labels(__version__, settings.backend, ",".join(devices)).set(1)
@@ -83,8 +85,6 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         app.state.vqdm = state
         metrics_server = None
         if settings.metrics_port is not None:
-            from prometheus_client import start_http_server
-
             metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host or settings.host,
                                                   registry=metrics.registry)
         loading = asyncio.create_task(_load_and_warm(state, loader or load_models, on_fatal))
@@ -105,12 +105,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app.state.settings = settings
     app.state.peers = peers = Peers(settings.advertise_url, settings.peers)
     install_error_handlers(app)
-    from vqdm.server.routes import router
-
     app.include_router(router)
-    from vqdm.server.edits import EDITS_PATH
-    from vqdm.server.edits import router as edits_router
-
     app.include_router(edits_router)
     # An edit carries an image and a mask: its body may hold both files plus the form fields.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,

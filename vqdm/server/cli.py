@@ -1,14 +1,13 @@
-"""`vqdm serve` (the HTTP server) and `vqdm generate` (one image without a server)."""
+"""`vqdm serve` (the HTTP server) and `vqdm generate` (one image without a server): their flags.
+
+This module is imported to build the `vqdm` parser, for every command and for `--help`: it imports
+only the standard library. Each command imports what it runs when it runs (`vqdm.server.serve`,
+`vqdm.server.generate`: fastapi, uvicorn, torch).
+"""
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
-
-from vqdm.errors import ConfigError
-
-log = logging.getLogger("vqdm.server")
 
 # `vqdm serve` flag → Settings field (flags win over VQDM_* variables).
 _SERVE_FLAGS = {
@@ -86,29 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_settings(args: argparse.Namespace):
     """Settings from VQDM_* variables with the given flags on top; a bad value is a one-line error."""
-    from pydantic import ValidationError
+    from vqdm.server.settings import settings_from  # deferred: pydantic-settings and torch (module docstring)
 
-    from vqdm.server.settings import Settings
-
-    overrides = {field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag, None) is not None}
-    try:
-        return Settings(**overrides)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"{where}: {first['msg']}") from None
-
-
-def _check_model_folders(settings) -> None:
-    from vqdm.models import read_model_index
-    from vqdm.server.loras import lora_specs
-
-    for spec in settings.model_specs():
-        if spec.path is not None:
-            read_model_index(spec.path)  # raises ModelFolderError naming what is wrong
-    for lora in lora_specs(settings.loras):
-        if not lora.path.is_file():
-            raise FileNotFoundError(f"lora {lora.name!r}: no such file {lora.path}")
+    return settings_from({field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items()
+                          if getattr(args, flag, None) is not None})
 
 
 def parse_generate_lora(text: str) -> tuple[Path, float]:
@@ -123,91 +103,12 @@ def parse_generate_lora(text: str) -> tuple[Path, float]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from vqdm.server.serve import serve  # deferred: fastapi, uvicorn and torch (module docstring)
 
-    import uvicorn
-
-    from vqdm.server import threads
-    from vqdm.server.app import create_app, drain
-    from vqdm.server.drain import FLUSH_S, DrainingServer
-    from vqdm.server.logs import configure_logging
-
-    settings = build_settings(args)
-    _check_model_folders(settings)
-    configure_logging(settings.log_level, settings.json_logs)
-    threads.apply(settings.cpu_threads)
-    failure: list[str] = []
-    holder: dict = {}
-
-    def on_fatal(error: str) -> None:
-        failure.append(error)
-        holder["server"].should_exit = True
-
-    app = create_app(settings, on_fatal=on_fatal)
-    # uvicorn's own graceful wait only flushes the replies the drain produced (server.drain).
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=FLUSH_S, lifespan="on")
-    server = holder["server"] = DrainingServer(config, lambda: drain(getattr(app.state, "vqdm", None)))
-    server.run()
-    if failure:
-        raise ConfigError(f"start-up failed: {failure[0]}")
-    state = getattr(app.state, "vqdm", None)
-    stuck = state.dispatcher.stuck_devices() if state is not None else []
-    if stuck:  # a hung kernel would block interpreter exit (it joins worker threads): leave now
-        log.critical("exiting with the worker on %s still stuck", ", ".join(stuck))
-        logging.shutdown()
-        os._exit(3)
-    return 0
+    return serve(build_settings(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from vqdm.server.errors import APIError
-    from vqdm.server.imaging import FORMATS, encode_image
-    from vqdm.server.loader import load_model, resolve_device
-    from vqdm.server.runner import Member, run_batch
-    from vqdm.server.schemas import ImageGenerationRequest
-    from vqdm.server.settings import ModelSpec, Settings
-    from vqdm.server.validation import validate
+    from vqdm.server.generate import generate  # deferred: torch and diffusers (module docstring)
 
-    out = Path(args.out)
-    ext = out.suffix.lower().lstrip(".")
-    fmt = {"jpg": "jpeg"}.get(ext, ext)
-    if fmt not in FORMATS:
-        raise ValueError(f"{out}: unknown image type {out.suffix!r}; use .png, .jpg or .webp")
-    from vqdm.server.loras import attach_loras
-    from vqdm.server.schemas import LoraChoice
-
-    loras = [parse_generate_lora(t) for t in args.lora]
-    names = [f"lora{i}-{path.stem}" for i, (path, _) in enumerate(loras)]
-    settings = Settings(devices=[args.device], dtype=args.dtype, weight_cache=args.weight_cache,
-                        max_n=max(args.n, 1), max_batch_size=max(args.n, 1),
-                        loras=[f"{n}={p}" for n, (p, _) in zip(names, loras)], lora_memory_budget=str(1 << 50))
-    device = resolve_device(args.device)
-    spec = ModelSpec("local", Path(args.model)) if args.model else ModelSpec("vqdm-tiny-sdxl", None)
-    if spec.path is not None:
-        from vqdm.models import read_model_index
-
-        read_model_index(spec.path)  # a one-line error naming what is wrong with the folder
-    t0 = time.perf_counter()
-    model = load_model(spec, settings, [device])
-    attach_loras([model], settings)
-    load_s = time.perf_counter() - t0
-    try:
-        params = validate(ImageGenerationRequest(
-            prompt=args.prompt, model=model.id, n=args.n, size=args.size, negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
-            output_format=fmt, loras=[LoraChoice(name=n, scale=s) for n, (_, s) in zip(names, loras)] or None),
-            {model.id: model}, settings)
-    except APIError as e:
-        raise ValueError(e.message) from None
-    outcome = run_batch(model.replicas[device], [Member(params)])
-    paths = [out] if params.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(params.n)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, outcome.images[0]):
-        path.write_bytes(encode_image(image, fmt))
-    print(f"wrote {', '.join(map(str, paths))}: {params.width}x{params.height}, {params.steps} steps, "
-          f"guidance {params.guidance:g}, seed {params.seed}, {outcome.total_s:.2f}s generation "
-          f"(+{load_s:.1f}s loading {model.source})")
-    if outcome.revised_prompts[0]:
-        print(f"note: the prompt is longer than 77 CLIP tokens; the model read: {outcome.revised_prompts[0]!r}")
-    return 0
+    return generate(args, [parse_generate_lora(t) for t in args.lora])

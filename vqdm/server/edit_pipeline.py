@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
 
 
@@ -36,8 +38,6 @@ def mask_from(img):
 
 def paste_back(generated, edit: EditInput):
     """Inpainting: the source outside the mask, the generated pixels inside it."""
-    from PIL import Image
-
     if edit.mask is None:
         return generated
     return Image.composite(generated.convert("RGB"), edit.image, edit.mask)
@@ -45,6 +45,7 @@ def paste_back(generated, edit: EditInput):
 
 def edit_call(pipe, call: dict, edits: list[EditInput]):
     """(pipeline, kwargs) for a batch of edits sharing kind and strength; one EditInput per image row."""
+    # Deferred: diffusers takes seconds to import; by the first edit the model loading has imported it.
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
     first = edits[0]

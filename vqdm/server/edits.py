@@ -20,11 +20,13 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
+from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
 from vqdm.server.errors import APIError, validation_error
-from vqdm.server.routes import _require_ready, authorize, submit_and_reply
+from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.state import ServerState
 from vqdm.server.validation import resolve_model, validate
@@ -43,8 +45,6 @@ def _bad(message: str, param: str | None, code: str = "invalid_value", status: i
 
 def read_image(data: bytes, param: str, max_bytes: int, max_pixels: int):
     """Decode an uploaded PNG / JPEG / WEBP, refusing anything else before decoding its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise _bad(f"{param} is empty", param, "invalid_image")
     if len(data) > max_bytes:
@@ -68,8 +68,6 @@ def read_image(data: bytes, param: str, max_bytes: int, max_pixels: int):
 
 
 async def _read_form(request: Request, state: ServerState) -> tuple[dict[str, str], bytes, bytes | None]:
-    from starlette.datastructures import UploadFile
-
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise _bad("send the edit as multipart/form-data (fields image, prompt, optional mask), as OpenAI's "
@@ -128,7 +126,7 @@ async def edit_images(request: Request):
     state: ServerState = request.app.state.vqdm
     scope_state = request.scope["state"]
     owner = authorize(request, state)
-    _require_ready(state)
+    require_ready(state)
     fields, image_bytes, mask_bytes = await _read_form(request, state)
     req, strength = _request_from_fields(fields)
     model = resolve_model(req.model, state.models)
@@ -151,8 +149,6 @@ async def edit_images(request: Request):
         raise _bad(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; raise "
                    "either", "strength")
     size = (params.width, params.height)
-    from PIL import Image
-
     edit = EditInput(image=image.convert("RGB").resize(size, Image.LANCZOS),
                      mask=None if mask is None else mask_from(mask).resize(size, Image.NEAREST), strength=strength)
     params = dataclasses.replace(params, edit=edit)

@@ -23,6 +23,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+import torch
+
 log = logging.getLogger("vqdm.server")
 
 ENV_VAR = "VQDM_TEST_FAULTS"
@@ -72,8 +74,6 @@ class FaultInjector:
 
     def pre_forward(self, _module, _args) -> None:
         """U-Net forward pre-hook: one call per denoising step (CFG runs both halves in one call)."""
-        import torch
-
         faults = getattr(self._local, "faults", [])
         if not faults:
             return

@@ -6,15 +6,25 @@ it polls at every denoising step) and reports progress back through `loop.call_s
     queued ──► running ──► succeeded
        │          ├──────► failed
        └──────────┴──────► cancelled      (DELETE, client gone, timeout, or shutdown deadline)
+
+`JobRegistry` keeps live and recently finished jobs for GET/DELETE /v1/requests/{id}: by the
+server's id and by (API key, client label), each finished job for `job_retention_s` seconds.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vqdm.server.metrics import Metrics
+
+log = logging.getLogger("vqdm.server")
+MAX_REMEMBERED_JOBS = 10_000
 
 
 class JobState(str, Enum):
@@ -158,3 +168,68 @@ class Job:
         if self.error:
             out["error"] = self.error
         return out
+
+
+def finish_cancelled(job: Job, metrics: "Metrics") -> None:
+    """End a job whose cancellation was asked for: counted by where it was, logged with its step."""
+    job.finish(JobState.CANCELLED)
+    metrics.cancelled.labels(job.params.model, job.cancel_stage or "running").inc()
+    log.info("request %s cancelled (%s, while %s) at step %d/%d", job.id, job.cancel_reason,
+             job.cancel_stage, job.step, job.total_steps)
+
+
+def job_ids(batch: list[Job]) -> str:
+    """The jobs of a batch for a log line: server ids, each with its client label."""
+    return ",".join(j.id + (f" ({j.label})" if j.label else "") for j in batch)
+
+
+class JobRegistry:
+    """Live and recently finished jobs (event loop only). A finished job is forgotten
+    `retention_s` seconds after it ends; past `max_jobs` the oldest finished one goes at once."""
+
+    def __init__(self, retention_s: float, max_jobs: int = MAX_REMEMBERED_JOBS) -> None:
+        self.retention_s = retention_s
+        self.max_jobs = max_jobs
+        self._by_id: dict[str, Job] = {}
+        self._by_label: dict[tuple[int | None, str], Job] = {}  # (owner, client X-Request-Id) -> latest job
+
+    def __getitem__(self, job_id: str) -> Job:
+        return self._by_id[job_id]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def remember(self, job: Job) -> None:
+        self._by_id[job.id] = job
+        if job.label is not None:
+            self._by_label[(job.owner, job.label)] = job
+        if len(self._by_id) > self.max_jobs:
+            for old_id, old in list(self._by_id.items()):
+                if old.state.finished:
+                    del self._by_id[old_id]
+                    self._drop_label(old)
+                    break
+
+    def find(self, ref: str, owner: int | None) -> Job | None:
+        """A job by its server-made id or by the client's label, only for the key that submitted it."""
+        job = self._by_id.get(ref)
+        if job is not None and job.owner == owner:
+            return job
+        return self._by_label.get((owner, ref))
+
+    def labelled(self, owner: int | None, label: str) -> Job | None:
+        """The latest job this key submitted under the client label `label`."""
+        return self._by_label.get((owner, label))
+
+    def forget_later(self, job: Job) -> None:
+        """A job just ended: it stays visible for the retention time."""
+        asyncio.get_running_loop().call_later(self.retention_s, self.forget, job)
+
+    def forget(self, job: Job) -> None:
+        if self._by_id.get(job.id) is job:
+            del self._by_id[job.id]
+        self._drop_label(job)
+
+    def _drop_label(self, job: Job) -> None:
+        if job.label is not None and self._by_label.get((job.owner, job.label)) is job:
+            del self._by_label[(job.owner, job.label)]

@@ -12,6 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
+from vqdm.models import (Preset, detect_family, layer_bits, load_pipeline, resident_weight_bytes, set_backend,
+                         vq_modules)
+from vqdm.models.weight_cache import install_weight_cache
+from vqdm.server import embedded
 from vqdm.server.settings import ModelSpec, Settings
 
 log = logging.getLogger("vqdm.server")
@@ -20,8 +26,6 @@ _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def resolve_device(name: str) -> str:
-    import torch
-
     if name == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
@@ -31,8 +35,6 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    import torch
-
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, _DTYPES[name])
@@ -83,8 +85,6 @@ class ServedModel:
 
 def quantization_summary(unet, manifest: dict | None = None, extra: dict | None = None) -> dict | None:
     """K/B/g and bits per weight of the VQ layers actually loaded (None for a dense U-Net)."""
-    from vqdm.models import layer_bits, vq_modules
-
     layers = vq_modules(unet)
     if not layers:
         return None
@@ -113,10 +113,6 @@ def quantization_summary(unet, manifest: dict | None = None, extra: dict | None 
 
 
 def prepare_replica(pipe, device: str, settings: Settings) -> Replica:
-    import torch
-
-    from vqdm.models import set_backend, vq_modules
-
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
@@ -128,22 +124,22 @@ def prepare_replica(pipe, device: str, settings: Settings) -> Replica:
     cache = None
     if vq_modules(pipe.unet):
         set_backend(pipe.unet, settings.backend)
-        from vqdm.models.weight_cache import install_weight_cache
-
         cache = install_weight_cache(pipe.unet, settings.weight_cache)
+    # The base config without diffusers' private keys: each batch builds its sampler from it (runner).
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     return Replica(pipe=pipe, device=torch.device(device), scheduler_class=type(pipe.scheduler).__name__,
-                   scheduler_config=dict(pipe.scheduler.config), weight_cache=cache)
+                   scheduler_config=config, weight_cache=cache)
 
 
 def _family_defaults(family: str) -> tuple[int, float]:
-    from vqdm.models import Preset
-
     p = Preset.from_name(family)
     return p.steps, p.guidance
 
 
 def _quiet_loading_bars() -> None:
     """diffusers/transformers draw progress bars while loading; in server logs they are noise."""
+    # Deferred: diffusers and transformers take seconds to import; they load in the loading thread
+    # while /healthz already answers, not when the app is built.
     import diffusers
     import transformers
 
@@ -154,13 +150,9 @@ def _quiet_loading_bars() -> None:
 def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> ServedModel:
     """Load one model onto every device: an artifact or diffusers folder, or the embedded default's
     prebuilt artifact (through the same loader, hashes checked)."""
-    from vqdm.models import detect_family, load_pipeline, resident_weight_bytes
-
     _quiet_loading_bars()
     t0 = time.perf_counter()
     if spec.path is None:
-        from vqdm.server import embedded
-
         path, preset = embedded.embedded_artifact(settings.embedded_seed, settings.embedded_codebooks)
         family, steps, guidance, source = preset.family, preset.steps, preset.guidance, "embedded"
     else:

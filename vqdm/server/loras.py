@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from vqdm.models.lora import MAX_ABS_SCALE, LoraError, LoraRuntime, load_lora, lora_files
+from vqdm.models.weight_cache import parse_bytes
 from vqdm.server.errors import APIError
 
 if TYPE_CHECKING:
-    from vqdm.server.registry import ServedModel
+    from vqdm.server.loader import ServedModel
     from vqdm.server.settings import Settings
 
 log = logging.getLogger("vqdm.server")
@@ -33,8 +35,6 @@ class LoraSpec:
 
 def parse_lora_specs(text: str) -> list[LoraSpec]:
     """'NAME=PATH', or 'PATH' (a file named after its stem, or a folder: each .safetensors in it)."""
-    from vqdm.models.lora import lora_files
-
     name, sep, path = text.partition("=")
     if not sep:
         name, path = "", text
@@ -65,9 +65,6 @@ def lora_specs(entries: Sequence[str]) -> list[LoraSpec]:
 
 def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
     """Load every configured adapter onto every replica of every model it fits, within the budget."""
-    from vqdm.models.lora import LoraError, LoraRuntime, load_lora
-    from vqdm.models.weight_cache import parse_bytes
-
     specs = lora_specs(settings.loras)
     budget = parse_bytes(settings.lora_memory_budget)
     for model in models:
@@ -112,8 +109,6 @@ def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
 
 def check_request_loras(choices, model: "ServedModel") -> tuple[tuple[str, float], ...]:
     """A request's `loras` as ((name, scale), ...) sorted by name, or a 400 naming the entry."""
-    from vqdm.models.lora import MAX_ABS_SCALE
-
     if not choices:
         return ()
     if len(choices) > MAX_LORAS_PER_REQUEST:

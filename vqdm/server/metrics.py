@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
                                generate_latest)
+
+if TYPE_CHECKING:
+    from vqdm.server.jobs import GenerationParams
+    from vqdm.server.runner import BatchOutcome
 
 # 1 ms (a tiny-model step) .. 10 min (SDXL on CPU at 1024²); 10/60/180 s are alert thresholds.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
@@ -98,6 +102,30 @@ class Metrics:
                                  ["model", "lora"], registry=r)
         self.edits = Counter("vqdm_image_edits_total", "Finished POST /v1/images/edits requests by kind",
                              ["model", "kind"], registry=r)
+
+    # -- what a batch and its jobs add (the dispatcher calls these) -------------------------------
+    def batch_started(self, model_id: str, queued_since: list[float], rows: int, now: float) -> None:
+        """A batch of jobs (admitted at `queued_since`, perf_counter) starts with `rows` images."""
+        for t in queued_since:
+            self.queue_wait.labels(model_id).observe(now - t)
+        self.in_flight.inc(len(queued_since))
+        self.batch_size.observe(rows)
+
+    def batch_ran(self, model_id: str, outcome: "BatchOutcome") -> None:
+        for s in outcome.step_seconds:
+            self.step_duration.labels(model_id).observe(s)
+        if outcome.images and any(imgs is not None for imgs in outcome.images):
+            self.vae_duration.labels(model_id).observe(outcome.vae_decode_s)
+
+    def job_succeeded(self, model_id: str, params: "GenerationParams", images: int,
+                      weight_decode_s: float | None) -> None:
+        if weight_decode_s is not None:
+            self.weight_decode_duration.labels(model_id).observe(weight_decode_s)
+        self.images.labels(model_id).inc(images)
+        if params.edit is not None:
+            self.edits.labels(model_id, params.edit.kind).inc()
+        for name, _ in params.loras:
+            self.lora_uses.labels(model_id, name).inc()
 
     def set_model(self, model_id: str, weight_bytes: dict[str, int]) -> None:
         for kind in ("stored", "dense_fp16"):

@@ -23,6 +23,8 @@ import socket
 import uuid
 from urllib.parse import urlsplit
 
+import httpx
+
 log = logging.getLogger("vqdm.server")
 
 FORWARDED_HEADER = "x-vqdm-forwarded"
@@ -74,8 +76,6 @@ class Peers:
 
     async def forward(self, method: str, ref: str, headers: dict[str, str]):
         """The peer's answer (status, JSON body) for `ref`, or None when no peer has it."""
-        import httpx
-
         token = token_of(ref)
         if token == self.own and token is not None:
             return None  # ours, and not found here: expired

@@ -19,6 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
+from vqdm.models.schedulers import swapped_scheduler
+from vqdm.models.vae import vae_decode  # the decode evaluation uses too
 from vqdm.server import samplers
 from vqdm.server.edit_pipeline import edit_call, paste_back
 from vqdm.server.jobs import GenerationParams
@@ -62,8 +66,6 @@ class _Clock:
     """Wall time with the device drained first, so GPU work is charged to the step that queued it."""
 
     def __init__(self, device) -> None:
-        import torch
-
         self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def __call__(self) -> float:
@@ -94,10 +96,6 @@ def revised_prompt(tokenizer, prompt: str) -> str | None:
 
 def decode_latents(pipe, latents) -> list:
     """The pipeline's own VAE decode and post-processing, callable on a subset of rows."""
-    import torch
-
-    from vqdm.models.vae import vae_decode  # the decode evaluation uses too
-
     with torch.inference_mode():
         image = vae_decode(pipe, latents)
         if getattr(pipe, "watermark", None) is not None:
@@ -117,100 +115,119 @@ def _shrink(kw: dict, keep: list[int], cfg: bool) -> dict:
     return out
 
 
+class _Rows:
+    """The image rows of one batch while it runs: which member owns each row, its generator, and
+    which members are still wanted. The pipeline's step callbacks read and shrink it."""
+
+    def __init__(self, members: list[Member], can_shrink: bool, clock: _Clock) -> None:
+        self.members, self.can_shrink, self.clock = members, can_shrink, clock
+        self.owner: list[int] = []  # member index of each image row
+        self.prompts: list[str] = []
+        self.negatives: list[str] = []
+        self.generators: list = []
+        for mi, m in enumerate(members):
+            for seed in m.params.seeds:
+                self.owner.append(mi)
+                self.prompts.append(m.params.prompt)
+                self.negatives.append(m.params.negative_prompt or "")
+                self.generators.append(torch.Generator("cpu").manual_seed(seed))
+        self.alive = [not m.is_cancelled() for m in members]
+        self.cancelled_at: list[int | None] = [None if a else 0 for a in self.alive]
+        self.step_seconds: list[float] = []
+        self.marks: dict[str, float] = {}
+
+    def notice_cancelled(self, step: int) -> None:
+        for mi, m in enumerate(self.members):
+            if self.alive[mi] and m.is_cancelled():
+                self.alive[mi], self.cancelled_at[mi] = False, step
+
+    def wanted(self) -> list[int]:
+        return [r for r, mi in enumerate(self.owner) if self.alive[mi]]
+
+    def step_started(self, _module, _args) -> None:
+        """U-Net forward pre-hook: the first call ends text encoding; each call starts a step."""
+        self.marks.setdefault("first_step", time.perf_counter())
+        self.marks["step"] = self.clock()
+
+    def step_ended(self, p, i: int, _t, kw: dict) -> dict:
+        """diffusers' `callback_on_step_end`: progress, cancellation, and the batch shrunk to the rows
+        still wanted where the sampler allows."""
+        self.step_seconds.append(self.clock() - self.marks["step"])
+        self.notice_cancelled(i + 1)
+        if not any(self.alive):
+            p._interrupt = True  # diffusers' documented way to stop the loop
+            return {}
+        for mi, m in enumerate(self.members):
+            if self.alive[mi]:
+                m.on_step(i + 1, p.num_timesteps)
+        keep = self.wanted()
+        if len(keep) == len(self.owner) or not self.can_shrink:
+            return {}
+        self.owner[:] = [self.owner[r] for r in keep]
+        # The pipeline hands this same list object to every scheduler.step: edit it in place.
+        self.generators[:] = [self.generators[r] for r in keep]
+        return _shrink(kw, keep, p.do_classifier_free_guidance)
+
+    def images_per_member(self, images: list, wanted: list[int]) -> list[list[Any] | None]:
+        out: list[list[Any] | None] = [None] * len(self.members)
+        for image, r in zip(images, wanted):
+            mi = self.owner[r]
+            if out[mi] is None:
+                out[mi] = []
+            out[mi].append(image)
+        return out
+
+
 def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
     """Generate every member's images in one pipeline call. Members must share `batch_key()`."""
-    import torch
-
     first = members[0].params
     keys = {m.params.batch_key() for m in members}
     if len(keys) != 1:
         raise ValueError(f"members of one batch must share size, steps, guidance and scheduler (got {len(keys)} kinds)")
     pipe = replica.pipe
     sampler = samplers.resolve(first.scheduler, replica.scheduler_class)
-    pipe.scheduler = samplers.build(sampler, replica.scheduler_config)
-
-    owner: list[int] = []  # member index of each image row
-    prompts, negatives, generators = [], [], []
-    for mi, m in enumerate(members):
-        for seed in m.params.seeds:
-            owner.append(mi)
-            prompts.append(m.params.prompt)
-            negatives.append(m.params.negative_prompt or "")
-            generators.append(torch.Generator("cpu").manual_seed(seed))
-    rows = len(owner)
-    alive = [not m.is_cancelled() for m in members]
-    cancelled_at: list[int | None] = [None if a else 0 for a in alive]
-    clock = _Clock(replica.device)
-    out = BatchOutcome(images=[None] * len(members), revised_prompts=[None] * len(members),
-                       cancelled_at_step=cancelled_at, rows=rows)
-    marks: dict[str, float] = {}
-
-    def step_started(_module, _args) -> None:
-        marks.setdefault("first_step", time.perf_counter())
-        marks["step"] = clock()
-
-    def step_ended(p, i: int, _t, kw: dict) -> dict:
-        out.step_seconds.append(clock() - marks["step"])
-        for mi, m in enumerate(members):
-            if alive[mi] and m.is_cancelled():
-                alive[mi], cancelled_at[mi] = False, i + 1
-        if not any(alive):
-            p._interrupt = True  # diffusers' documented way to stop the loop
-            return {}
-        for mi, m in enumerate(members):
-            if alive[mi]:
-                m.on_step(i + 1, p.num_timesteps)
-        keep = [r for r, mi in enumerate(owner) if alive[mi]]
+    with swapped_scheduler(pipe, sampler.class_name, replica.scheduler_config):
         # Edit pipelines keep per-row image latents and masks outside the callback's reach: no shrinking.
-        if len(keep) == len(owner) or not sampler.stateless or first.edit is not None:
-            return {}
-        owner[:] = [owner[r] for r in keep]
-        # The pipeline hands this same list object to every scheduler.step: edit it in place.
-        generators[:] = [generators[r] for r in keep]
-        return _shrink(kw, keep, p.do_classifier_free_guidance)
+        rows = _Rows(members, sampler.stateless and first.edit is None, _Clock(replica.device))
+        out = _generate(replica, first, rows)
+    out.revised_prompts = [revised_prompt(pipe.tokenizer, m.params.prompt) if rows.alive[mi] else None
+                           for mi, m in enumerate(members)]
+    return out
 
-    cache = replica.weight_cache
+
+def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> BatchOutcome:
+    """The pipeline call to latents, then the VAE decode of the rows still wanted, timed apart."""
+    pipe, cache, clock = replica.pipe, replica.weight_cache, rows.clock
+    n_rows = len(rows.owner)
     decode_before = cache.stats()["decode_seconds"] if cache is not None else 0.0
-    hook = pipe.unet.register_forward_pre_hook(step_started)
+    hook = pipe.unet.register_forward_pre_hook(rows.step_started)
     t0 = clock()
     try:
         with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()), \
                 (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()):
             call = dict(
-                prompt=prompts, negative_prompt=negatives if first.negative_prompt is not None else None,
+                prompt=rows.prompts, negative_prompt=rows.negatives if first.negative_prompt is not None else None,
                 height=first.height, width=first.width, num_inference_steps=first.steps,
-                guidance_scale=first.guidance, generator=generators, output_type="latent",
-                callback_on_step_end=step_ended, callback_on_step_end_tensor_inputs=_STEP_TENSORS,
+                guidance_scale=first.guidance, generator=rows.generators, output_type="latent",
+                callback_on_step_end=rows.step_ended, callback_on_step_end_tensor_inputs=_STEP_TENSORS,
             )
             call_pipe = pipe
             if first.edit is not None:  # img2img / inpainting on the same components (vqdm.server.edits)
-                call_pipe, call = edit_call(pipe, call, [members[mi].params.edit for mi in owner])
+                call_pipe, call = edit_call(pipe, call, [rows.members[mi].params.edit for mi in rows.owner])
             latents = call_pipe(**call).images
             t_denoised = clock()
-            for mi, m in enumerate(members):  # cancelled during the last step
-                if alive[mi] and m.is_cancelled():
-                    alive[mi], cancelled_at[mi] = False, first.steps
-            wanted = [r for r, mi in enumerate(owner) if alive[mi]]
+            rows.notice_cancelled(first.steps)  # cancelled during the last step
+            wanted = rows.wanted()
             images = decode_latents(pipe, latents[wanted]) if wanted else []
             if first.edit is not None:
-                images = [paste_back(im, members[owner[r]].params.edit) for im, r in zip(images, wanted)]
+                images = [paste_back(im, rows.members[rows.owner[r]].params.edit) for im, r in zip(images, wanted)]
             t_decoded = clock()
     finally:
         hook.remove()
-    if cache is not None:
-        out.weight_decode_s = cache.stats()["decode_seconds"] - decode_before
-    out.text_encode_s = marks.get("first_step", t_denoised) - t0
-    out.denoise_s = t_denoised - marks.get("first_step", t_denoised)
-    out.vae_decode_s = t_decoded - t_denoised
-    out.total_s = t_decoded - t0
-    it = iter(images)
-    for r in wanted:
-        mi = owner[r]
-        if out.images[mi] is None:
-            out.images[mi] = []
-        out.images[mi].append(next(it))
-    for mi, m in enumerate(members):
-        if alive[mi]:
-            out.revised_prompts[mi] = revised_prompt(pipe.tokenizer, m.params.prompt)
-    return out
-
+    first_step = rows.marks.get("first_step", t_denoised)
+    return BatchOutcome(
+        images=rows.images_per_member(images, wanted), revised_prompts=[None] * len(rows.members),
+        cancelled_at_step=rows.cancelled_at, rows=n_rows, step_seconds=rows.step_seconds,
+        text_encode_s=first_step - t0, denoise_s=t_denoised - first_step, vae_decode_s=t_decoded - t_denoised,
+        weight_decode_s=cache.stats()["decode_seconds"] - decode_before if cache is not None else None,
+        total_s=t_decoded - t0)

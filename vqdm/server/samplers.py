@@ -1,4 +1,5 @@
-"""Sampler names a request may ask for, and how to build one from a model's scheduler config.
+"""Sampler names a request may ask for, and the diffusers scheduler class each names (the runner
+swaps it in per batch with `vqdm.models.schedulers`).
 
 `stateless` marks schedulers whose step depends only on (model output, t, sample): a batch that
 loses a cancelled member can drop its rows mid-run. Multistep solvers keep earlier outputs per
@@ -41,10 +42,3 @@ def resolve(name: str | None, default_class: str) -> Sampler:
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(sampler_names())}") from None
 
-
-def build(sampler: Sampler, config: dict):
-    """A fresh scheduler instance (cheap; a fresh one per batch keeps no state between requests)."""
-    import diffusers
-
-    cls = getattr(diffusers, sampler.class_name)
-    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})

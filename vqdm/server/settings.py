@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from vqdm.errors import ConfigError
+from vqdm.models.weight_cache import CachePolicy, parse_bytes
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMBEDDED_MODEL_ID = "vqdm-tiny-sdxl"
@@ -146,16 +149,12 @@ class Settings(BaseSettings):
     @field_validator("weight_cache")
     @classmethod
     def _check_cache(cls, value: str) -> str:
-        from vqdm.models.weight_cache import CachePolicy
-
         CachePolicy.parse(value)  # raises with a message naming the accepted forms
         return value
 
     @field_validator("lora_memory_budget")
     @classmethod
     def _check_lora_budget(cls, value: str) -> str:
-        from vqdm.models.weight_cache import parse_bytes
-
         parse_bytes(value)
         return value
 
@@ -177,3 +176,13 @@ class Settings(BaseSettings):
         if not self.models:
             return [ModelSpec(EMBEDDED_MODEL_ID, None)]
         return [parse_model_spec(m) for m in self.models]
+
+
+def settings_from(overrides: dict) -> Settings:
+    """Settings from VQDM_* variables with `overrides` (flags) on top; a bad value is a one-line error."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"{where}: {first['msg']}") from None

@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("vqdm.server")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -56,8 +58,6 @@ def torch_threads(override: int | None = None, root: Path = CGROUP_ROOT) -> int:
 
 def apply(override: int | None = None) -> int:
     """Set torch's intra-op pool (and one inter-op thread: the server runs one batch per device)."""
-    import torch
-
     n = torch_threads(override)
     torch.set_num_threads(n)
     try:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aq", action="append", default=[], metavar="FIELD=VALUE", help="AQConfig override (a JSON value)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # deferred: heavy, and --help needs none of it
 
     knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
     cells = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cells.split(",")]

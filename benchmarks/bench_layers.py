@@ -86,7 +86,7 @@ class Row:
 
 
 def _time_cuda(fn, repeat: int) -> float:
-    import triton.testing
+    import triton.testing  # deferred: triton is there only on CUDA machines
 
     return triton.testing.do_bench(fn, warmup=25, rep=max(50, 10 * repeat), return_mode="median")
 
@@ -120,7 +120,7 @@ def _time_interleaved(fns: dict[str, callable], device: str, repeat: int) -> dic
     if device == "cuda":
         return {name: _time_cuda(fn, repeat) for name, fn in fns.items()}
     if device == "cuda_graph":  # GPU time alone: the calls replayed from a CUDA graph
-        import triton.testing
+        import triton.testing  # deferred: triton is there only on CUDA machines
 
         out = {}
         for name, fn in fns.items():
@@ -163,7 +163,7 @@ def bench_shape(shape: Shape, m: int, k: int, device: str, dtype: torch.dtype, r
     if device == "cpu":  # the decode alone: what a weight-cache hit saves
         fns["decode_only"] = lambda: decode_cpu_scratch(codes, cb, s, dtype)
     else:
-        from vqdm.kernels.triton_vq import decode_triton
+        from vqdm.kernels.triton_vq import decode_triton  # deferred: needs triton, there only on CUDA machines
 
         fns["decode_only"] = lambda: decode_triton(codes, cb, s, dtype)
     with torch.no_grad():

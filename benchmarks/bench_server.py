@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import machine  # noqa: E402  (sibling module)
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 
 def free_port() -> int:
@@ -61,8 +62,6 @@ class Server:
         self.model = httpx.get(self.base + "/v1/models", timeout=5).json()["data"][0]["id"]
 
     def batch_stats(self) -> tuple[float, float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
         text = httpx.get(self.base + "/metrics", timeout=10).text
         vals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name in ("vqdm_batch_size_sum", "vqdm_batch_size_count")}

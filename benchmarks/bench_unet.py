@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import machine  # noqa: E402  (sibling module)
+from vqdm.models import build_unet, replace_with_vq, resident_weight_bytes, vq_modules  # noqa: E402
+from vqdm.models.weight_cache import install_weight_cache  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,9 +37,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ----------------------------------------------------------------------------------------------
 def build(preset: str, variant: str, bits: int, dtype: torch.dtype, device: str, seed: int = 0):
     """Materialise the U-Net straight in `dtype` on `device` (dense or VQ), from a meta skeleton."""
-    from diffusers.utils import logging as dlogging
-
-    from vqdm.models import build_unet, replace_with_vq, vq_modules
+    from diffusers.utils import logging as dlogging  # deferred: diffusers is heavy, and only a worker builds
 
     dlogging.set_verbosity_error()  # casting a meta skeleton's dtype is fine here
 
@@ -150,9 +150,6 @@ def time_graph(unet, kw, steps: int) -> float:
 
 
 def worker(a) -> dict:
-    from vqdm.models import resident_weight_bytes
-    from vqdm.models.weight_cache import install_weight_cache
-
     dtype = DTYPES[a.dtype]
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
@@ -229,7 +226,7 @@ def _wait_quiet(max_s: float, threshold: float = 0.6) -> float:
 
 def plot_cache_curve(paths: list[str], out_png: str) -> None:
     """Step latency vs resident U-Net weight memory: dense, VQ with no cache, and each cache budget."""
-    import matplotlib
+    import matplotlib  # deferred: only --plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_quality as qq  # noqa: E402  (sibling script: model, sentences, H collection, one cell)
+from vqdm.quantizer.sampling import load_prompts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(1)
+    # imported here, after the offline switches above: the hub reads them when it is imported
     from transformers import AutoModel, AutoTokenizer
-
-    from vqdm.quantizer.sampling import load_prompts
 
     path = qq.model_dir()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().float()

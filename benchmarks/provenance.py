@@ -7,6 +7,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+import psutil
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,15 +31,12 @@ def cpu_model() -> str:
 def machine(device: str | None = None) -> dict:
     """The commit, the processor, and on CUDA the GPU with its CUDA and Triton versions (device None:
     CUDA where torch sees a GPU)."""
-    import psutil
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = {"commit": git_commit(), "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device == "cuda":
-        import triton
+        import triton  # deferred: there only on CUDA machines
 
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__)
     return info

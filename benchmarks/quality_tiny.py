@@ -29,6 +29,17 @@ from pathlib import Path
 
 import torch
 
+from vqdm.kernels import conv_weight_from_matrix
+from vqdm.models import Preset, load_pipeline, make_model, select_layers, weight_matrix
+from vqdm.quantizer import gptq_quantize, rtn_quantize
+from vqdm.quantizer.distill.run import distill
+from vqdm.quantizer.quantize.run import quantize_model
+from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
+from vqdm.quantizer.quantize.hessians import collect_hessians
+from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.sampling import load_prompts
+from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, digit_prompt, training_prompts
+
 
 def scalar_group(d: int, largest: int = 128) -> int:
     """Largest power-of-two group <= `largest` dividing d (tiny layers are narrower than 128)."""
@@ -40,10 +51,6 @@ def scalar_group(d: int, largest: int = 128) -> int:
 
 def scalar_baseline(teacher: Path, out: Path, method: str, bits: int, hessians: dict | None) -> dict:
     """A dense folder whose selected layers hold RTN / GPTQ dequantized weights; returns its stats."""
-    from vqdm.kernels import conv_weight_from_matrix
-    from vqdm.models import load_pipeline, select_layers, weight_matrix
-    from vqdm.quantizer import gptq_quantize, rtn_quantize
-
     pipe = load_pipeline(teacher)
     t0 = time.perf_counter()
     weights = bit_weights = 0.0
@@ -62,7 +69,7 @@ def scalar_baseline(teacher: Path, out: Path, method: str, bits: int, hessians: 
     return {"bits_per_weight_quantized": bit_weights / weights, "quantize_seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--png", help="write a bar chart of the table here")
@@ -71,21 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-init", action="store_true",
                     help="the old proxy: tiny-sdxl with random weights (noise images) instead of the trained digits model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on shared cores)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return ap.parse_args(argv)
 
-    from vqdm.models import Preset, load_pipeline, make_model, select_layers
-    from vqdm.quantizer.distill.run import distill
-    from vqdm.quantizer.quantize.run import quantize_model
-    from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
-    from vqdm.quantizer.quantize.hessians import collect_hessians
-    from vqdm.quantizer.recipes import recipe
-    from vqdm.quantizer.sampling import load_prompts
-    from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, digit_prompt, training_prompts
 
-    quick = args.quick
-    trained = not args.random_init
-    s = {  # every setting in one place, recorded in the JSON
+def settings(quick: bool, trained: bool) -> dict:
+    return {  # every setting in one place, recorded in the JSON
         "resolution": Preset.from_name(DIGITS_PRESET).resolution if trained else 128,
         "calibration": dict(num_prompts=8 if quick else 32, steps=4 if quick else 10, batch_size=4),
         "aq": dict(beam_size=8, adam_steps=20 if quick else 100, max_rounds=2 if quick else 10,
@@ -95,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                         gen_batch_size=4, test_prompts=0, allow_worse=True),  # the earlier table's settings
         "eval": dict(num_prompts=4 if quick else 16, steps=4 if quick else 20, seed=1000),
     }
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+
+
+def prepare_workdir(work: Path, trained: bool, eval_prompts: int) -> Path:
+    """The dense teacher in work/dense (kept if there) and the training and eval prompt files; returns the teacher."""
     teacher = work / "dense"
     if not teacher.exists():
         if trained:
@@ -106,21 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             make_model("tiny-sdxl", teacher, seed=0)
     if trained:  # every phrasing to calibrate and distill; the eval seeds (1000 + i) are never used there
         prompts = training_prompts()
-        held_out = [digit_prompt(d % 10) for d in range(s["eval"]["num_prompts"])]
+        held_out = [digit_prompt(d % 10) for d in range(eval_prompts)]
         train = prompts
     else:
         prompts = load_prompts(None)
-        held_out = prompts[-s["eval"]["num_prompts"]:]  # eval prompts: never used to calibrate or distill
+        held_out = prompts[-eval_prompts:]  # eval prompts: never used to calibrate or distill
         train = prompts[:-len(held_out)]
     (work / "train_prompts.txt").write_text("\n".join(train) + "\n")
     (work / "eval_prompts.txt").write_text("\n".join(held_out) + "\n")
-    train_file = str(work / "train_prompts.txt")
+    return teacher
 
-    calib = recipe("sdxl").calibration.replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
-    rows: dict[str, dict] = {}
-    candidates: dict[str, Path] = {}
 
-    # Scalar baselines. GPTQ's H: one pass over the dense model (not subset by subset like AQ).
+def scalar_variants(teacher: Path, work: Path, calib, train_file: str, rows: dict, candidates: dict) -> None:
+    """RTN 4-bit, GPTQ 4- and 3-bit folders, added to `rows` and `candidates`.
+
+    GPTQ's H: one pass over the dense model (not subset by subset like AQ)."""
     pipe = load_pipeline(teacher)
     names = [n for n, _ in select_layers(pipe.unet)]
     hessians = collect_hessians(pipe, names, calib, load_prompts(train_file)).hessians
@@ -133,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: done", flush=True)
     del hessians
 
+
+def aq_variants(teacher: Path, work: Path, calib, s: dict, train_file: str, rows: dict, candidates: dict) -> None:
+    """AQ K = 4, 3, 2 and each distilled, added to `rows` and `candidates`; folders already in `work` are reused."""
     for k in (4, 3, 2):
         label = f"AQ-{k}bit"
         folder = work / label
@@ -158,12 +159,34 @@ def main(argv: list[str] | None = None) -> int:
         candidates[dlabel] = dfolder
         print(f"{dlabel}: distilled", flush=True)
 
+
+def evaluate_variants(teacher: Path, work: Path, s: dict, rows: dict, candidates: dict) -> None:
+    """`vqdm eval` of every candidate against the dense teacher; its figures go into `rows`."""
     ecfg = EvalConfig(num_prompts=s["eval"]["num_prompts"], steps=s["eval"]["steps"], resolution=s["resolution"],
                       seed=s["eval"]["seed"], prompts_file=str(work / "eval_prompts.txt"), grid_rows=2)
     results = evaluate(teacher, list(candidates.values()), work / "eval", ecfg, progress=False)
     for label, folder in candidates.items():
         r = results[str(folder)]
         rows[label].update({k: r[k] for k in ("unet_rel_mse", "latent_mse", "latent_psnr", "latent_ssim", "psnr", "ssim")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    trained = not args.random_init
+    s = settings(args.quick, trained)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    teacher = prepare_workdir(work, trained, s["eval"]["num_prompts"])
+    train_file = str(work / "train_prompts.txt")
+
+    calib = recipe("sdxl").calibration.replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
+    rows: dict[str, dict] = {}
+    candidates: dict[str, Path] = {}
+    scalar_variants(teacher, work, calib, train_file, rows, candidates)
+    aq_variants(teacher, work, calib, s, train_file, rows, candidates)
+    evaluate_variants(teacher, work, s, rows, candidates)
 
     table = render_table(rows)
     print(table)
@@ -194,7 +217,7 @@ def render_table(rows: dict[str, dict]) -> str:
 
 
 def plot(rows: dict[str, dict], path: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: only --png needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

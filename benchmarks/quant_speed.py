@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import machine  # noqa: E402  (sibling module)
 
 from vqdm.quantizer import AQConfig
+from vqdm.quantizer import quantize_weight
+from vqdm.models import build_unet, layer_dims, select_layers
 
 AQ_DEFAULTS = AQConfig()
 
@@ -55,8 +57,6 @@ def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu",
                knobs: dict | None = None, cpu_time: bool = False) -> dict:
-    from vqdm.quantizer import quantize_weight
-
     w, h = synthetic_problem(n, d, seed)
     cfg = AQConfig(num_codebooks=k, seed=seed, max_rounds=100 if converge else rounds,
                    relative_tolerance=AQ_DEFAULTS.relative_tolerance if converge else 0.0, device=device,
@@ -97,8 +97,6 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
     share) by n·d, and the one inverse Cholesky of H by d³. Beyond the largest measured d (the up
     blocks' 1280×23040 convs) the n·d² and d³ parts are extrapolated, not measured.
     """
-    from vqdm.models import build_unet, layer_dims, select_layers
-
     unet = build_unet("sdxl", device="meta")
     total = init = 0.0
     by_shape: dict[str, float] = {}
@@ -120,7 +118,7 @@ def project_unet(rows: list[dict], rounds: float) -> dict:
             "seconds_by_reference_shape": by_shape}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(f"{n}x{d}" for n, d in SHAPES.values()),
                     help="n x d pairs, comma-separated (default: the four SDXL shapes)")
@@ -142,22 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--reproject", metavar="JSON",
                     help="recompute the projection of an earlier run's JSON (rows, rounds, ranks) and rewrite it")
-    args = ap.parse_args(argv)
-    if args.reproject:
-        result = json.loads(Path(args.reproject).read_text())
-        conv = result["converged"]
-        rounds = conv["rounds"] if conv else result["projection"]["rounds_assumed"]
-        ranks = result["projection"].get("ranks", 1)
-        projection = project_unet(result["layers"], rounds)
-        projection.update(ranks=ranks, hours_one_process=projection["hours"], hours=projection["hours"] / ranks)
-        result["projection"] = projection
-        Path(args.reproject).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {ranks} rank(s)")
-        return 0
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
-    settings = dataclasses.asdict(AQConfig(num_codebooks=args.codebooks, **knobs))
+
+def reproject(path: str) -> None:
+    """Recompute the projection of an earlier run's JSON at `path` and rewrite it there."""
+    result = json.loads(Path(path).read_text())
+    conv = result["converged"]
+    rounds = conv["rounds"] if conv else result["projection"]["rounds_assumed"]
+    ranks = result["projection"].get("ranks", 1)
+    projection = project_unet(result["layers"], rounds)
+    projection.update(ranks=ranks, hours_one_process=projection["hours"], hours=projection["hours"] / ranks)
+    result["projection"] = projection
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {ranks} rank(s)")
+
+
+def time_shapes(args: argparse.Namespace, knobs: dict) -> tuple[list[dict], dict | None]:
+    """One row per --shapes entry, then (with --converge) the 1280x1280 layer run to the stop rule."""
     names = {f"{n}x{d}": k for k, (n, d) in SHAPES.items()}
     rows = []
     for spec in args.shapes.split(","):
@@ -168,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.converge:
         converged = time_layer("attn 1280x1280 (to convergence)", 1280, 1280, args.codebooks, 0, args.seed, converge=True,
                                device=args.device, knobs=knobs, cpu_time=args.cpu_time)
-    rounds = converged["rounds"] if converged else args.rounds
-    projection = project_unet(rows, rounds)
-    projection["ranks"] = args.ranks
-    projection["hours_one_process"] = projection["hours"]
-    projection["hours"] = projection["hours_one_process"] / args.ranks
+    return rows, converged
+
+
+def print_table(args: argparse.Namespace, rows: list[dict], converged: dict | None, rounds: int,
+                projection: dict) -> None:
     print(f"\nprojected SDXL U-Net (771 layers, K={args.codebooks}, {rounds} rounds each, {args.device}, "
           f"{args.threads} thread(s) per process, {'CPU' if args.cpu_time else 'wall'} time): "
           f"{projection['hours_one_process']:.1f} h in one process, {projection['hours']:.1f} h over {args.ranks} rank(s)")
@@ -181,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows + ([converged] if converged else []):
         print(f"| {r['shape']} | {r['K']} | {r['rounds']} | {r['seconds']:.1f} | {r['init_seconds']:.1f} | "
               f"{r['seconds_per_round']:.1f} | {r['beam_fraction']:.0%} | {r['lsq_fraction']:.0%} | {r['adam_fraction']:.0%} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.reproject:
+        reproject(args.reproject)
+        return 0
+
+    torch.set_num_threads(args.threads)
+    knobs = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.aq)}
+    settings = dataclasses.asdict(AQConfig(num_codebooks=args.codebooks, **knobs))
+    rows, converged = time_shapes(args, knobs)
+    rounds = converged["rounds"] if converged else args.rounds
+    projection = project_unet(rows, rounds)
+    projection["ranks"] = args.ranks
+    projection["hours_one_process"] = projection["hours"]
+    projection["hours"] = projection["hours_one_process"] / args.ranks
+    print_table(args, rows, converged, rounds, projection)
     result = {"benchmark": "quant_speed", "layers": rows, "converged": converged, "projection": projection,
               "settings": {**{k: v for k, v in settings.items() if k not in ("device", "seed", "max_rounds",
                                                                               "relative_tolerance")},

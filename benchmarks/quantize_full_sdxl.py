@@ -22,6 +22,7 @@ an interrupted quantize run from its last finished subset. Weights and artifact 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def subset_rows(manifest: dict) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True, help="model, artifact and logs go here (not the repo)")
     ap.add_argument("--json", type=Path, required=True)
@@ -117,16 +118,22 @@ def main() -> int:
     ap.add_argument("--skip-quantize", action="store_true",
                     help="the artifact exists: only inspect, generate and plan (its quantize figures come from "
                          "the manifest, and no quantize RSS is measured)")
-    args = ap.parse_args()
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    model, art = work / "sdxl", work / args.artifact_name
-    load = LoadSampler()
-    load.start()
-    started = time.time()
-    record: dict = {"device": "cpu", "machine": machine(), "phase_seconds": {}, "phase_peak_rss_bytes": {}}
-    phases = {}
+    return ap.parse_args()
 
+
+@dataclasses.dataclass
+class Phases:
+    """What the child processes gave: each measured phase (`run`'s dict), and the JSON of inspect and plan."""
+    runs: dict[str, dict]
+    quantize_cmd: list[str]
+    inspect: dict
+    plan_all: dict
+    plan_same: dict
+
+
+def run_phases(args: argparse.Namespace, work: Path, model: Path, art: Path) -> Phases:
+    """make-model (when absent), quantize (unless --skip-quantize), inspect, generate, then plan twice."""
+    phases = {}
     if not model.exists():
         phases["make_model"] = run([*VQDM, "make-model", "sdxl", "--out", str(model), "--seed", "0"], work / "make_model.log")
     quantize_cmd = [*VQDM, "quantize", "--model", str(model), "--preset", "sdxl", "--bits", "3", "--out", str(art),
@@ -147,9 +154,12 @@ def main() -> int:
                                          capture_output=True, text=True).stdout)
     plan_same = json.loads(subprocess.run([*VQDM, "plan", "--preset", "sdxl", "--bits", "3", "--subsets", args.subsets,
                                            "--json"], check=True, capture_output=True, text=True).stdout)
+    return Phases(phases, quantize_cmd, inspect, plan_all, plan_same)
 
-    manifest = json.loads((art / "unet" / "manifest.json").read_text())
-    subsets = subset_rows(manifest)
+
+def record_quantize(record: dict, ph: Phases, manifest: dict, subsets: list[dict], max_stats_gb: float) -> None:
+    """Add the phases' seconds and RSS, the artifact's and the plan's bytes, and the per-subset figures to `record`."""
+    phases = ph.runs
     for name, p in phases.items():
         record["phase_seconds"][name] = p["seconds"]
         record["phase_peak_rss_bytes"][name] = p["peak_rss_bytes"]
@@ -163,15 +173,16 @@ def main() -> int:
     record["subsets_calibrated"] = [s["subset"] for s in subsets]
     record["artifact_unet_bytes"] = manifest["bytes"]["unet_stored"]
     record["artifact_weights_file_bytes"] = manifest["bytes"]["weights_file"]
-    record["plan_unet_bytes"] = plan_all["unet_bytes"]
-    record["plan_unet_bytes_same_subsets"] = plan_same["unet_bytes"]
-    record["plan_dense_fp16_bytes"] = plan_all["dense_fp16_bytes"]
+    record["plan_unet_bytes"] = ph.plan_all["unet_bytes"]
+    record["plan_unet_bytes_same_subsets"] = ph.plan_same["unet_bytes"]
+    record["plan_dense_fp16_bytes"] = ph.plan_all["dense_fp16_bytes"]
     record["bits_per_weight"] = manifest["bits_per_weight"]
-    record["command"] = phases["quantize"]["command"] if "quantize" in phases else shlex.join(["vqdm", *quantize_cmd[len(VQDM):]])
+    record["command"] = (phases["quantize"]["command"] if "quantize" in phases
+                         else shlex.join(["vqdm", *ph.quantize_cmd[len(VQDM):]]))
     record["commands"] = {name: p["command"] for name, p in phases.items()}
     record["benchmark_command"] = shlex.join(["python", *sys.argv])
     record["settings"] = {"calibration": manifest["calibration"], "aq": manifest["quantization"],
-                          "max_stats_gb": args.max_stats_gb}
+                          "max_stats_gb": max_stats_gb}
     record["settings"]["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "subsets"}
     layers = manifest["layers"]
     record["layers_quantized"] = len(layers)
@@ -184,15 +195,37 @@ def main() -> int:
         errs = sorted(e["rel_error"] for e in layers if e.get("subset") == s["subset"])
         if errs:
             s["max_rel_error"] = errs[-1]
+
+
+def record_checks(record: dict, ph: Phases, png: Path) -> None:
+    """Add what inspect and generate reported, and the tail of the quantize output, to `record`."""
+    inspect = ph.inspect
     record["inspect"] = {"integrity": inspect["integrity"], "layers": inspect["layers"],
                          "bits_per_weight_quantized": inspect["bits_per_weight_quantized"],
                          "bits_per_weight_unet": inspect["bits_per_weight_unet"], "unet_bytes": inspect["unet_bytes"],
-                         "median_rel_error": inspect["median_rel_error"], "output": phases["inspect"]["output"]}
-    gen = phases["generate"]
+                         "median_rel_error": inspect["median_rel_error"], "output": ph.runs["inspect"]["output"]}
+    gen = ph.runs["generate"]
     record["generate"] = {"seconds": gen["seconds"], "peak_rss_bytes": gen["peak_rss_bytes"],
-                          "png_bytes": (work / f"{args.artifact_name}.png").stat().st_size, "output": gen["output"][-2000:]}
-    if "quantize" in phases:
-        record["quantize_summary_tail"] = "\n".join(phases["quantize"]["output"].splitlines()[-12:])
+                          "png_bytes": png.stat().st_size, "output": gen["output"][-2000:]}
+    if "quantize" in ph.runs:
+        record["quantize_summary_tail"] = "\n".join(ph.runs["quantize"]["output"].splitlines()[-12:])
+
+
+def main() -> int:
+    args = parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model, art = work / "sdxl", work / args.artifact_name
+    load = LoadSampler()
+    load.start()
+    started = time.time()
+    record: dict = {"device": "cpu", "machine": machine(), "phase_seconds": {}, "phase_peak_rss_bytes": {}}
+    ph = run_phases(args, work, model, art)
+
+    manifest = json.loads((art / "unet" / "manifest.json").read_text())
+    subsets = subset_rows(manifest)
+    record_quantize(record, ph, manifest, subsets, args.max_stats_gb)
+    record_checks(record, ph, work / f"{args.artifact_name}.png")
     record["wall_seconds"] = round(time.time() - started, 1)
     record["machine_load"] = load.stop()
     record["workdir"] = str(work)

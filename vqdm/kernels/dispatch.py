@@ -177,9 +177,7 @@ def decode_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Te
     """
     dev = codes.device.type
     if dev == "cuda" and _triton_available() and codebooks.shape[2] in (2, 4, 8, 16, 32):
-        from vqdm.kernels.triton_vq import decode_triton
-
-        return decode_triton(codes, codebooks, scales, dtype, conv=conv)
+        return _triton_fn("decode_triton")(codes, codebooks, scales, dtype, conv=conv)
     if dev == "cpu":
         w = decode_cpu(codes, codebooks, scales, dtype)
     else:

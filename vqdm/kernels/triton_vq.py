@@ -24,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from vqdm.kernels.decoded import conv2d_decoded, conv_weight_for, conv_weight_view
 from vqdm.vq_format import check_format
@@ -151,8 +152,6 @@ AUTOTUNE = os.environ.get("VQDM_TRITON_AUTOTUNE", "1") == "1"
 def _quick_bench(fn, quantiles=None):
     # Autotuning 9 configs per new shape with triton's default 25 ms + 100 ms per config is slow
     # when a U-Net brings ~30 shapes; 5 + 25 ms separates the configs just as well.
-    import triton.testing
-
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 

@@ -8,17 +8,18 @@ import torch.nn as nn
 
 from vqdm.models.layer_selection import SUBSETS, layer_dims, layers_in_subsets, select_layers
 from vqdm.models.vq_layers import VQ_MODULES
-from vqdm.vq_format import VQFormat
-
-DENSE_BITS = 16  # non-quantized parameters are stored as fp16
+from vqdm.vq_format import DENSE_BITS, GROUP_SIZE, NBITS, VQFormat
 
 
-def layer_bits(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
-    """Bits per weight of one VQ layer: codes + fp16 codebooks + fp16 per-output scales."""
+def layer_bits(n: int, d: int, num_codebooks: int, nbits: int = NBITS, group_size: int = GROUP_SIZE) -> float:
+    """Bits per weight of one VQ layer: codes + fp16 codebooks + fp16 per-output scales.
+
+    The one function form of `VQFormat.bits_per_weight` (SPEC §2), for callers holding K, B, g apart.
+    """
     return VQFormat(num_codebooks, nbits, group_size).bits_per_weight(n, d)
 
 
-def layer_bytes(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> int:
+def layer_bytes(n: int, d: int, num_codebooks: int, nbits: int = NBITS, group_size: int = GROUP_SIZE) -> int:
     """Bytes at rest: uint8 codes [n, d/g, K], fp16 codebooks [K, 2^B, g], fp16 scales [n]."""
     return VQFormat(num_codebooks, nbits, group_size).layer_bytes(n, d)
 
@@ -48,7 +49,7 @@ class Plan:
         return d
 
 
-def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = 8, group_size: int = 8,
+def plan_unet(unet: nn.Module, num_codebooks: int, nbits: int = NBITS, group_size: int = GROUP_SIZE,
               subsets: Iterable[str] = SUBSETS) -> Plan:
     """Works on the meta device: only shapes are read. Layers outside `subsets` count as dense fp16."""
     subsets = [s for s in SUBSETS if s in set(subsets)]

@@ -37,6 +37,7 @@ from vqdm.errors import ArtifactError
 from vqdm.models.accounting import layer_bits, plan_unet
 from vqdm.models.layer_selection import SUBSETS, layers_in_subsets, select_layers, subset_of
 from vqdm.models.quantized_unet import replace_with_vq, vq_modules
+from vqdm.vq_format import CODE_DTYPE, NBITS, SUPPORTED_NBITS
 
 FORMAT_NAME = "vqdm-artifact"
 FORMAT_VERSION = 1
@@ -85,7 +86,7 @@ def _unet_tensors(unet: nn.Module, codebook_dtype: torch.dtype = torch.float16) 
     out = {}
     for name, t in unet.state_dict().items():
         t = t.detach().to("cpu")
-        if t.dtype != torch.uint8:
+        if t.dtype != CODE_DTYPE:
             t = t.to(codebook_dtype if name.endswith(_VQ_FLOATS) else torch.float16)
         out[name] = t.contiguous()
     return out
@@ -136,44 +137,12 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
         (tmp / "unet").mkdir()
         unet.save_config(tmp / "unet")
         save_file(_unet_tensors(unet, codebook_dtype), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
-
-        q = dict(manifest_fields.get("quantization", {}))
-        layers = vq_modules(unet)
-        if not layers:
-            raise ValueError("the pipeline's U-Net has no VQ layers: quantize it before saving an artifact")
-        k, g = layers[0][1].num_codebooks, layers[0][1].group_size
-        subsets = _whole_subsets(unet, [n for n, _ in layers])
-        q.setdefault("method", "aq")
-        q.update(num_codebooks=k, nbits=8, group_size=g, subsets=subsets,
-                 codebook_dtype=str(codebook_dtype).removeprefix("torch."))
-        stats = manifest_fields.get("layers", {})
-        layer_list = []
-        for name, m in layers:
-            entry = {"name": name, "type": "conv2d" if hasattr(m, "kernel_size") else "linear", "n": m.n, "d": m.d,
-                     "bits": layer_bits(m.n, m.d, m.num_codebooks, 8, m.group_size)}
-            entry.update({kk: v for kk, v in stats.get(name, {}).items() if kk not in entry})
-            layer_list.append(entry)
-        plan = _plan_from_config(unet.config, k, g, subsets)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "tool": {"name": "vqdm", "version": _tool_version()},
-            "quantization": q,
-            "bits_per_weight": {"quantized": plan.bits_per_weight_quantized, "unet": plan.bits_per_weight_unet},
-            "bytes": {"unet_stored": plan.unet_bytes, "dense_fp16": plan.dense_fp16_bytes,
-                      "dense_fp32": plan.dense_fp32_bytes,
-                      "weights_file": (tmp / WEIGHTS_FILE).stat().st_size},
-            "base_model": manifest_fields.get("base_model", {}),
-            "calibration": manifest_fields.get("calibration"),
-            "distillation": manifest_fields.get("distillation"),
-            "layers": layer_list,
-        }
+        manifest = _manifest(unet, manifest_fields, tmp, codebook_dtype)
         if share_components:
+            # The shared components' hashes join the artifact's own: verify_files checks them alike.
+            files = manifest.pop("files")
             manifest["components"] = str(components)
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p)
-            for p in sorted(tmp.rglob("*")) if p.is_file() and str(p.relative_to(tmp)) != MANIFEST_FILE
-        } | shared
+            manifest["files"] = files | shared
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         _make_readable(tmp)
         if out_dir.exists():
@@ -183,6 +152,51 @@ def save_artifact(pipe, out_dir: str | Path, manifest_fields: dict[str, Any], *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _layer_entries(layers: list[tuple[str, nn.Module]], stats: dict[str, dict]) -> list[dict]:
+    """The manifest's "layers": shape and bits of every VQ layer, then the caller's stats for it."""
+    entries = []
+    for name, m in layers:
+        entry = {"name": name, "type": "conv2d" if hasattr(m, "kernel_size") else "linear", "n": m.n, "d": m.d,
+                 "bits": layer_bits(m.n, m.d, m.num_codebooks, m.nbits, m.group_size)}
+        entry.update({kk: v for kk, v in stats.get(name, {}).items() if kk not in entry})
+        entries.append(entry)
+    return entries
+
+
+def _manifest(unet: nn.Module, manifest_fields: dict[str, Any], tmp: Path, codebook_dtype: torch.dtype) -> dict:
+    """unet/manifest.json for the artifact assembled in `tmp` (every other file already written)."""
+    q = dict(manifest_fields.get("quantization", {}))
+    layers = vq_modules(unet)
+    if not layers:
+        raise ValueError("the pipeline's U-Net has no VQ layers: quantize it before saving an artifact")
+    first = layers[0][1]
+    subsets = _whole_subsets(unet, [n for n, _ in layers])
+    q.setdefault("method", "aq")
+    q.update(num_codebooks=first.num_codebooks, nbits=first.nbits, group_size=first.group_size, subsets=subsets,
+             codebook_dtype=str(codebook_dtype).removeprefix("torch."))
+    layer_list = _layer_entries(layers, manifest_fields.get("layers", {}))
+    plan = _plan_from_config(unet.config, first.num_codebooks, first.group_size, subsets)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "vqdm", "version": _tool_version()},
+        "quantization": q,
+        "bits_per_weight": {"quantized": plan.bits_per_weight_quantized, "unet": plan.bits_per_weight_unet},
+        "bytes": {"unet_stored": plan.unet_bytes, "dense_fp16": plan.dense_fp16_bytes,
+                  "dense_fp32": plan.dense_fp32_bytes,
+                  "weights_file": (tmp / WEIGHTS_FILE).stat().st_size},
+        "base_model": manifest_fields.get("base_model", {}),
+        "calibration": manifest_fields.get("calibration"),
+        "distillation": manifest_fields.get("distillation"),
+        "layers": layer_list,
+    }
+    manifest["files"] = {
+        str(p.relative_to(tmp)): sha256_file(p)
+        for p in sorted(tmp.rglob("*")) if p.is_file() and str(p.relative_to(tmp)) != MANIFEST_FILE
+    }
+    return manifest
 
 
 def _make_readable(root: Path) -> None:
@@ -234,11 +248,11 @@ def quantized_subsets(manifest: dict) -> list[str]:
 
 
 def _plan_from_config(config: dict, num_codebooks: int, group_size: int, subsets=SUBSETS):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     with torch.device("meta"):
         meta = UNet2DConditionModel.from_config(dict(config))
-    return plan_unet(meta, num_codebooks, 8, group_size, subsets)
+    return plan_unet(meta, num_codebooks, NBITS, group_size, subsets)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -267,8 +281,9 @@ def read_manifest(path: str | Path) -> dict:
     subsets = q.get("subsets", list(SUBSETS))
     if not isinstance(subsets, list) or not subsets or any(x not in SUBSETS for x in subsets):
         raise ArtifactError(mf, f"quantization.subsets {subsets!r} is not a non-empty list of {', '.join(SUBSETS)}")
-    if q.get("nbits") != 8 or not isinstance(q.get("num_codebooks"), int) or not isinstance(q.get("group_size"), int):
-        raise ArtifactError(mf, f"unsupported quantization {q}: vqdm reads nbits=8 with integer K and g")
+    if q.get("nbits") not in SUPPORTED_NBITS or not isinstance(q.get("num_codebooks"), int) \
+            or not isinstance(q.get("group_size"), int):
+        raise ArtifactError(mf, f"unsupported quantization {q}: vqdm reads nbits={NBITS} with integer K and g")
     return manifest
 
 
@@ -322,7 +337,8 @@ def _check_tensors(weights: Path, handle, expected: dict[str, torch.Tensor]) -> 
 def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  verify: bool = True):
     """(unet, manifest): the U-Net rebuilt from config with VQ layers in place and weights loaded."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads vqdm.models
+
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
@@ -352,7 +368,7 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
             tensors = {}
             for name in expected:
                 t = handle.get_tensor(name)
-                tensors[name] = t if t.dtype == torch.uint8 else t.to(dtype)
+                tensors[name] = t if t.dtype == CODE_DTYPE else t.to(dtype)
     except SafetensorError as e:
         raise ArtifactError(weights, f"unreadable safetensors file ({e})") from None
     unet.load_state_dict(tensors, strict=True, assign=True)
@@ -367,7 +383,7 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   verify: bool = True):
     """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)
     unet, manifest = load_vq_unet(path, dtype, device, verify)

@@ -22,7 +22,7 @@ def _device_ctx(device: str | torch.device):
 def build_unet(preset: str | Preset, seed: int = 0, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32):
     """A diffusers UNet2DConditionModel with the preset's config; seeded default init."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     p = _preset(preset)
     torch.manual_seed(seed)
@@ -35,8 +35,9 @@ def build_unet(preset: str | Preset, seed: int = 0, device: str | torch.device =
 
 def build_pipeline(preset: str | Preset, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A complete StableDiffusionXLPipeline (both text encoders, tokenizers, VAE, scheduler)."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-    from diffusers import StableDiffusionXLPipeline
+    # deferred: diffusers and transformers take seconds to import, vqdm.models loads with the CLI parser
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionXLPipeline)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     p = _preset(preset)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
+
+import torch
 
 from vqdm.models.accounting import plan_unet
 from vqdm.models.artifact import inspect_artifact
@@ -39,8 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    import shutil
-
     out = Path(args.out)
     if out.exists():
         if not args.force:
@@ -56,8 +57,7 @@ def _gb(n: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads this module
 
     if args.preset:
         unet = build_unet(args.preset, device="meta")

@@ -62,7 +62,7 @@ def detect_family(path: str | Path) -> str:
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, via the artifact loader)."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)
     read_model_index(path)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from vqdm.kernels import conv_weight_to_matrix
 from vqdm.models.layer_selection import select_layers
 from vqdm.models.vq_layers import VQ_MODULES, VQConv2d, VQLinear
+from vqdm.vq_format import GROUP_SIZE
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -18,7 +19,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def make_vq_module(module: nn.Module, num_codebooks: int, group_size: int = 8) -> nn.Module:
+def make_vq_module(module: nn.Module, num_codebooks: int, group_size: int = GROUP_SIZE) -> nn.Module:
     """An empty VQ twin of a Linear/Conv2d (codes zero, bias copied)."""
     cls = VQConv2d if isinstance(module, nn.Conv2d) else VQLinear
     vq = cls.like(module, num_codebooks, group_size)
@@ -34,7 +35,7 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def replace_with_vq(unet: nn.Module, num_codebooks: int, group_size: int = 8,
+def replace_with_vq(unet: nn.Module, num_codebooks: int, group_size: int = GROUP_SIZE,
                     names: Iterable[str] | None = None) -> list[str]:
     """Replace the selected layers (or just `names`) by empty VQ modules in place; return the names."""
     chosen = dict(select_layers(unet))
@@ -52,7 +53,7 @@ def replace_with_vq(unet: nn.Module, num_codebooks: int, group_size: int = 8,
 QuantizeFn = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def quantize_layers(unet: nn.Module, num_codebooks: int, quantize_fn: QuantizeFn, group_size: int = 8,
+def quantize_layers(unet: nn.Module, num_codebooks: int, quantize_fn: QuantizeFn, group_size: int = GROUP_SIZE,
                     names: Iterable[str] | None = None) -> list[str]:
     """Quantize layers with `quantize_fn(name, W[n, d]) -> (codes, codebooks, scales)` and swap them in."""
     chosen = dict(select_layers(unet))

@@ -67,7 +67,7 @@ def clip_vocab_files(num_merges: int = _NUM_MERGES) -> tuple[str, str]:
 
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>", num_merges: int | None = None):
     """A CLIPTokenizer identical in vocabulary to SDXL's (77 tokens max); `num_merges`: a cut-down BPE."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     vocab, merges = clip_vocab_files(_NUM_MERGES if num_merges is None else num_merges)
     return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=77)

@@ -9,17 +9,7 @@ import torch
 import torch.nn as nn
 
 from vqdm.kernels import conv2d_decoded, dequantize, linear_decoded, vq_conv2d, vq_linear
-
-NBITS = 8
-
-
-def _empty_format(n: int, d: int, num_codebooks: int, group_size: int, device, dtype):
-    if d % group_size:
-        raise ValueError(f"group size {group_size} must divide the input dimension {d}")
-    codes = torch.zeros(n, d // group_size, num_codebooks, dtype=torch.uint8, device=device)  # [n, d/g, K]
-    codebooks = torch.zeros(num_codebooks, 2**NBITS, group_size, dtype=dtype, device=device)  # [K, 2^B, g]
-    scales = torch.ones(n, dtype=dtype, device=device)  # [n]
-    return codes, codebooks, scales
+from vqdm.vq_format import CODE_DTYPE, GROUP_SIZE, NBITS, VQFormat
 
 
 class _VQBase(nn.Module):
@@ -33,21 +23,21 @@ class _VQBase(nn.Module):
     def _init_format(self, n: int, d: int, num_codebooks: int, group_size: int, bias: bool, device, dtype) -> None:
         self.n, self.d = n, d
         self.num_codebooks, self.group_size, self.nbits = num_codebooks, group_size, NBITS
-        codes, codebooks, scales = _empty_format(n, d, num_codebooks, group_size, device, dtype)
+        codes, codebooks, scales = self.vq_format.empty(n, d, device, dtype)
         self.register_buffer("codes", codes)
         self.codebooks = nn.Parameter(codebooks, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False) if bias else None
 
+    @property
+    def vq_format(self) -> VQFormat:
+        return VQFormat(self.num_codebooks, self.nbits, self.group_size)
+
     def set_quantized(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> None:
         """Copy a quantized weight in, checking it fits this layer."""
-        k, g = self.num_codebooks, self.group_size
-        want = {"codes": (self.n, self.d // g, k), "codebooks": (k, 2**self.nbits, g), "scales": (self.n,)}
-        for name, t in (("codes", codes), ("codebooks", codebooks), ("scales", scales)):
-            if tuple(t.shape) != want[name]:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, this layer needs {want[name]}")
+        self.vq_format.check_shapes(self.n, self.d, codes, codebooks, scales)
         with torch.no_grad():
-            self.codes.copy_(codes.to(torch.uint8))
+            self.codes.copy_(codes.to(CODE_DTYPE))
             self.codebooks.copy_(codebooks)
             self.scales.copy_(scales)
 
@@ -60,14 +50,14 @@ class _VQBase(nn.Module):
 
 
 class VQLinear(_VQBase):
-    def __init__(self, in_features: int, out_features: int, num_codebooks: int, group_size: int = 8,
+    def __init__(self, in_features: int, out_features: int, num_codebooks: int, group_size: int = GROUP_SIZE,
                  bias: bool = True, device=None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_format(out_features, in_features, num_codebooks, group_size, bias, device, dtype)
 
     @classmethod
-    def like(cls, layer: nn.Linear, num_codebooks: int, group_size: int = 8) -> "VQLinear":
+    def like(cls, layer: nn.Linear, num_codebooks: int, group_size: int = GROUP_SIZE) -> "VQLinear":
         return cls(layer.in_features, layer.out_features, num_codebooks, group_size,
                    bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
 
@@ -80,7 +70,7 @@ class VQLinear(_VQBase):
 
 class VQConv2d(_VQBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], num_codebooks: int,
-                 group_size: int = 8, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 group_size: int = GROUP_SIZE, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
                  dilation: tuple[int, int] = (1, 1), bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -91,7 +81,7 @@ class VQConv2d(_VQBase):
         self._init_format(out_channels, d, num_codebooks, group_size, bias, device, dtype)
 
     @classmethod
-    def like(cls, layer: nn.Conv2d, num_codebooks: int, group_size: int = 8) -> "VQConv2d":
+    def like(cls, layer: nn.Conv2d, num_codebooks: int, group_size: int = GROUP_SIZE) -> "VQConv2d":
         if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError("only groups=1 convolutions with explicit zero padding can be quantized")
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, num_codebooks, group_size,

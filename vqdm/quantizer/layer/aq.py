@@ -35,7 +35,8 @@ from vqdm.quantizer.layer.codebook_fit import fit_codebooks_and_scales
 from vqdm.quantizer.layer.error import check_weight_and_h, quadratic_loss
 from vqdm.quantizer.layer.kmeans import residual_kmeans_init
 from vqdm.quantizer.layer.sequential_pass import permuted_inverse_cholesky, sequential_code_pass
-from vqdm.vq_format import SUPPORTED_NBITS, VQFormat, decode, decode_groups
+from vqdm.vq_format import CODE_DTYPE, GROUP_SIZE, NBITS, SUPPORTED_NBITS, VQFormat, decode, decode_groups
+
 MAX_KMEANS_ITERS = 100  # SPEC §3.4: at most 100 Lloyd iterations per codebook
 
 
@@ -52,8 +53,8 @@ class AQConfig:
     """
 
     num_codebooks: int = 3  # K: 2, 3, 4 give the vqdm-2bit/-3bit/-4bit formats at g = 8
-    nbits: int = 8  # B: 2^B codewords per codebook; codes are uint8, so 8 only
-    group_size: int = 8  # g: consecutive inputs sharing one code per codebook; must divide d
+    nbits: int = NBITS  # B: 2^B codewords per codebook; codes are uint8, so 8 only
+    group_size: int = GROUP_SIZE  # g: consecutive inputs sharing one code per codebook; must divide d
     beam_size: int = 8  # hypotheses per row in the code search (1 = greedy)
     # Codebooks and scales each round: least squares (CG steps per fit, two fits a round) replaces
     # the SPEC's 100 Adam steps by default: same error in ~0.7x the time (README "AQ search").
@@ -91,9 +92,10 @@ class AQConfig:
 
         need(is_int(self.num_codebooks) and self.num_codebooks >= 1, "num_codebooks",
              "need an integer K >= 1 (2, 3, 4 are the vqdm-2bit/-3bit/-4bit formats)")
-        need(self.nbits in SUPPORTED_NBITS, "nbits", "codes are stored as uint8, so B must be 8 (256 codewords)")
+        need(self.nbits in SUPPORTED_NBITS, "nbits",
+             f"codes are stored as uint8, so B must be {NBITS} ({2**NBITS} codewords)")
         need(is_int(self.group_size) and self.group_size >= 1, "group_size",
-             "need an integer g >= 1 that divides the layer's input size (the kernels use g = 8)")
+             f"need an integer g >= 1 that divides the layer's input size (the kernels use g = {GROUP_SIZE})")
         need(is_int(self.beam_size) and self.beam_size >= 1, "beam_size", "need an integer >= 1 (1 = greedy)")
         need(is_int(self.adam_steps) and self.adam_steps >= 0, "adam_steps", "need an integer >= 0")
         need(is_int(self.cg_iters) and self.cg_iters >= 0, "cg_iters", "need an integer >= 0")
@@ -122,13 +124,13 @@ class AQConfig:
                 need(False, "device", "need a torch device string such as 'cpu' or 'cuda:0', or None")
 
     @property
+    def vq_format(self) -> VQFormat:
+        """The stored format this search produces (K, B, g)."""
+        return VQFormat(self.num_codebooks, self.nbits, self.group_size)
+
+    @property
     def codebook_size(self) -> int:
-        return 2**self.nbits
-
-
-def aq_bits_per_weight(n: int, d: int, num_codebooks: int, nbits: int = 8, group_size: int = 8) -> float:
-    """SPEC §2: K·B/g + K·2^B·g·16/(n·d) + 16/d (codes, fp16 codebooks, fp16 per-output scales)."""
-    return VQFormat(num_codebooks, nbits, group_size).bits_per_weight(n, d)
+        return self.vq_format.codebook_size
 
 
 @dataclass
@@ -279,6 +281,50 @@ def _round(w32: torch.Tensor, h32: torch.Tensor, codes: torch.Tensor, books: tor
     return codes, books, scales, loss_beam, {"loss_after_adam": loss_adam, "groups_changed": changed}
 
 
+def _search_and_report_h(h: torch.Tensor, device: torch.device, cfg: AQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H32, H_report): float32 symmetric H, damped in place for the search when `cfg.damping`, and
+    the H errors are reported on (the caller's, undamped; float64 when the caller's already is, here).
+    """
+    h32 = h.detach().to(device, torch.float32)
+    h32 = (h32 + h32.T) * 0.5  # the formulas assume a symmetric H; accumulation can leave ~1 ulp asymmetry
+    # Reported errors: float64 from the caller's H when it already is float64 here (no 8·d² copy kept).
+    h_report = h if h.dtype == torch.float64 and h.device == device else h32.clone() if cfg.damping else h32
+    if cfg.damping:  # the search (rounds, stop rule, history) runs on the damped H
+        h32.diagonal().add_(cfg.damping * float(h32.diagonal().mean()))
+    return h32, h_report
+
+
+def _kmeans_start(w32: torch.Tensor, cfg: AQConfig, gen: torch.Generator):
+    """Per-output scales and residual k-means on the normalised rows: (codes, codebooks, scales, seconds)."""
+    t0 = time.perf_counter()
+    scales = w32.norm(dim=1)
+    w_normed = w32 / scales.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    books, codes = residual_kmeans_init(w_normed, cfg.num_codebooks, cfg.codebook_size, cfg.group_size,
+                                        iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, generator=gen,
+                                        points_per_centroid=cfg.kmeans_points_per_centroid)
+    seconds = {"kmeans": time.perf_counter() - t0, "cholesky": 0.0, "pass_fit": 0.0, "pass_search": 0.0,
+               "lsq": 0.0, "adam": 0.0, "beam": 0.0, "loss": 0.0}
+    return codes, books, scales, seconds
+
+
+def _rounds(w32: torch.Tensor, h32: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+            loss: float, base_loss: float, cfg: AQConfig, gen: torch.Generator, loss_of, seconds: dict):
+    """`_round` until one improves the loss by less than `relative_tolerance` (or `max_rounds`).
+
+    Returns (codes, books, scales, loss, history).
+    """
+    history: list[dict] = []
+    for rnd in range(cfg.max_rounds):
+        start = loss
+        codes, books, scales, loss, record = _round(w32, h32, codes, books, scales, loss, cfg, gen, loss_of, seconds)
+        history.append({"round": rnd + 1, "loss_after_adam": record["loss_after_adam"], "loss_after_beam": loss,
+                        "rel_error": loss / base_loss if base_loss > 0 else 0.0,
+                        "groups_changed": record["groups_changed"]})
+        if start <= 0 or (start - loss) < cfg.relative_tolerance * start:
+            break
+    return codes, books, scales, loss, history
+
+
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = None) -> QuantizedWeight:
     """AQ of one layer: W [n, d] and H [d, d] (mean x xᵀ, any float dtype) -> QuantizedWeight.
@@ -295,13 +341,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
     w32 = w.detach().to(device, torch.float32)
-    h32 = h.detach().to(device, torch.float32)
-    h32 = (h32 + h32.T) * 0.5  # the formulas assume a symmetric H; accumulation can leave ~1 ulp asymmetry
-
-    # Reported errors: float64 from the caller's H when it already is float64 here (no 8·d² copy kept).
-    h_report = h if h.dtype == torch.float64 and h.device == device else h32.clone() if cfg.damping else h32
-    if cfg.damping:  # the search (rounds, stop rule, history) runs on the damped H
-        h32.diagonal().add_(cfg.damping * float(h32.diagonal().mean()))
+    h32, h_report = _search_and_report_h(h, device, cfg)
     h_loss = h32 if cfg.damping else h_report
     base_loss = max(quadratic_loss(w32, h_loss), 0.0)  # L(0) = tr(W H Wᵀ)/n
     report_base = max(quadratic_loss(w32, h_report), 0.0) if cfg.damping else base_loss
@@ -310,33 +350,17 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
         w_hat = decode_groups(codes, books).reshape(n, d) * s[:, None]
         return quadratic_loss(w_hat - w32, hh)
 
-    # 1. init: per-output scales and residual k-means on the normalised rows
-    t0 = time.perf_counter()
-    scales = w32.norm(dim=1)
-    w_normed = w32 / scales.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    books, codes = residual_kmeans_init(w_normed, cfg.num_codebooks, cfg.codebook_size, cfg.group_size,
-                                        iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, generator=gen,
-                                        points_per_centroid=cfg.kmeans_points_per_centroid)
-    seconds = {"kmeans": time.perf_counter() - t0, "cholesky": 0.0, "pass_fit": 0.0, "pass_search": 0.0,
-               "lsq": 0.0, "adam": 0.0, "beam": 0.0, "loss": 0.0}
+    # 1. init: k-means, then the sequential passes
+    codes, books, scales, seconds = _kmeans_start(w32, cfg, gen)
     codes, books, scales, pass_losses = _sequential_passes(w32, h32, codes, books, scales, cfg, gen, seconds)
     t0 = time.perf_counter()
-    loss = loss_of(codes, books, scales)
+    loss = init_loss = loss_of(codes, books, scales)
     seconds["loss"] += time.perf_counter() - t0
-    init_loss = loss
     init_report = loss_of(codes, books, scales, h_report) if cfg.damping else loss
-    history: list[dict] = []
 
-    # 2. rounds of Adam (codebooks, scales) then one beam-search pass (codes)
-    for rnd in range(cfg.max_rounds):
-        start = loss
-        codes, books, scales, loss, record = _round(w32, h32, codes, books, scales, loss, cfg, gen, loss_of, seconds)
-        history.append({"round": rnd + 1, "loss_after_adam": record["loss_after_adam"], "loss_after_beam": loss,
-                        "rel_error": loss / base_loss if base_loss > 0 else 0.0,
-                        "groups_changed": record["groups_changed"]})
-        if start <= 0 or (start - loss) < cfg.relative_tolerance * start:
-            break
-
+    # 2. rounds of least squares / Adam (codebooks, scales) then one beam-search pass (codes)
+    codes, books, scales, loss, history = _rounds(w32, h32, codes, books, scales, loss, base_loss, cfg, gen,
+                                                  loss_of, seconds)
     report = loss_of(codes, books, scales, h_report) if cfg.damping else loss
     stats = {
         "rel_error": report / report_base if report_base > 0 else 0.0,  # on the caller's (undamped) H
@@ -347,7 +371,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
         "objective_loss": loss,
         "objective_base_loss": base_loss,
         "objective_init_loss": init_loss,
-        "bits_per_weight": aq_bits_per_weight(n, d, cfg.num_codebooks, cfg.nbits, cfg.group_size),
+        "bits_per_weight": cfg.vq_format.bits_per_weight(n, d),
         "seconds": time.perf_counter() - t_start,
         "seconds_by_phase": seconds,
         "rounds": len(history),
@@ -356,4 +380,4 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: AQConfig | None = 
         "seed": seed,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
     }
-    return QuantizedWeight(codes.to(torch.uint8), books.contiguous(), scales.contiguous(), stats)
+    return QuantizedWeight(codes.to(CODE_DTYPE), books.contiguous(), scales.contiguous(), stats)

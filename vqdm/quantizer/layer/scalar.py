@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vqdm.quantizer.layer.cholesky import inverse_cholesky
 from vqdm.quantizer.layer.error import check_weight_and_h
 
 GPTQ_BLOCK = 128  # columns per lazy-update block (the reference implementation's choice)
@@ -67,17 +68,13 @@ def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch
     return out
 
 
-def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (H already damped), with more damping if H is still not PD."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    extra = 0.0
+def _extra_damping(h: torch.Tensor) -> list[float]:
+    """Ridges for `inverse_cholesky` of the already damped H: none, then 1e-3·mean(diag H), growing tenfold."""
     mean_diag = float(torch.diagonal(h).mean())
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + extra * eye)
-        if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-        extra = max(extra * 10, 1e-3 * mean_diag)
-    raise ValueError("H is not positive definite even after extra damping: check the calibration statistics")
+    ridges = [0.0]
+    for _ in range(5):
+        ridges.append(max(ridges[-1] * 10, 1e-3 * mean_diag))
+    return ridges
 
 
 @torch.no_grad()
@@ -100,7 +97,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: i
     hh[dead, dead] = 1.0
     w[:, dead] = 0.0
     hh.diagonal().add_(damping * float(torch.diagonal(hh).mean()))
-    hinv = _inverse_cholesky(hh).float()  # [d, d] upper
+    hinv = inverse_cholesky(hh, _extra_damping(hh)).float()  # [d, d] upper
     del hh
     # Blocks must start at group boundaries so a group's grid is set from up-to-date columns.
     block = max(group_size, (block_size // group_size) * group_size) if group_size <= block_size else group_size

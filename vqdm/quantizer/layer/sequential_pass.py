@@ -23,37 +23,12 @@ from __future__ import annotations
 import torch
 
 from vqdm.quantizer.layer.beam_search import MAX_ROWS, search_group
+from vqdm.quantizer.layer.cholesky import inverse_cholesky
 from vqdm.vq_format import decode_groups
 
 # Groups whose error is fed back at once to the later columns: one [rows, 32·g] × [32·g, d] GEMM per
 # block (GPTQ's lazy batch update); inside a block the update is per group.
 BLOCK_GROUPS = 32
-
-
-def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper U with Uᵀ U = H⁻¹, in H's dtype (float32 in the search, as GPTQ does it on the GPU).
-
-    A singular H (an undamped search on few tokens) gets the smallest ridge, from 1e-6 of its mean
-    diagonal up, that makes it positive definite: only the order of code choice depends on it.
-    At most two d×d temporaries besides H (d = 23,040 at SDXL's largest conv).
-    """
-    mean_diag = float(h.diagonal().mean())
-    for ridge in (0.0, 1e-6, 1e-4, 1e-2, 1.0):
-        ridged = h
-        if ridge:
-            ridged = h.clone()
-            ridged.diagonal().add_(ridge * mean_diag)
-        l_factor, info = torch.linalg.cholesky_ex(ridged)
-        del ridged
-        if int(info) != 0:
-            continue
-        h_inv = torch.cholesky_inverse(l_factor)
-        del l_factor
-        u, info = torch.linalg.cholesky_ex(h_inv, upper=True)
-        if int(info) == 0 and bool(torch.isfinite(u).all()):
-            return u
-    raise ValueError("H is not positive definite even with a ridge of its mean diagonal: check the "
-                     "calibration statistics (NaN rows, an all-zero input channel?)")
 
 
 def group_order(h: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -118,6 +93,11 @@ def sequential_code_pass(
 
 
 def permuted_inverse_cholesky(h: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`inverse_cholesky` of H with its columns in `group_order`: what `sequential_code_pass` walks."""
+    """`inverse_cholesky` of H with its columns in `group_order`: what `sequential_code_pass` walks.
+
+    In H's dtype (float32 in the search, as GPTQ does it on the GPU). A singular H (an undamped
+    search on few tokens) gets the smallest ridge, from 1e-6 of its mean diagonal up, that makes it
+    positive definite: only the order of code choice depends on it.
+    """
     _, cols = _order_and_columns(h, group_size)
     return inverse_cholesky(h.index_select(0, cols).index_select(1, cols))

@@ -8,6 +8,7 @@ from vqdm.errors import ConfigError
 from vqdm.models import SUBSETS
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
 from vqdm.quantizer.recipes import recipe
+from vqdm.vq_format import GROUP_SIZE, NBITS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bound the H sums held at once; a subset is then calibrated in several passes")
 
     q = p.add_argument_group("additive quantization")
-    q.add_argument("--codebook-bits", type=int, default=8, metavar="B", help="bits per code (only 8 is supported)")
-    q.add_argument("--group-size", type=int, default=8, metavar="G", help="weights per group (only 8 is supported)")
+    q.add_argument("--codebook-bits", type=int, default=NBITS, metavar="B",
+                   help=f"bits per code (only {NBITS} is supported)")
+    q.add_argument("--group-size", type=int, default=GROUP_SIZE, metavar="G",
+                   help=f"weights per group (only {GROUP_SIZE} is supported)")
     q.add_argument("--beam", type=int, metavar="N", help="beam width of the code search (default 8)")
     q.add_argument("--cg-iters", type=int, metavar="N",
                    help="least-squares codebook and scale fit each round: CG steps per fit, two fits a round "

@@ -9,12 +9,12 @@ import torch
 from vqdm.errors import ConfigError
 from vqdm.quantizer.layer.aq import AQConfig
 from vqdm.quantizer.sampling import named_seed
-from vqdm.vq_format import VQFormat
+from vqdm.vq_format import GROUP_SIZE, NBITS, VQFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def make_aq_config(num_codebooks: int, nbits: int = 8, group_size: int = 8, **knobs):
+def make_aq_config(num_codebooks: int, nbits: int = NBITS, group_size: int = GROUP_SIZE, **knobs):
     """An AQConfig with the format fields and any non-None knobs (beam_size, adam_steps, ...)."""
     VQFormat(num_codebooks, nbits, group_size).check_artifact()
     fields = {f.name for f in dataclasses.fields(AQConfig)}

@@ -37,7 +37,7 @@ from vqdm.quantizer.quantize.hessians import collect_hessians, dist_info, hessia
 from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.sampling import (SamplingConfig, check_resolution, load_prompts, named_seed, prompts_digest,
                                      unet_evaluations)
-from vqdm.vq_format import VQFormat
+from vqdm.vq_format import GROUP_SIZE, NBITS, VQFormat
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def default_device() -> str:
 
 def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Path, *,
                    calibration: SamplingConfig | None = None, aq_options: dict | None = None,
-                   nbits: int = 8, group_size: int = 8, resume: bool = False,
+                   nbits: int = NBITS, group_size: int = GROUP_SIZE, resume: bool = False,
                    force: bool = False, device: str | None = None, dtype: str | torch.dtype | None = None,
                    max_stats_bytes: int | None = None, stop_after_subset: int | None = None,
                    subsets: str | Iterable[str] | None = None, calibrate_skipped: bool = False,
@@ -297,7 +297,7 @@ def _quantize_subset(run: _Run, subset: str) -> tuple[dict, dict, dict]:
         for name in names:
             n, d = weight_matrix(modules[name]).shape
             owner = shared_with.get(name)
-            stats[name].update(subset=subset, n=n, d=d, bits=layer_bits(n, d, run.aq.num_codebooks, 8, run.aq.group_size),
+            stats[name].update(subset=subset, n=n, d=d, bits=layer_bits(n, d, run.aq.num_codebooks, run.aq.nbits, run.aq.group_size),
                                rows=calibrated.counts.get(name, 0), shares_h_with=owner if owner != name else None)
         quant_s += time.perf_counter() - t0
     info = _subset_info(subset, layers, passes, True, calib_s, quant_s, h_bytes, [s["rel_error"] for s in stats.values()])
@@ -353,7 +353,6 @@ def _share_results(names: list[str], modules: dict, run: _Run, mine: set[str], t
     dist = torch.distributed
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     owners = _assign(names, modules, run.world)
-    k, g = run.aq.num_codebooks, run.aq.group_size
     for name in names:
         src = next(r for r, share in enumerate(owners) if name in share)
         n, d = weight_matrix(modules[name]).shape
@@ -361,9 +360,7 @@ def _share_results(names: list[str], modules: dict, run: _Run, mine: set[str], t
             codes, books, scales = (t.to(dev) for t in tensors[name])
             extra = torch.tensor([stats[name]["rel_error"], stats[name]["seconds"]], dtype=torch.float64, device=dev)
         else:
-            codes = torch.empty(n, d // g, k, dtype=torch.uint8, device=dev)
-            books = torch.empty(k, 2**run.aq.nbits, g, dtype=torch.float32, device=dev)
-            scales = torch.empty(n, dtype=torch.float32, device=dev)
+            codes, books, scales = run.aq.vq_format.empty(n, d, dev)  # filled by the broadcast
             extra = torch.empty(2, dtype=torch.float64, device=dev)
         for t in (codes, books, scales, extra):
             dist.broadcast(t, src)

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from vqdm.models import Preset, load_pipeline, make_model, select_layers
+    from vqdm.models import Preset, detect_family, load_pipeline, make_model, select_layers
+    from vqdm.quantizer.distill.recipes import recipe as distill_recipe
     from vqdm.quantizer.distill.run import distill
     from vqdm.quantizer.quantize.run import quantize_model
     from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "eval_prompts.txt").write_text("\n".join(held_out) + "\n")
     train_file = str(work / "train_prompts.txt")
 
-    calib = recipe("sdxl").calibration.replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
+    calib = recipe("sdxl").replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
     rows: dict[str, dict] = {}
     candidates: dict[str, Path] = {}
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         reused = dfolder.exists()
         if not reused:
-            cfg = recipe("sdxl").distill.replace(resolution=s["resolution"], prompts_file=train_file, **s["distill"])
+            cfg = distill_recipe("sdxl").replace(resolution=s["resolution"], prompts_file=train_file, **s["distill"])
             distill(teacher, folder, dfolder, cfg, progress=False)
         dist = json.loads((dfolder / "unet" / "manifest.json").read_text())["distillation"]
         rows[dlabel] = {**rows[label], "distill_seconds": None if reused else time.perf_counter() - t0, "reused": reused,
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         candidates[dlabel] = dfolder
         print(f"{dlabel}: distilled", flush=True)
 
-    ecfg = EvalConfig(num_prompts=s["eval"]["num_prompts"], steps=s["eval"]["steps"], resolution=s["resolution"],
-                      seed=s["eval"]["seed"], prompts_file=str(work / "eval_prompts.txt"), grid_rows=2)
+    ecfg = EvalConfig.for_family(detect_family(teacher), num_prompts=s["eval"]["num_prompts"], steps=s["eval"]["steps"],
+                                 resolution=s["resolution"], seed=s["eval"]["seed"],
+                                 prompts_file=str(work / "eval_prompts.txt"), grid_rows=2)
     results = evaluate(teacher, list(candidates.values()), work / "eval", ecfg, progress=False)
     for label, folder in candidates.items():
         r = results[str(folder)]

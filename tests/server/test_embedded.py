@@ -59,7 +59,7 @@ def test_serves_through_the_runner(embedded):
 def test_quantized_default_draws_digits_the_judge_recognises(embedded):
     """Digits 0-9 x 2 seeds from the served (VQ) default, judged by scikit-learn's LogisticRegression
     on the real 8x8 digits: at least 70% must be classified as the digit asked for."""
-    from vqdm.models.digits import DigitJudge, generate_digits, images_to_digits
+    from vqdm.quantizer.evaluate.digits import DigitJudge, generate_digits, images_to_digits
 
     pipe, _, preset, _ = embedded
     images, labels = generate_digits(pipe, list(range(10)), [0, 1])  # the preset's steps and guidance

@@ -37,7 +37,7 @@ from vqdm.models.digits import DIGITS_MODEL_DIR, training_prompts
 from vqdm.quantizer import quantize_weight
 from vqdm.quantizer.distill.run import DistillNotBetter, distill
 from vqdm.quantizer.quantize.config import make_aq_config
-from vqdm.quantizer.recipes import detect_recipe
+from vqdm.quantizer.distill.recipes import detect_recipe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill_sensitivity.json"
@@ -95,7 +95,7 @@ def run_cell(work: Path, family: str, k: int, prompts: int, seed: int, lr_scale:
     student = work / f"student-{family}-k{k}"
     if not student.exists():
         make_student(teacher, student, k)
-    base = detect_recipe(teacher).distill
+    base = detect_recipe(teacher)
     # as the CLI does (fit_rounds), then the run size
     cfg = base.fit_rounds(prompts).replace(steps=STEPS[family], seed=seed, **{**RUN, **FAMILY_RUN.get(family, {})})
     if family == "digits":

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from vqdm.kernels import conv_weight_from_matrix
-from vqdm.models import Preset, load_pipeline, make_model, select_layers, weight_matrix
+from vqdm.models import Preset, detect_family, load_pipeline, make_model, select_layers, weight_matrix
 from vqdm.quantizer import gptq_quantize, rtn_quantize
+from vqdm.quantizer.distill.recipes import recipe as distill_recipe
 from vqdm.quantizer.distill.run import distill
 from vqdm.quantizer.quantize.run import quantize_model
 from vqdm.quantizer.evaluate.run import EvalConfig, evaluate
@@ -151,7 +152,7 @@ def aq_variants(teacher: Path, work: Path, calib, s: dict, train_file: str, rows
         t0 = time.perf_counter()
         reused = dfolder.exists()
         if not reused:
-            cfg = recipe("sdxl").distill.replace(resolution=s["resolution"], prompts_file=train_file, **s["distill"])
+            cfg = distill_recipe("sdxl").replace(resolution=s["resolution"], prompts_file=train_file, **s["distill"])
             distill(teacher, folder, dfolder, cfg, progress=False)
         dist = json.loads((dfolder / "unet" / "manifest.json").read_text())["distillation"]
         rows[dlabel] = {**rows[label], "distill_seconds": None if reused else time.perf_counter() - t0, "reused": reused,
@@ -162,8 +163,9 @@ def aq_variants(teacher: Path, work: Path, calib, s: dict, train_file: str, rows
 
 def evaluate_variants(teacher: Path, work: Path, s: dict, rows: dict, candidates: dict) -> None:
     """`vqdm eval` of every candidate against the dense teacher; its figures go into `rows`."""
-    ecfg = EvalConfig(num_prompts=s["eval"]["num_prompts"], steps=s["eval"]["steps"], resolution=s["resolution"],
-                      seed=s["eval"]["seed"], prompts_file=str(work / "eval_prompts.txt"), grid_rows=2)
+    ecfg = EvalConfig.for_family(detect_family(teacher), num_prompts=s["eval"]["num_prompts"], steps=s["eval"]["steps"],
+                                 resolution=s["resolution"], seed=s["eval"]["seed"],
+                                 prompts_file=str(work / "eval_prompts.txt"), grid_rows=2)
     results = evaluate(teacher, list(candidates.values()), work / "eval", ecfg, progress=False)
     for label, folder in candidates.items():
         r = results[str(folder)]
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = prepare_workdir(work, trained, s["eval"]["num_prompts"])
     train_file = str(work / "train_prompts.txt")
 
-    calib = recipe("sdxl").calibration.replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
+    calib = recipe("sdxl").replace(resolution=s["resolution"], prompts_file=train_file, **s["calibration"])
     rows: dict[str, dict] = {}
     candidates: dict[str, Path] = {}
     scalar_variants(teacher, work, calib, train_file, rows, candidates)

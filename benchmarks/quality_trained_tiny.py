@@ -11,7 +11,7 @@ prompts). Only the CLI commands and `vqdm.quantizer` / `vqdm.models` public func
 
 Scores per variant:
 - class accuracy of generated digits, per prompt (digit) and overall, judged by scikit-learn's
-  LogisticRegression on the real 8×8 digits (`vqdm.models.digits.DigitJudge`);
+  LogisticRegression on the real 8×8 digits (`vqdm.quantizer.evaluate.digits.DigitJudge`);
 - Fréchet distance between generated and held-out real digits in the 64-value 8×8 pixel space;
 - U-Net output relative MSE on the dense model's trajectories and final-latent / image PSNR vs
   dense (`vqdm eval`).
@@ -34,8 +34,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from vqdm.models import Preset, load_pipeline, select_layers
-from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, DigitJudge, digit_prompt, training_prompts,
-                                frechet_distance, generate_digits, images_to_digits)
+from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, digit_prompt, training_prompts
+from vqdm.quantizer.evaluate.digits import DigitJudge, generate_digits, images_to_digits
+from vqdm.quantizer.evaluate.fid import feature_frechet_distance
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -107,7 +108,7 @@ def judge_variant(folder: Path, judge: DigitJudge, seeds: list[int], x_test: np.
     per_digit = {str(d): float((pred[labels == d] == d).mean()) for d in range(10)}
     grid = [images[i] for i in range(10)]  # the first seed, digits 0-9
     return {"class_accuracy": float((pred == labels).mean()), "class_accuracy_per_prompt": per_digit,
-            "frechet_distance": frechet_distance(images_to_digits(images), x_test)}, grid
+            "frechet_distance": feature_frechet_distance(images_to_digits(images), x_test)}, grid
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -217,7 +218,7 @@ def judge_variants(teacher: Path, judge: DigitJudge, seeds: list[int], rows: dic
                            "latent_psnr": float("nan"), "psnr": float("nan"),
                            "class_accuracy": float((judge.predict(judge.split.x_train[:10 * len(seeds)]) ==
                                                     judge.split.y_train[:10 * len(seeds)]).mean()),
-                           "frechet_distance": frechet_distance(judge.split.x_train[:10 * len(seeds)],
+                           "frechet_distance": feature_frechet_distance(judge.split.x_train[:10 * len(seeds)],
                                                                 judge.split.x_test)}
     candidates = {"dense": teacher, **candidates}
     for label, folder in candidates.items():

@@ -4,7 +4,7 @@ prebuilt artifact by `benchmarks/make_embedded_artifact.py --force`: run that af
     python benchmarks/train_tiny.py [--out vqdm/models/pretrained/tiny-sdxl-digits] [--json FILE] [--png FILE]
                                     [--vae-steps N] [--unet-steps N] [--seed 0] [--threads 2]
 
-Data: the training 70% of scikit-learn's 8×8 handwritten digits (`vqdm.models.digits.digit_split`;
+Data: the training 70% of scikit-learn's 8×8 handwritten digits (`vqdm.quantizer.evaluate.digits.digit_split`;
 the other 30% are held out for the judge and the Fréchet distance), upscaled bicubically to 64²,
 dark ink on white. Model: the `tiny-sdxl-digits` preset (tiny-sdxl's U-Net and VAE, 8×8 latents,
 text encoders over a 4,096-merge CLIP BPE). Its two text encoders stay frozen at their seeded
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from vqdm.models import Preset, build_pipeline, load_pipeline
-from vqdm.models.digits import (DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, DigitJudge, digit_prompt,
-                                digit_split, digits_to_images, frechet_distance, generate_digits,
-                                images_to_digits)
+from vqdm.models.digits import DIGITS_MODEL_DIR, DIGITS_PRESET, PROMPT_TEMPLATES, digit_prompt
+from vqdm.quantizer.evaluate.digits import DigitJudge, digit_split, digits_to_images, generate_digits, images_to_digits
+from vqdm.quantizer.evaluate.fid import feature_frechet_distance
 from PIL import Image
 
 MIN_SNR_GAMMA = 5.0
@@ -177,9 +177,9 @@ def judge_folder(folder: Path, judge: DigitJudge, many: bool, png: str | None = 
     if many:
         more, more_labels = generate_digits(pipe, list(range(10)), list(range(100, 120)), batch_size=50)
         out.update({"generated_accuracy_200": judge.accuracy(more, more_labels),
-                    "frechet_distance_200_vs_test": frechet_distance(images_to_digits(more), judge.split.x_test),
-                    "frechet_distance_real_train_vs_test": frechet_distance(judge.split.x_train, judge.split.x_test),
-                    "frechet_distance_real_train200_vs_test": frechet_distance(judge.split.x_train[:200],
+                    "frechet_distance_200_vs_test": feature_frechet_distance(images_to_digits(more), judge.split.x_test),
+                    "frechet_distance_real_train_vs_test": feature_frechet_distance(judge.split.x_train, judge.split.x_test),
+                    "frechet_distance_real_train200_vs_test": feature_frechet_distance(judge.split.x_train[:200],
                                                                                judge.split.x_test)})
     return out
 

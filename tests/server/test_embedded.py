@@ -77,7 +77,8 @@ def test_quantized_default_draws_digits_the_judge_recognises(embedded):
     """Digits 0-9 x 2 seeds from the served (VQ) default, judged by scikit-learn's LogisticRegression
     on the real 8x8 digits: at least 70% must be classified as the digit asked for."""
     from vqdm.models import Preset
-    from vqdm.models.digits import DIGITS_PRESET, DigitJudge, generate_digits, images_to_digits
+    from vqdm.models.digits import DIGITS_PRESET
+    from vqdm.quantizer.evaluate.digits import DigitJudge, generate_digits, images_to_digits
 
     preset = Preset.from_name(DIGITS_PRESET)
     images, labels = generate_digits(embedded[0].replicas["cpu"].pipe, list(range(10)), [0, 1])  # preset's steps

@@ -27,7 +27,7 @@ DEFAULT_PROMPTS = "prompts.txt"  # packaged with vqdm.quantizer
 @dataclass
 class SamplingConfig:
     """Which prompts are sampled and how: calibration, distillation's teacher and evaluation.
-    The per-family defaults are in `vqdm.quantizer.recipes`; tests override them."""
+    The per-family calibration defaults are in `vqdm.quantizer.recipes`; tests override them."""
 
     num_prompts: int
     steps: int

@@ -17,7 +17,7 @@ from vqdm.quantizer.quantize.checkpoint import CheckpointError
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 from vqdm.quantizer.distill.run import (DecodedWeights, DistillStopped, accumulate_gradients, check_codes_unchanged,
                                         codes_snapshot, distill, output_mse, prepare_student)
-from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.distill.recipes import recipe
 from vqdm.quantizer.sampling import Batch, SamplingConfig, prompt_seed
 from vqdm.quantizer.unet_samples import record_trajectories
 
@@ -218,7 +218,7 @@ def test_inspect_shows_test_figures(runs, capsys):
 
 def test_refuses_a_teacher_the_student_was_not_quantized_from(runs, tiny_turbo_dir, tmp_path):
     with pytest.raises(ConfigError, match="quantized from another U-Net"):
-        distill(tiny_turbo_dir, runs["sdxl"]["student"], tmp_path / "x", recipe("sdxl").distill, progress=False)
+        distill(tiny_turbo_dir, runs["sdxl"]["student"], tmp_path / "x", recipe("sdxl"), progress=False)
     with pytest.raises(Exception, match="is a vqdm artifact"):
         distill(runs["sdxl"]["student"], runs["sdxl"]["student"], tmp_path / "y", progress=False)
 
@@ -232,7 +232,7 @@ def test_dense_weight_gradients_equal_per_call_reference(simple_quantizer, tiny_
     for mode in ("dense", "per-call"):
         unet = build_unet("tiny-sdxl", seed=3)
         quantize_layers(unet, 2, simple_quantizer(2))
-        params = prepare_student(unet, recipe("sdxl").distill.replace(weight_grad=mode))
+        params = prepare_student(unet, recipe("sdxl").replace(weight_grad=mode))
         decoded = DecodedWeights(unet) if mode == "dense" else None
         micro = [torch.tensor([0, 1]), torch.tensor([2, 3])]
         if decoded is not None:
@@ -284,4 +284,4 @@ def test_pv_tuning_moves_codes_keeps_the_format_and_checkpoints_them(runs):
 
 def test_pv_tuning_needs_dense_weight_gradients():
     with pytest.raises(ConfigError, match="--weight-grad dense"):
-        recipe("sdxl").distill.replace(pv_every=5, weight_grad="per-call")
+        recipe("sdxl").replace(pv_every=5, weight_grad="per-call")

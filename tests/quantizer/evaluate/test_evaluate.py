@@ -74,7 +74,9 @@ def test_frechet_distance_closed_form():
     assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9
     f = torch.randn(50, 4, generator=gen, dtype=torch.float64)
     mu, sigma = feature_statistics(f)
-    torch.testing.assert_close(sigma, torch.from_numpy(np.cov(f.numpy(), rowvar=False)))
+    centred = f - f.mean(0)
+    torch.testing.assert_close(torch.from_numpy(mu), f.mean(0))
+    torch.testing.assert_close(torch.from_numpy(sigma), centred.T @ centred / (len(f) - 1))  # unbiased
 
 
 def test_fid_inception_layout(tmp_path):
@@ -161,3 +163,43 @@ def test_eval_reference_vs_itself_and_a_2bit_artifact(tiny_sdxl_dir, student, tm
 
     with pytest.raises(ConfigError, match="needs both --fid-stats"):
         main(["-v", *args, "--fid-stats", str(tmp_path / "stats.npz")])
+
+
+def test_unet_rel_mse_matches_an_independent_calculation(tiny_sdxl_dir, student, tmp_path):
+    """`unet_rel_mse` (vqdm eval's figure, and distillation's validation error behind the grid and
+    the never-worse rule) against plain torch: the reference U-Net's calls during diffusers' own
+    sampling are captured with a forward hook, replayed on the candidate, and Σ|ε_cand − ε_ref|² /
+    Σ|ε_ref|² summed in float64 in a loop of this test's own (no SampleRecorder, bank or Tally)."""
+    from vqdm.models.artifact import load_vq_unet
+    from vqdm.quantizer.distill.run import relative_error
+    from vqdm.quantizer.evaluate.config import EvalConfig
+    from vqdm.quantizer.evaluate.run import evaluate
+    from vqdm.quantizer.sampling import load_prompts, plan_batches
+    from vqdm.quantizer.unet_samples import record_trajectories
+
+    cfg = EvalConfig.for_family("sdxl", num_prompts=2, steps=3, resolution=64, grid_rows=1, chunk_prompts=2,
+                                unet_mse_prompts=2)
+    got = evaluate(tiny_sdxl_dir, [student], tmp_path / "eval", cfg, progress=False)[str(student)]["unet_rel_mse"]
+
+    pipe = load_pipeline(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    candidate, _ = load_vq_unet(student)
+    calls = []
+    hook = pipe.unet.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append((args, kwargs, out[0].detach().clone())), with_kwargs=True)
+    with torch.no_grad():
+        for i, prompt in enumerate(load_prompts(None)[:2]):  # prompt i is sampled with seed i (run seed 0)
+            pipe(prompt=[prompt], num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                 generator=[torch.Generator("cpu").manual_seed(i)], output_type="latent")
+        hook.remove()
+        err = ref = 0.0
+        for args, kwargs, eps_ref in calls:
+            eps = candidate(*args, **kwargs)[0]
+            err += float(((eps.double() - eps_ref.double()) ** 2).sum())
+            ref += float((eps_ref.double() ** 2).sum())
+    assert len(calls) == 2 * 3 and 0 < err / ref < 1
+    assert got == pytest.approx(err / ref, rel=1e-6)
+
+    # distillation's validation error on the same trajectories
+    bank = record_trajectories(pipe, cfg.sampling, plan_batches(cfg.sampling, load_prompts(None)))
+    assert relative_error(candidate, bank) == pytest.approx(err / ref, rel=1e-6)

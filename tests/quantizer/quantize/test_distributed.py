@@ -68,7 +68,7 @@ def _quantize_first_subset(model_dir, out):
     from vqdm.quantizer.quantize.run import QuantizeStopped, quantize_model
     from vqdm.quantizer.recipes import recipe
 
-    calib = recipe("sdxl").calibration.replace(num_prompts=2, steps=2, resolution=64, batch_size=1)
+    calib = recipe("sdxl").replace(num_prompts=2, steps=2, resolution=64, batch_size=1)
     try:
         quantize_model(model_dir, "sdxl", 3, out, calibration=calib, aq_options=AQ, progress=False, stop_after_subset=0)
     except QuantizeStopped:

@@ -172,7 +172,7 @@ def test_prompts_and_batches(tmp_path):
     split = plan_batches(cfg, ["a", "b", "c"], 0, 2) + plan_batches(cfg, ["a", "b", "c"], 1, 2)
     assert sorted(split, key=lambda b: b.index) == single  # ranks partition the same batches
     assert len({s for b in single for s in b.seeds}) == 7
-    assert recipe("sdxl").calibration.steps == 50 and recipe("sdxl").calibration.replace(steps=2).steps == 2
+    assert recipe("sdxl").steps == 50 and recipe("sdxl").replace(steps=2).steps == 2
     empty = tmp_path / "p.txt"
     empty.write_text("\n  \n")
     from vqdm.errors import ConfigError

@@ -26,7 +26,7 @@ def _tensors(path):
 
 
 def _run(model, out, **kwargs):
-    return quantize_model(model, "sdxl", 3, out, calibration=recipe("sdxl").calibration.replace(**CALIB), aq_options=AQ,
+    return quantize_model(model, "sdxl", 3, out, calibration=recipe("sdxl").replace(**CALIB), aq_options=AQ,
                           progress=False, **kwargs)
 
 
@@ -69,7 +69,7 @@ def test_memory_bounded_passes_and_resume_checks(sdxl_run, tiny_sdxl_dir, tmp_pa
         assert torch.equal(got[f"{name}.codebooks"].half(), ref[f"{name}.codebooks"]), name
 
     with pytest.raises(CheckpointError, match="steps"):
-        quantize_model(tiny_sdxl_dir, "sdxl", 3, out, calibration=recipe("sdxl").calibration.replace(**{**CALIB, "steps": 3}),
+        quantize_model(tiny_sdxl_dir, "sdxl", 3, out, calibration=recipe("sdxl").replace(**{**CALIB, "steps": 3}),
                        aq_options=AQ, max_stats_bytes=8 * 288 * 288, resume=True, progress=False)
     with pytest.raises(Exception, match="--resume to continue"):
         _run(tiny_sdxl_dir, out)

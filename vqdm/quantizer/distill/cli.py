@@ -6,8 +6,9 @@ from pathlib import Path
 
 from vqdm.models import read_model_index
 from vqdm.quantizer.distill.run import distill
-from vqdm.quantizer.quantize.config import DTYPES
-from vqdm.quantizer.recipes import detect_recipe
+from vqdm.quantizer.distill.recipes import detect_recipe
+from vqdm.quantizer.recipes import FAMILIES
+from vqdm.quantizer.runtime import DTYPES, add_runtime_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     mode.add_argument("--force", action="store_true", help="start over, replacing --out and any old checkpoint")
-    p.add_argument("--preset", choices=("sdxl", "sdxl-turbo"), help="recipe (default: detected from the teacher)")
+    p.add_argument("--preset", choices=FAMILIES, help="recipe (default: detected from the teacher)")
+    _add_trajectory_flags(p.add_argument_group("teacher trajectories (defaults from the preset)"))
+    _add_optimisation_flags(p.add_argument_group("optimisation (defaults from the preset)"))
+    add_runtime_flags(p, "--teacher-dtype", "teacher dtype", stop_flag="--stop-after-step")
+    p.set_defaults(func=cmd_distill)
 
-    t = p.add_argument_group("teacher trajectories (defaults from the preset)")
+
+def _add_trajectory_flags(t) -> None:
     t.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set, cycled)")
     t.add_argument("--num-prompts", type=int, metavar="N", help="prompts over all rounds")
     t.add_argument("--rounds", type=int, metavar="N", help="rounds of fresh prompts")
@@ -41,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--test-prompts", type=int, metavar="N",
                    help="other unseen prompts/seeds, never used for selection: the reported figures (default 16; 0: skip)")
 
-    o = p.add_argument_group("optimisation (defaults from the preset)")
+
+def _add_optimisation_flags(o) -> None:
     o.add_argument("--train-steps", type=int, metavar="T", help="optimizer steps over all rounds")
     o.add_argument("--batch-size", type=int, metavar="N", help="samples per micro-batch")
     o.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step (effective batch = product)")
@@ -84,18 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--pv-until", type=float, metavar="F",
                    help="PV-tuning: no code updates after this fraction of the train steps (0.8)")
 
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    r.add_argument("--teacher-dtype", choices=list(DTYPES), help="teacher dtype (default: float16 on cuda, float32 on cpu)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
-    p.set_defaults(func=cmd_distill)
-
 
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.preset is None:
         read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
-    base = detect_recipe(Path(args.teacher), args.preset).distill
+    base = detect_recipe(Path(args.teacher), args.preset)
     if args.rounds is None:  # small runs get fewer rounds (before the other overrides are checked)
         base = base.fit_rounds(args.num_prompts, args.gen_batch_size)
     cfg = base.replace(

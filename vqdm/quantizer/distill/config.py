@@ -1,4 +1,4 @@
-"""`vqdm distill` settings (SPEC §4); the per-family defaults are in `vqdm.quantizer.recipes`."""
+"""`vqdm distill` settings (SPEC §4); the per-family defaults are in `vqdm.quantizer.distill.recipes`."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,13 +24,12 @@ WEIGHT_GRADS = ("dense", "per-call")
 class DistillConfig:
     """One distillation run. Presets hold the SPEC §4 recipe; the CLI overrides fields."""
 
-    num_prompts: int  # over all rounds; the prompt file is cycled with fresh seeds
+    # The teacher trajectories' prompts and sampling: num_prompts = training prompts over all rounds
+    # (the prompt file is cycled with fresh seeds), batch_size = prompts per teacher pipeline call
+    # (--gen-batch-size); steps are the teacher's (Turbo, vary_steps: batches cycle 1..steps); seed
+    # also orders the samples. Each prompt is sampled with `trajectories_per_prompt` seeds: `sampling()`.
+    teacher: SamplingConfig
     rounds: int
-    steps: int  # teacher sampling steps (Turbo, vary_steps: batches cycle 1..steps)
-    guidance: float
-    resolution: int
-    scheduler: str  # "ddim" (SDXL) or "native" (the folder's; Turbo)
-    vary_steps: bool
     train_steps: int  # optimizer steps over all rounds
     batch_size: int  # samples per micro-batch (a sample: one prompt at one step, both CFG halves)
     grad_accum: int  # micro-batches per optimizer step
@@ -46,9 +45,6 @@ class DistillConfig:
     clip_grad_norm: float | None = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
-    seed: int = 0
-    prompts_file: str | None = None
-    gen_batch_size: int = 1  # prompts per teacher pipeline call
     # noise seeds per training prompt, each its own trajectory; None: enough for
     # MIN_TRAJECTORIES_PER_ROUND a round (1 for the SPEC runs: 512 and 10,240 prompts a round)
     seeds_per_prompt: int | None = None
@@ -73,11 +69,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.num_prompts >= 1, f"--num-prompts must be at least 1, got {self.num_prompts}"),
             (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
-            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.resolution >= 8 and self.resolution % 8 == 0,
-             f"--resolution must be a positive multiple of 8, got {self.resolution}"),
             (self.train_steps >= self.rounds, f"--train-steps ({self.train_steps}) must be at least --rounds ({self.rounds})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
@@ -98,7 +90,6 @@ class DistillConfig:
             (0 <= self.min_improvement < 1, f"--min-improvement must lie in [0, 1), got {self.min_improvement}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}"),
-            (self.gen_batch_size >= 1, f"--gen-batch-size must be at least 1, got {self.gen_batch_size}"),
             (self.seeds_per_prompt is None or self.seeds_per_prompt >= 1,
              f"--seeds-per-prompt must be at least 1, got {self.seeds_per_prompt}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
@@ -110,8 +101,9 @@ class DistillConfig:
             (self.pv_step > 0, f"--pv-step must be positive, got {self.pv_step}"),
             (0 < self.pv_trust <= 1, f"--pv-trust must lie in (0, 1], got {self.pv_trust}"),
             (0 < self.pv_until <= 1, f"--pv-until must lie in (0, 1], got {self.pv_until}"),
-            (math.ceil(self.num_prompts / self.gen_batch_size) >= self.rounds,
-             f"{self.num_prompts} prompt(s) in batches of {self.gen_batch_size} cannot fill {self.rounds} rounds"),
+            (math.ceil(self.teacher.num_prompts / self.teacher.batch_size) >= self.rounds,
+             f"{self.teacher.num_prompts} prompt(s) in batches of {self.teacher.batch_size} cannot fill "
+             f"{self.rounds} rounds"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -126,12 +118,12 @@ class DistillConfig:
         """Seeds per training prompt: `seeds_per_prompt`, or enough for MIN_TRAJECTORIES_PER_ROUND a round."""
         if self.seeds_per_prompt is not None:
             return self.seeds_per_prompt
-        return max(1, math.ceil(MIN_TRAJECTORIES_PER_ROUND * self.rounds / self.num_prompts))
+        return max(1, math.ceil(MIN_TRAJECTORIES_PER_ROUND * self.rounds / self.teacher.num_prompts))
 
     @property
     def num_trajectories(self) -> int:
         """Teacher trajectories over all rounds: every training prompt with each of its seeds."""
-        return self.num_prompts * self.trajectories_per_prompt
+        return self.teacher.num_prompts * self.trajectories_per_prompt
 
     @property
     def validate_every(self) -> int:
@@ -142,8 +134,8 @@ class DistillConfig:
         when the run is small: each round keeps at least MIN_PROMPTS_PER_ROUND prompts (2 prompts a
         round were trained on for dozens of passes and over-fitted: docs/distill.md) and one teacher
         batch. Used when --rounds is not given."""
-        n = num_prompts or self.num_prompts
-        gb = gen_batch_size or self.gen_batch_size
+        n = num_prompts or self.teacher.num_prompts
+        gb = gen_batch_size or self.teacher.batch_size
         rounds = max(1, min(self.rounds, n // MIN_PROMPTS_PER_ROUND, math.ceil(n / gb)))
         return self.replace(num_prompts=n, gen_batch_size=gb, rounds=rounds)
 
@@ -160,17 +152,35 @@ class DistillConfig:
                           until=int(self.pv_until * self.train_steps))
 
     def replace(self, **overrides) -> "DistillConfig":
-        """A copy with the fields given (None: keep this config's value; `flat_lr=True` sets
-        lr_reference_error to None: the rates as given, not scaled by the student's error)."""
+        """A copy with the fields given, by their flat (CLI and manifest) names: TEACHER_FIELDS go to
+        `teacher`. None keeps this config's value; `flat_lr=True` sets lr_reference_error to None
+        (the rates as given, not scaled by the student's error)."""
         flat = overrides.pop("flat_lr", None)
-        out = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        teacher = {TEACHER_FIELDS[k]: given.pop(k) for k in list(given) if k in TEACHER_FIELDS}
+        out = dataclasses.replace(self, teacher=self.teacher.replace(**teacher), **given)
         return dataclasses.replace(out, lr_reference_error=None) if flat else out
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat, in the field order manifests and checkpoint identities have always had."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "teacher"}
+        teacher = {flat: getattr(self.teacher, name) for flat, name in TEACHER_FIELDS.items()}
+        return {k: own[k] if k in own else teacher[k] for k in FLAT_ORDER}
 
     def sampling(self) -> SamplingConfig:
         """The sampling settings of the teacher trajectories (every training prompt with each of its seeds)."""
-        return SamplingConfig(num_prompts=self.num_trajectories, steps=self.steps, guidance=self.guidance,
-                                 resolution=self.resolution, scheduler=self.scheduler, vary_steps=self.vary_steps,
-                                 batch_size=self.gen_batch_size, seed=self.seed, prompts_file=self.prompts_file)
+        return dataclasses.replace(self.teacher, num_prompts=self.num_trajectories)
+
+
+# DistillConfig's flat names of the `teacher` fields (CLI flags, manifest keys) -> SamplingConfig's.
+TEACHER_FIELDS = {"num_prompts": "num_prompts", "steps": "steps", "guidance": "guidance", "resolution": "resolution",
+                  "scheduler": "scheduler", "vary_steps": "vary_steps", "seed": "seed",
+                  "prompts_file": "prompts_file", "gen_batch_size": "batch_size"}
+# The key order of `to_dict` (manifests' "distillation" section): the order of the fields before
+# the teacher's sampling settings became a SamplingConfig.
+FLAT_ORDER = ("num_prompts", "rounds", "steps", "guidance", "resolution", "scheduler", "vary_steps", "train_steps",
+              "batch_size", "grad_accum", "lr", "lr_codebooks", "lr_scales", "lr_reference_error", "lr_min_scale",
+              "warmup", "min_lr_factor", "clip_grad_norm", "beta1", "beta2", "seed", "prompts_file", "gen_batch_size",
+              "seeds_per_prompt", "val_prompts", "test_prompts", "eval_every", "patience", "allow_worse",
+              "min_improvement", "precision", "gradient_checkpointing", "weight_grad", "checkpoint_every", "pv_every",
+              "pv_step", "pv_trust", "pv_until")

@@ -41,7 +41,8 @@ from vqdm.quantizer.distill.checks import check_inputs
 from vqdm.quantizer.distill.config import DistillConfig
 from vqdm.quantizer.distill.decoded_weights import DecodedWeights
 from vqdm.quantizer.distill.pv_tuning import PVTuner, codes_state
-from vqdm.quantizer.recipes import detect_recipe
+from vqdm.quantizer.distill.recipes import detect_recipe
+from vqdm.quantizer.runtime import default_device, default_dtype
 from vqdm.quantizer.sampling import Batch, load_prompts, named_seed, plan_batches, prompt_seed, prompts_digest
 from vqdm.quantizer.unet_samples import SampleBank, record_trajectories, unet_predictions
 
@@ -81,14 +82,15 @@ def eval_batches(cfg: DistillConfig, prompts: list[str], split: str) -> list[Bat
     the file lasts). Validation is prompts num_prompts.. of the run, test the ones after it; their
     seeds follow the training trajectories'."""
     count = cfg.val_prompts if split == "val" else cfg.test_prompts
-    first = cfg.num_prompts + (0 if split == "val" else cfg.val_prompts)
-    seed_shift = cfg.num_trajectories - cfg.num_prompts
+    t = cfg.teacher
+    first = t.num_prompts + (0 if split == "val" else cfg.val_prompts)
+    seed_shift = cfg.num_trajectories - t.num_prompts
     out = []
-    for j, start in enumerate(range(0, count, cfg.gen_batch_size)):
-        idx = range(first + start, first + min(count, start + cfg.gen_batch_size))
-        steps = 1 + j % cfg.steps if cfg.vary_steps else cfg.steps
+    for j, start in enumerate(range(0, count, t.batch_size)):
+        idx = range(first + start, first + min(count, start + t.batch_size))
+        steps = 1 + j % t.steps if t.vary_steps else t.steps
         out.append(Batch((10**9 if split == "val" else 2 * 10**9) + j, tuple(prompts[i % len(prompts)] for i in idx),
-                         tuple(prompt_seed(cfg.seed, i + seed_shift) for i in idx), steps))
+                         tuple(prompt_seed(t.seed, i + seed_shift) for i in idx), steps))
     return out
 
 
@@ -258,24 +260,15 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     ckpt = DistillCheckpoint.for_output(out)
     manifest = check_inputs(teacher, student, out, ckpt, resume, force)
     family = detect_family(teacher)
-    cfg = cfg or detect_recipe(teacher, family).distill
-    prompts = load_prompts(cfg.prompts_file)
+    cfg = cfg or detect_recipe(teacher, family)
+    prompts = load_prompts(cfg.teacher.prompts_file)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     precision = resolve_precision(cfg.precision, dev)
-    tdtype = teacher_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    pipe = load_pipeline(teacher, dtype=tdtype, device=str(dev))
-    unet, _ = load_vq_unet(student, dtype=torch.float32, device=dev)
-    if _public(unet.config) != _public(pipe.unet.config):
-        raise ConfigError(f"--student {student} and --teacher {teacher} have different U-Net configs")
+    tdtype = default_dtype(teacher_dtype, dev)
+    pipe, unet = _load_models(teacher, student, dev, tdtype)
     codes_before = codes_snapshot(unet)
-
-    identity = json_normalise({
-        "teacher_unet_sha256": unet_fingerprint(source_dir=teacher),
-        "student_weights_sha256": manifest["files"][WEIGHTS_FILE],
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse", "min_improvement")},
-        "prompts_sha256": prompts_digest(prompts),
-    })
+    identity = _identity(teacher, manifest, cfg, prompts)
     params = prepare_student(unet, cfg)
     optimizer = make_optimizer(params, cfg)
     # what a checkpoint and the best student hold: the parameters, and the codes when PV-tuning moves them
@@ -291,21 +284,8 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
            lambda: ckpt.save(identity, done.step, done.loss_curve, state, optimizer,
                              {**done.extra, "selection": done.selection.to_dict()}, best=done.selection.best_state),
            stop_after_step, progress, ckpt)
-    sel = done.selection
-    sel.restore_best(state)
-    _finish_training(unet, codes_before, test_bank, cfg, done)
-    ex = done.extra
-    figures = (f"validation relative error {sel.before:.4g} -> {sel.best_error:.4g} (best of step {sel.best_step}); "
-               f"test {_fmt(ex['test_error_before'])} -> {_fmt(ex.get('test_error_after'))}")
-    if not sel.improved and not cfg.allow_worse:
-        ckpt.remove()
-        raise DistillNotBetter(f"no distilled student beat the input on validation by the required "
-                               f"{cfg.min_improvement:.1%} ({figures}); nothing written. Try a lower --lr / "
-                               "--lr-codebooks / --lr-scales / --lr-reference-error or more --num-prompts, lower "
-                               "--min-improvement, or pass --allow-worse to write the best one anyway")
-    if not sel.improved:
-        log.warning("writing a student that does not beat the input on validation by %.1f%% (--allow-worse): %s",
-                    100 * cfg.min_improvement, figures)
+    _finish_training(unet, state, codes_before, test_bank, cfg, done)
+    _check_accepted(cfg, done, ckpt)
     distillation = {
         "method": "MSE between student and teacher U-Net outputs on teacher trajectories (SPEC 4)",
         "teacher": {"name": teacher.resolve().name, "family": family, "unet_sha256": identity["teacher_unet_sha256"]},
@@ -314,6 +294,53 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
         "seconds": {"trajectories": done.seconds("trajectory"), "training": done.seconds("training"),
                     "total_this_process": time.perf_counter() - start},
     }
+    _save_student(unet, manifest, distillation, out, teacher, force)
+    ckpt.remove()
+    sel, ex = done.selection, done.extra
+    return DistillResult(out, done.loss_curve, sel.before, sel.best_error, ex["test_error_before"],
+                         ex.get("test_error_after"), sel.best_step, bool(ex.get("stopped_early")), sel.improved,
+                         time.perf_counter() - start, done.resumed_from, ex.get("lr_scale", 1.0))
+
+
+def _load_models(teacher: Path, student: Path, dev: torch.device, tdtype: torch.dtype) -> tuple:
+    """(the teacher pipeline in `tdtype`, the student's VQ U-Net in fp32), both on `dev`, same U-Net config."""
+    pipe = load_pipeline(teacher, dtype=tdtype, device=str(dev))
+    unet, _ = load_vq_unet(student, dtype=torch.float32, device=dev)
+    if _public(unet.config) != _public(pipe.unet.config):
+        raise ConfigError(f"--student {student} and --teacher {teacher} have different U-Net configs")
+    return pipe, unet
+
+
+def _identity(teacher: Path, manifest: dict, cfg: DistillConfig, prompts: list[str]) -> dict:
+    """What a checkpoint must match to be resumed: the inputs, the settings that shape training, the prompts."""
+    return json_normalise({
+        "teacher_unet_sha256": unet_fingerprint(source_dir=teacher),
+        "student_weights_sha256": manifest["files"][WEIGHTS_FILE],
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse", "min_improvement")},
+        "prompts_sha256": prompts_digest(prompts),
+    })
+
+
+def _check_accepted(cfg: DistillConfig, done: _Progress, ckpt: DistillCheckpoint) -> None:
+    """The never-worse rule: raise DistillNotBetter (checkpoint removed) unless the best student beats
+    the input on validation by cfg.min_improvement; with cfg.allow_worse only warn."""
+    sel, ex = done.selection, done.extra
+    if sel.improved:
+        return
+    figures = (f"validation relative error {sel.before:.4g} -> {sel.best_error:.4g} (best of step {sel.best_step}); "
+               f"test {_fmt(ex['test_error_before'])} -> {_fmt(ex.get('test_error_after'))}")
+    if not cfg.allow_worse:
+        ckpt.remove()
+        raise DistillNotBetter(f"no distilled student beat the input on validation by the required "
+                               f"{cfg.min_improvement:.1%} ({figures}); nothing written. Try a lower --lr / "
+                               "--lr-codebooks / --lr-scales / --lr-reference-error or more --num-prompts, lower "
+                               "--min-improvement, or pass --allow-worse to write the best one anyway")
+    log.warning("writing a student that does not beat the input on validation by %.1f%% (--allow-worse): %s",
+                100 * cfg.min_improvement, figures)
+
+
+def _save_student(unet: nn.Module, manifest: dict, distillation: dict, out: Path, teacher: Path, force: bool) -> None:
+    """The artifact: the trained U-Net, the teacher's other components, the student's manifest + "distillation"."""
     fields = {
         "quantization": manifest["quantization"], "layers": _layer_stats(manifest),
         "base_model": manifest.get("base_model", {}), "calibration": manifest.get("calibration"),
@@ -321,10 +348,6 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     }
     # save_artifact reads only `.unet` when the components are copied from source_dir (the teacher's).
     save_artifact(SimpleNamespace(unet=unet), out, fields, source_dir=teacher, overwrite=force)
-    ckpt.remove()
-    return DistillResult(out, done.loss_curve, sel.before, sel.best_error, ex["test_error_before"],
-                         ex.get("test_error_after"), sel.best_step, bool(ex.get("stopped_early")), sel.improved,
-                         time.perf_counter() - start, done.resumed_from, ex.get("lr_scale", 1.0))
 
 
 def _fmt(x: float | None) -> str:
@@ -346,9 +369,11 @@ def _resume_or_start(ckpt: DistillCheckpoint, identity: dict, params: dict, opti
     return _Progress()
 
 
-def _finish_training(unet: nn.Module, codes_before: dict, test_bank: SampleBank | None, cfg: DistillConfig,
-                     done: _Progress) -> None:
-    """Check the codes stayed frozen (unless PV-tuning), measure the test error after, and leave the U-Net in eval mode."""
+def _finish_training(unet: nn.Module, state: dict, codes_before: dict, test_bank: SampleBank | None,
+                     cfg: DistillConfig, done: _Progress) -> None:
+    """Restore the best student into `state`, check the codes stayed frozen (unless PV-tuning), measure
+    the test error after, and leave the U-Net in eval mode."""
+    done.selection.restore_best(state)
     if cfg.pv_every:
         done.extra["pv_codes_changed"] = sum(int((m.codes != codes_before[n]).any(-1).sum()) for n, m in vq_modules(unet))
     else:
@@ -385,7 +410,7 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
     samples_per_round = done.extra.setdefault("samples_per_round", [])
     decoded = DecodedWeights(unet) if cfg.weight_grad == "dense" else None
     # PV-tuning (identity metric: the U-Net artifact carries no H); its Adam moments start afresh on --resume
-    pv = PVTuner(decoded.named, cfg.pv(), cfg.seed) if cfg.pv_every and decoded is not None else None
+    pv = PVTuner(decoded.named, cfg.pv(), cfg.teacher.seed) if cfg.pv_every and decoded is not None else None
     if pv is not None:
         pv.steps = done.step  # on --resume: the same update steps (every N, until) as the uninterrupted run
     bar = tqdm(total=cfg.train_steps, initial=done.step, desc="distill", unit="step", disable=not progress)
@@ -404,7 +429,7 @@ def _train(pipe, unet: nn.Module, cfg: DistillConfig, prompts: list[str], params
                      bank.nbytes() / 1e9, sum(len(b.prompts) for b in rounds[r]))
             t0 = time.perf_counter()
             while done.step < end:
-                order = sample_order(cfg.seed, r, len(bank), (done.step - first) * cfg.effective_batch,
+                order = sample_order(cfg.teacher.seed, r, len(bank), (done.step - first) * cfg.effective_batch,
                                      cfg.effective_batch)
                 loss = train_step(unet, bank, list(order.split(cfg.batch_size)), optimizer, precision, decoded,
                                   done.step, cfg, pv)
@@ -448,7 +473,7 @@ def _run_record(cfg: DistillConfig, done: _Progress, params: dict, pipe, precisi
                       "schedule": f"linear warmup over {cfg.warmup:.0%} of the steps, cosine to "
                                   f"{cfg.min_lr_factor:g} x", "clip_grad_norm": cfg.clip_grad_norm},
         "precision": precision, "device": str(dev), "teacher_dtype": str(tdtype).replace("torch.", ""),
-        "scheduler_name": "DDIMScheduler" if cfg.scheduler == "ddim" else type(pipe.scheduler).__name__,
+        "scheduler_name": "DDIMScheduler" if cfg.teacher.scheduler == "ddim" else type(pipe.scheduler).__name__,
         "prompts_sha256": prompts_sha256, "prompt_lines": prompt_lines,
         "samples_per_round": ex.get("samples_per_round", []),
         "trainable_parameters": sum(p.numel() for p in params.values()),

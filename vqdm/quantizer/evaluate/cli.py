@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqdm.quantizer.evaluate.config import EvalConfig
-from vqdm.quantizer.evaluate.run import evaluate
-from vqdm.quantizer.quantize.config import DTYPES
+from vqdm.models import detect_family
+from vqdm.quantizer.evaluate.config import NUM_PROMPTS, EvalConfig
+from vqdm.quantizer.evaluate.run import check_args, evaluate
+from vqdm.quantizer.runtime import DEVICE_HELP, DTYPE_HELP, DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="artifact (or dense folder) to compare; repeat for several")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     e.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
-    e.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts to sample (default 8)")
+    e.add_argument("--num-prompts", type=int, default=NUM_PROMPTS, metavar="N",
+                   help=f"prompts to sample (default {NUM_PROMPTS})")
     e.add_argument("--steps", type=int, metavar="S", help="sampling steps (default: SDXL 30, Turbo 4)")
     e.add_argument("--resolution", type=int, metavar="R", help="image side (default: SDXL 1024, Turbo 512)")
     e.add_argument("--guidance", type=float, metavar="G", help="CFG scale (default: SDXL 5, Turbo 0)")
@@ -36,17 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--inception", metavar="FILE",
                    help="FID Inception-v3 weights as .safetensors (pytorch-fid's pt_inception-2015-12-05 converted: "
                         "torch.load(weights_only=True) then safetensors.torch.save_file)")
-    e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    e.add_argument("--dtype", choices=list(DTYPES), help="U-Net dtype (default: float16 on cuda, float32 on cpu)")
+    e.add_argument("--device", help=DEVICE_HELP)
+    e.add_argument("--dtype", choices=list(DTYPES), help=f"U-Net dtype {DTYPE_HELP}")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-                     resolution=args.resolution, seed=args.seed, prompts_file=args.prompts,
-                     batch_size=args.batch_size, grid_rows=args.grid_rows, chunk_prompts=args.chunk_prompts,
-                     unet_mse_prompts=args.unet_mse_prompts)
+    check_args([Path(c) for c in args.candidate], args.fid_stats, args.inception)  # before the reference is read
+    # --steps 0 / --resolution 0: the family's default, as unset
+    cfg = EvalConfig.for_family(
+        detect_family(args.reference), num_prompts=args.num_prompts, steps=args.steps or None, guidance=args.guidance,
+        resolution=args.resolution or None, seed=args.seed, prompts_file=args.prompts, batch_size=args.batch_size,
+        grid_rows=args.grid_rows, chunk_prompts=args.chunk_prompts, unet_mse_prompts=args.unet_mse_prompts)
     evaluate(args.reference, args.candidate, args.out, cfg, clip_model=args.clip_model,
              pickscore_model=args.pickscore_model, fid_stats=args.fid_stats, inception=args.inception,
              device=args.device, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)

@@ -196,35 +196,37 @@ def inception_features(net: nn.Module, images: torch.Tensor, batch_size: int = 1
     return torch.cat(out)
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu [D], sigma [D, D]) with the unbiased covariance, as pytorch-fid computes them."""
-    if features.shape[0] < 2:
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) float64 of features [N, D] (array or CPU tensor), with the unbiased
+    covariance, as pytorch-fid computes them."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.shape[0] < 2:
         raise ValueError("FID needs at least 2 images (and thousands for a meaningful value)")
-    f = features.double()
-    return f.mean(0), torch.cov(f.T)
+    return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
-    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½), in float64.
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½) between two Gaussians, in float64 (FID's formula;
+    arrays or CPU tensors). The one Fréchet distance of vqdm: FID and the digits' 8×8 space.
 
     tr((S1 S2)^½) = tr((A S2 A)^½) with A = S1^½: the eigenvalues of S1 S2 and A S2 A agree and
     the latter is symmetric PSD, so no non-symmetric matrix square root is needed.
     """
-    mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    mu1, mu2, s1, s2 = (np.asarray(t, dtype=np.float64) for t in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
-    a = _sqrtm_psd(s1)
-    cross = torch.linalg.eigvalsh(a @ s2 @ a).clamp_min(0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    ev, vec = np.linalg.eigh(s1)
+    a = (vec * np.sqrt(ev.clip(min=0))) @ vec.T
+    cross = np.linalg.eigvalsh(a @ s2 @ a).clip(min=0)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(cross).sum())
 
 
-def load_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_frechet_distance(a, b) -> float:
+    """`frechet_distance` between Gaussians fitted to two sets of feature vectors [n, d]."""
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an .npz with arrays `mu` and `sigma` (no pickles)."""
     path = Path(path)
     if not path.is_file():
@@ -238,4 +240,5 @@ def load_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(f"{path}: not a readable .npz ({e})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ConfigError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double()
+    return mu.astype(np.float64), sigma.astype(np.float64)
+

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,11 +36,12 @@ from vqdm.errors import ConfigError
 from vqdm.models import detect_family, load_pipeline
 from vqdm.models.artifact import MANIFEST_FILE, load_vq_unet, unet_fingerprint
 from vqdm.models.vae import vae_decode
-from vqdm.quantizer.evaluate.config import EvalConfig
+from vqdm.quantizer.evaluate.config import EvalConfig, default_sampling
 from vqdm.quantizer.evaluate.fid import (feature_statistics, frechet_distance, inception_features, load_inception,
                                          load_statistics)
 from vqdm.quantizer.evaluate.image_metrics import psnr, ssim, ssim_window
 from vqdm.quantizer.evaluate.report import labels_for, make_grid, to_uint8, write_markdown
+from vqdm.quantizer.runtime import default_device, default_dtype
 from vqdm.quantizer.sampling import load_prompts, plan_batches, prompts_digest, run_trajectories
 from vqdm.quantizer.unet_samples import SampleBank, SampleRecorder, unet_predictions
 
@@ -175,9 +176,9 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
     t_start = time.perf_counter()
     reference, out = Path(reference), Path(out)
     cands = [Path(c) for c in candidates]
-    _check_args(cands, fid_stats, inception)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    check_args(cands, fid_stats, inception)
+    device = default_device(device)
+    dtype = default_dtype(dtype, device)
     stats = net = None
     if fid_stats is not None:
         stats, net = load_statistics(fid_stats), load_inception(inception, device)
@@ -185,8 +186,8 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
                if d is not None}
 
     family = detect_family(reference)
-    cfg = (cfg or EvalConfig()).resolved(family)
-    batches = plan_batches(cfg.sampling(), load_prompts(cfg.prompts_file))
+    cfg = cfg or EvalConfig(default_sampling(family))
+    batches = plan_batches(cfg.sampling, load_prompts(cfg.sampling.prompts_file))
     prompts = [p for b in batches for p in b.prompts]
 
     pipe = load_pipeline(reference, dtype=dtype, device=device)
@@ -204,7 +205,7 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
                      "only (the paper uses 5,000 COCO prompts)")
     meta = {
         "reference": str(reference), "family": family, "device": device, "dtype": str(dtype).replace("torch.", ""),
-        "scheduler": type(pipe.scheduler).__name__, "settings": asdict(cfg), "unet_mse_prompts": mse_prompts,
+        "scheduler": type(pipe.scheduler).__name__, "settings": cfg.to_dict(), "unet_mse_prompts": mse_prompts,
         "prompts_sha256": prompts_digest(prompts), "prompts": prompts,
         "latent_ssim_window": ssim_window(*latent_hw), "reference_scores": tallies["reference"].result(stats),
         "notes": notes, "seconds": time.perf_counter() - t_start,
@@ -218,7 +219,7 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
     return results
 
 
-def _check_args(cands: list[Path], fid_stats, inception) -> None:
+def check_args(cands: list[Path], fid_stats, inception) -> None:
     if not cands:
         raise ConfigError("give at least one --candidate")
     if (fid_stats is None) != (inception is None):
@@ -247,8 +248,8 @@ def _load_candidates(reference: Path, cands: list[Path], dtype: torch.dtype, dev
 def _sample_chunks(pipe, unets: dict[str, nn.Module], cfg: EvalConfig, batches: list, tallies: dict[str, Tally],
                    scorers: dict, net, bar) -> tuple[int, tuple]:
     """Every model samples every chunk of prompts; metrics go into `tallies`. (U-Net-error prompts, latent size)."""
-    sampling, ref_unet = cfg.sampling(), pipe.unet
-    per_chunk = max(1, cfg.chunk_prompts // cfg.batch_size)
+    sampling, ref_unet = cfg.sampling, pipe.unet
+    per_chunk = max(1, cfg.chunk_prompts // sampling.batch_size)
     done = mse_prompts = 0
     latent_hw = None
     for chunk in (batches[i:i + per_chunk] for i in range(0, len(batches), per_chunk)):
@@ -276,6 +277,6 @@ def _sample_chunks(pipe, unets: dict[str, nn.Module], cfg: EvalConfig, batches: 
             t.add_pair(latents, ref_latents, images, ref_images)
             t.add_images(images, chunk_prompts, scorers, net, cfg.grid_rows)
             if bank is not None:
-                t.add_unet(unet_predictions(unet, bank, batch_size=max(1, cfg.batch_size)), bank)
+                t.add_unet(unet_predictions(unet, bank, batch_size=max(1, sampling.batch_size)), bank)
         done += len(chunk_prompts)
     return mse_prompts, latent_hw

@@ -8,6 +8,7 @@ from vqdm.errors import ConfigError
 from vqdm.models import SUBSETS
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
 from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.runtime import add_runtime_flags
 from vqdm.vq_format import GROUP_SIZE, NBITS
 
 
@@ -35,8 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --subsets: still collect the H statistics of the other subsets, in order and in the "
                         "passes --max-stats-gb allows, then discard them (measures what calibrating a full run "
                         "costs, without its AQ)")
+    _add_calibration_flags(p.add_argument_group("calibration (defaults from --preset)"))
+    _add_aq_flags(p.add_argument_group("additive quantization"))
+    add_runtime_flags(p, "--dtype", "pipeline dtype while sampling", stop_flag="--stop-after-subset")
+    p.set_defaults(func=cmd_quantize)
 
-    c = p.add_argument_group("calibration (defaults from --preset)")
+
+def _add_calibration_flags(c) -> None:
     c.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
     c.add_argument("--num-prompts", type=int, metavar="N", help="prompts to sample (the file is cycled with fresh seeds)")
     c.add_argument("--steps", type=int, metavar="S", help="sampling steps (Turbo: the maximum; batches cycle 1..S)")
@@ -49,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-stats-gb", type=float, metavar="GB",
                    help="bound the H sums held at once; a subset is then calibrated in several passes")
 
-    q = p.add_argument_group("additive quantization")
+
+def _add_aq_flags(q) -> None:
     q.add_argument("--codebook-bits", type=int, default=NBITS, metavar="B",
                    help=f"bits per code (only {NBITS} is supported)")
     q.add_argument("--group-size", type=int, default=GROUP_SIZE, metavar="G",
@@ -70,14 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--damping", type=float, metavar="F",
                    help="search on H + F·mean(diag H)·I, errors still on H (default 0.2)")
 
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    r.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="pipeline dtype while sampling (default: float16 on cuda, float32 on cpu)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--stop-after-subset", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
-    p.set_defaults(func=cmd_quantize)
-
 
 # CLI flag -> AQConfig field, in one place.
 AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_steps", "max_rounds": "max_rounds", "kmeans_iters": "kmeans_iters",
@@ -87,7 +86,7 @@ AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_ste
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calibrate_skipped and not args.subsets:
         raise ConfigError("--calibrate-skipped needs --subsets: without it every subset is calibrated and quantized")
-    calib = recipe(args.preset).calibration.replace(
+    calib = recipe(args.preset).replace(
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, resolution=args.resolution,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
     aq = {field: getattr(args, flag) for flag, field in AQ_FLAGS.items()}

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from vqdm.errors import ConfigError
 from vqdm.quantizer.layer.aq import AQConfig
 from vqdm.quantizer.sampling import named_seed
 from vqdm.vq_format import GROUP_SIZE, NBITS, VQFormat
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_aq_config(num_codebooks: int, nbits: int = NBITS, group_size: int = GROUP_SIZE, **knobs):

@@ -32,9 +32,10 @@ from vqdm.quantizer.layer.error import relative_error
 from vqdm.quantizer.checkpoint import json_normalise
 from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 from vqdm.quantizer.quantize.checks import check_paths
-from vqdm.quantizer.quantize.config import DTYPES, layer_config, make_aq_config
+from vqdm.quantizer.quantize.config import layer_config, make_aq_config
 from vqdm.quantizer.quantize.hessians import collect_hessians, dist_info, hessian_bytes, plan_passes
 from vqdm.quantizer.recipes import recipe
+from vqdm.quantizer.runtime import default_device, default_dtype
 from vqdm.quantizer.sampling import (SamplingConfig, check_resolution, load_prompts, named_seed, prompts_digest,
                                      unet_evaluations)
 from vqdm.vq_format import GROUP_SIZE, NBITS, VQFormat
@@ -87,12 +88,6 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
-    return "cpu"
-
-
 def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Path, *,
                    calibration: SamplingConfig | None = None, aq_options: dict | None = None,
                    nbits: int = NBITS, group_size: int = GROUP_SIZE, resume: bool = False,
@@ -103,7 +98,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     """Quantize the U-Net of the diffusers folder `model_dir` to K=`bits` codebooks; write the artifact `out`.
 
     `preset` ('sdxl' / 'sdxl-turbo') picks the calibration recipe; `calibration` replaces it whole
-    (build it with `recipe(preset).calibration.replace(steps=..., ...)`). `aq_options` are AQConfig
+    (build it with `recipe(preset).replace(steps=..., ...)`). `aq_options` are AQConfig
     fields (beam_size, ...). `calibration.seed` seeds everything. `max_stats_bytes` bounds the memory
     of the H sums held at once (a subset is then calibrated in several passes). `stop_after_subset`
     raises QuantizeStopped once that subset (0-6) is checkpointed, as an interruption would.
@@ -116,7 +111,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     defaults = recipe(preset)  # an unknown preset is refused even when `calibration` is given
-    calib = calibration if calibration is not None else defaults.calibration
+    calib = calibration if calibration is not None else defaults
     chosen = parse_subsets(subsets)
     VQFormat(bits, nbits, group_size).check_artifact()
     aq = make_aq_config(bits, nbits, group_size, **(aq_options or {}))
@@ -126,14 +121,8 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     check_paths(model_dir, out, ckpt, resume, force)
 
     rank, world = dist_info()
-    device = device or default_device()
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    torch_dtype = torch_dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-    pipe = load_pipeline(model_dir, dtype=torch_dtype, device=device)
-    check_resolution(pipe, calib.resolution)
-    indivisible = [n for n, m in select_layers(pipe.unet) if weight_matrix(m).shape[1] % group_size]
-    if indivisible:
-        raise ConfigError(f"group size {group_size} does not divide the input width of {indivisible[0]}")
+    torch_dtype = default_dtype(dtype, default_device(device))
+    pipe = _load_checked_pipeline(model_dir, calib, group_size, default_device(device), torch_dtype)
 
     identity = json_normalise({
         "unet_sha256": unet_fingerprint(source_dir=model_dir), "preset": preset,
@@ -159,6 +148,17 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
         ckpt.remove()
     _barrier(world)
     return QuantizeResult(out, run.layer_stats, run.subsets_info, time.perf_counter() - start)
+
+
+def _load_checked_pipeline(model_dir: Path, calib: SamplingConfig, group_size: int, device: str,
+                           dtype: torch.dtype):
+    """The dense pipeline, refused when the resolution or the group size does not fit its U-Net."""
+    pipe = load_pipeline(model_dir, dtype=dtype, device=device)
+    check_resolution(pipe, calib.resolution)
+    indivisible = [n for n, m in select_layers(pipe.unet) if weight_matrix(m).shape[1] % group_size]
+    if indivisible:
+        raise ConfigError(f"group size {group_size} does not divide the input width of {indivisible[0]}")
+    return pipe
 
 
 def _check_model(model_dir: Path, preset: str) -> str:

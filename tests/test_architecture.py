@@ -37,17 +37,6 @@ RULES: dict[str, tuple[str, ...]] = {
 # Third-party packages only some layers may import: scikit-learn is a test extra (the digit judge).
 EXTERNAL_ONLY_IN: dict[str, tuple[str, ...]] = {"sklearn": ("vqdm.quantizer.evaluate",)}
 
-# Removed by the house redesign; the integrator empties this set when the branches merge.
-# An entry that is no longer a violation fails the test too, so the set only shrinks on purpose.
-KNOWN_VIOLATIONS = {
-    "vqdm.models.digits -> sklearn",  # the digit judge moves to quantizer/evaluate
-    "vqdm.quantizer.distill.cli -> vqdm.quantizer.quantize.config",  # DTYPES: shared runtime choices
-    "vqdm.quantizer.evaluate.cli -> vqdm.quantizer.quantize.config",
-    "vqdm.quantizer.recipes -> vqdm.quantizer.distill.config",  # DistillConfig: recipes move to distill
-    "vqdm.server.embedded -> vqdm.quantizer",  # the embedded default becomes a prebuilt artifact
-    "vqdm.server.loras -> vqdm.server.registry",  # a stale TYPE_CHECKING import (now loader.ServedModel)
-}
-
 
 @dataclass(frozen=True)
 class Violation:
@@ -134,15 +123,9 @@ def check_package(root: Path = PACKAGE) -> list[Violation]:
     return [v for mod, path in files.items() for v in check_module(mod, path.read_text(), names)]
 
 
-def against_known(violations: list[Violation], known: set[str]) -> tuple[list[str], list[str]]:
-    """(violations not in `known`, as module:line lines; entries of `known` that are no longer violations)."""
-    return ([str(v) for v in violations if v.key not in known], sorted(known - {v.key for v in violations}))
-
-
 def test_imports_follow_the_layer_rules():
-    new, gone = against_known(check_package(), KNOWN_VIOLATIONS)
-    assert not new, "imports that break the layer rules (docs/architecture.md):\n" + "\n".join(new)
-    assert not gone, ("no longer violations, remove them from KNOWN_VIOLATIONS:\n" + "\n".join(gone))
+    violations = [str(v) for v in check_package()]
+    assert not violations, "imports that break the layer rules (docs/architecture.md):\n" + "\n".join(violations)
 
 
 def test_every_rule_names_a_real_package_or_module():
@@ -173,12 +156,3 @@ def test_checker_reports_deliberate_violations():
     [v] = check_module("vqdm.models.fake", "if True:\n    from vqdm.server.registry import X\n", names)
     assert (v.line, v.rule) == (2, "no such module in vqdm (a stale import?)")
     assert check_module("vqdm.cli", "import vqdm.server.cli, vqdm.quantizer.quantize.cli\n", names) == []
-
-
-def test_known_violations_can_only_shrink_on_purpose():
-    names = set(package_modules())
-    found = check_module("vqdm.server.embedded", "from vqdm.quantizer import AQConfig\n", names)
-    key = "vqdm.server.embedded -> vqdm.quantizer"
-    assert against_known(found, {key}) == ([], [])  # listed: passes
-    assert against_known([], {key}) == ([], [key])  # fixed, but still listed: fails
-    assert against_known(found, set()) == ([f"vqdm/server/embedded.py:1: imports vqdm.quantizer: {found[0].rule}"], [])

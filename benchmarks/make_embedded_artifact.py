@@ -3,7 +3,7 @@
 quantizer at a cheap setting.
 
     python benchmarks/make_embedded_artifact.py [--out vqdm/models/pretrained/tiny-sdxl-digits-vq2]
-                                                [--codebooks 2] [--seed 0] [--codebook-dtype float32] [--force]
+                                                [--codebooks 2] [--seed 0] [--codebook-dtype float16] [--force]
 
 A step of its own rather than one of train_tiny.py: training takes an hour, quantizing takes
 seconds, and the artifact must be remade from the shipped dense folder whenever the quantizer or
@@ -12,11 +12,14 @@ the format changes, without retraining. Run it again after train_tiny.py.
 There is no calibration data, so H = identity: each layer minimises plain weight-space error
 instead of output error; on this model that still draws legible digits (tests/server/
 test_embedded.py has scikit-learn's judge score what the server serves). Until this script the
-server did exactly this at every start; the artifact holds the same tensors, so it serves the same
-images (`benchmarks/served_image_hash.py --check`). Hence:
+server did exactly this at every start. Hence:
   - one torch thread, as `served_image_hash.py` serves with: float reductions then run in one order;
-  - codebooks and scales stay float32 (the quantizer's output): stored as fp16, SPEC §6's default,
-    they would be 1.5 MB smaller, but all 11 images of `served_image_hash.py` change;
+  - codebooks and scales are stored as fp16, SPEC §6's format, so that the dense model and this
+    artifact together stay within the repository's 10 MB allowance for the demo model (9.25 MB;
+    float32 would be 10.76 MB). `--codebook-dtype float32` keeps the quantizer's output exactly,
+    which serves the very images start-up quantization served (benchmarks/results/
+    served_image_hash_after_redesign.json); fp16 changes them in the low bits, and the judge scores
+    the same 80% (benchmarks/results/digits_accuracy.json);
   - the artifact shares the dense folder's text encoders, tokenizers, VAE and scheduler, listing
     their hashes in its manifest instead of copying them, so the two stay small together.
 The manifest records the seed, the knobs, how long quantizing took and the median relative weight
@@ -82,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DIGITS_ARTIFACT_DIR)
     ap.add_argument("--codebooks", type=int, default=2, help="K (default 2: the shipped default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float32",
-                    help="codebooks and scales at rest (float32: exactly the quantizer's output)")
+    ap.add_argument("--codebook-dtype", choices=["float32", "float16"], default="float16",
+                    help="codebooks and scales at rest (float16: SPEC's format, the shipped default; "
+                         "float32: exactly the quantizer's output)")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

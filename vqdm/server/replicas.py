@@ -73,9 +73,8 @@ def peer_answer(status: int, content: bytes) -> tuple[int, dict[str, Any]] | Non
         body = json.loads(content)
     except ValueError:
         raise PeerUnusable("malformed", f"answered {status} with a body that is not JSON") from None
-    shaped = (isinstance(body, dict) and isinstance(body.get("id"), str) if status < 300
-              else isinstance(body, dict) and isinstance(body.get("error"), dict))
-    if not shaped:
+    key, kind = ("id", str) if status < 300 else ("error", dict)  # a request object; the OpenAI error shape
+    if not isinstance(body, dict) or not isinstance(body.get(key), kind):
         raise PeerUnusable("malformed", f"answered {status} with JSON that is not a vqdm reply")
     return status, body
 

@@ -80,7 +80,7 @@ def peer_answer(status: int, content: bytes) -> tuple[int, dict[str, Any]] | Non
 
 
 class Peers:
-    def __init__(self, advertise_url: str | None, peers: list[str], timeout_s: float = 2.0) -> None:
+    def __init__(self, advertise_url: str | None, peers: list[str], timeout_s: float) -> None:
         self.own = replica_token(advertise_url) if advertise_url else None
         self.advertise_url = advertise_url.rstrip("/") if advertise_url else None
         self.entries = peers

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan,
                   description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API.")
     app.state.settings = settings
-    app.state.peers = peers = Peers(settings.advertise_url, settings.peers)
+    app.state.peers = peers = Peers(settings.advertise_url, settings.peers, settings.peer_timeout_s)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(edits_router)

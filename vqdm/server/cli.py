@@ -19,6 +19,7 @@ _SERVE_FLAGS = {
     "log_level": "log_level", "device": "devices", "dtype": "dtype", "backend": "backend",
     "weight_cache": "weight_cache", "no_warmup": "warmup", "warmup_size": "warmup_size",
     "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
+    "peer_timeout": "peer_timeout_s",
     "lora": "loras", "lora_memory_budget": "lora_memory_budget",
 }
 
@@ -59,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--advertise-url", help="this replica's URL as peers reach it (job ids name it)")
     p.add_argument("--peer", action="append", metavar="URL|dns:HOST:PORT",
                    help="peer replica(s) for status/cancel of their jobs (repeatable)")
+    p.add_argument("--peer-timeout", type=float, metavar="SECONDS",
+                   help="a peer asked about a job must answer within this (default 2)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
     p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA weights per device (default 1GB)")

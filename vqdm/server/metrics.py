@@ -25,6 +25,8 @@ What counts as what:
   is a name configured with --lora, never user input).
 - vqdm_image_edits_total{model,kind}: edits that succeeded, `kind` img2img or inpaint. Edits also
   count in vqdm_requests_total and the duration histograms, like generations.
+- vqdm_peer_errors_total{reason}: peer replicas skipped while looking for a job held elsewhere
+  (server.replicas), `reason` one of PEER_ERROR_REASONS; never a peer's address.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
                     60.0, 120.0, 180.0, 300.0, 600.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Why a peer replica gave no usable answer (server.replicas): timed out, connection failed, a 5xx
+# or redirect, a body that is no vqdm reply, a dns: peer entry that did not resolve.
+PEER_ERROR_REASONS = ("timeout", "unreachable", "bad_status", "malformed", "unresolved")
 
 
 def _peak_rss_bytes() -> float:
@@ -102,6 +107,10 @@ class Metrics:
                                  ["model", "lora"], registry=r)
         self.edits = Counter("vqdm_image_edits_total", "Finished POST /v1/images/edits requests by kind",
                              ["model", "kind"], registry=r)
+        self.peer_errors = Counter("vqdm_peer_errors_total", "Peer replicas skipped during a job lookup, by reason",
+                                   ["reason"], registry=r)
+        for reason in PEER_ERROR_REASONS:  # every series exists from the start: rate() sees the first error
+            self.peer_errors.labels(reason)
 
     # -- what a batch and its jobs add (the dispatcher calls these) -------------------------------
     def batch_started(self, model_id: str, queued_since: list[float], rows: int, now: float) -> None:

@@ -71,7 +71,8 @@ async def _own_job(request: Request, state: ServerState, request_id: str) -> Job
     if job is not None:
         return job
     if not request.headers.get(FORWARDED_HEADER):
-        answer = await request.app.state.peers.forward(request.method, request_id, dict(request.headers))
+        answer = await request.app.state.peers.forward(request.method, request_id, dict(request.headers),
+                                                       state.metrics)
         if answer is not None:
             return JSONResponse(answer[1], status_code=answer[0])
     raise APIError(404, f"no request {request_id!r} (unknown, expired after "

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     advertise_url: str | None = Field(None, description="this replica's address as its peers reach it")
     peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="peer base URLs, or dns:HOST:PORT (every address HOST resolves to)")
+    peer_timeout_s: float = Field(
+        2.0, gt=0, description="peers are asked at once about a job not found here; one that has not answered "
+                               "within this is skipped")
     verify_artifacts: bool = True
 
     # LoRA adapters (vqdm.server.loras).

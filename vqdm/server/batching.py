@@ -12,7 +12,8 @@ once (on one GPU that would not add throughput, only memory).
 
 Every job ends with exactly one outcome. What a failed batch or a stalled device does is the
 failure policy's (`vqdm.server.failures`, docs/server.md "Faults"); the job registry behind
-GET /v1/requests/{id} is `vqdm.server.jobs.JobRegistry`; warm-up is `vqdm.server.warmup`. Drain
+GET /v1/requests/{id} is `vqdm.server.jobs.JobRegistry`, which forgets each job on its own
+retention clock however it ended; warm-up is `vqdm.server.warmup`. Drain
 (`drain`) refuses new jobs, waits for the rest up to a deadline, then ends what is left as
 `shutdown`.
 """
@@ -222,7 +223,6 @@ class Dispatcher:
             else:
                 self.metrics.job_succeeded(model.id, job.params, len(images), outcome.weight_decode_s)
                 job.finish(JobState.SUCCEEDED, result=JobResult(images, revised, dict(timings), rows))
-            self.jobs.forget_later(job)
 
     # -- shutdown ---------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
@@ -243,7 +243,6 @@ class Dispatcher:
                 if not job.state.finished:
                     job.request_cancel("shutdown")
                     finish_cancelled(job, self.metrics)
-                    self.jobs.forget_later(job)
             self.running.clear()
             self._check_idle()
         self._drained = True

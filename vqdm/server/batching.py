@@ -1,7 +1,8 @@
 """Bounded job queue, batching, and one worker per device.
 
 Admission: `submit` refuses with `QueueFull` (→ 429 + Retry-After) when `max_queue_size` jobs
-already wait; running jobs do not count. Batching: a worker takes the oldest waiting job and every
+already wait, or when the edits waiting would hold more than `max_queued_edit_pixels` pixels of
+input; running jobs do not count. Batching: a worker takes the oldest waiting job and every
 later waiting job with the same `batch_key()` while the batch holds at most `max_batch_size`
 images (a job is never split; one larger than the limit runs alone). Every model has a replica on
 every device and all workers share one queue, so a second GPU simply takes the next batch.
@@ -41,8 +42,10 @@ log = logging.getLogger("vqdm.server")
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"queue full, retry in {retry_after}s")
+    """`str(e)` says which bound is full, for the 429's message."""
+
+    def __init__(self, why: str, retry_after: int) -> None:
+        super().__init__(why)
         self.retry_after = retry_after
 
 
@@ -87,8 +90,15 @@ class Dispatcher:
             raise Unhealthy(self.unhealthy)
         if not self.accepting:
             raise NotAccepting()
-        if len(self.pending) >= self.settings.max_queue_size:
-            raise QueueFull(self.retry_after())
+        s = self.settings
+        if len(self.pending) >= s.max_queue_size:
+            raise QueueFull(f"queue full ({s.max_queue_size} requests waiting)", self.retry_after())
+        if job.params.edit_pixels:
+            held = sum(j.params.edit_pixels for j in self.pending)
+            if held + job.params.edit_pixels > s.max_queued_edit_pixels:
+                raise QueueFull(f"edit queue full: the edits waiting hold {held} pixels of input and this one "
+                                f"{job.params.edit_pixels}, over this server's max_queued_edit_pixels of "
+                                f"{s.max_queued_edit_pixels}", self.retry_after())
         self.pending.append(job)
         self.jobs.remember(job)
         self._idle.clear()

@@ -61,6 +61,12 @@ class GenerationParams:
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
 
     @property
+    def edit_pixels(self) -> int:
+        """Pixels of input an edit holds while it waits (its image, and mask, at the output size); 0 for a
+        generation."""
+        return self.width * self.height if self.edit is not None else 0
+
+    @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
 

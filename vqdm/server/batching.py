@@ -1,7 +1,8 @@
 """Bounded job queue, batching, and one worker per device.
 
 Admission: `submit` refuses with `QueueFull` (→ 429 + Retry-After) when `max_queue_size` jobs
-already wait; running jobs do not count. Batching: a worker takes the oldest waiting job and every
+already wait, or when the edits waiting would hold more than `max_queued_edit_pixels` pixels of
+input; running jobs do not count. Batching: a worker takes the oldest waiting job and every
 later waiting job with the same `batch_key()` while the batch holds at most `max_batch_size`
 images (a job is never split; one larger than the limit runs alone). Every model has a replica on
 every device and all workers share one queue, so a second GPU simply takes the next batch.
@@ -12,7 +13,8 @@ once (on one GPU that would not add throughput, only memory).
 
 Every job ends with exactly one outcome. What a failed batch or a stalled device does is the
 failure policy's (`vqdm.server.failures`, docs/server.md "Faults"); the job registry behind
-GET /v1/requests/{id} is `vqdm.server.jobs.JobRegistry`; warm-up is `vqdm.server.warmup`. Drain
+GET /v1/requests/{id} is `vqdm.server.jobs.JobRegistry`, which forgets each job on its own
+retention clock however it ended; warm-up is `vqdm.server.warmup`. Drain
 (`drain`) refuses new jobs, waits for the rest up to a deadline, then ends what is left as
 `shutdown`.
 """
@@ -40,8 +42,10 @@ log = logging.getLogger("vqdm.server")
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"queue full, retry in {retry_after}s")
+    """`str(e)` says which bound is full, for the 429's message."""
+
+    def __init__(self, why: str, retry_after: int) -> None:
+        super().__init__(why)
         self.retry_after = retry_after
 
 
@@ -86,8 +90,15 @@ class Dispatcher:
             raise Unhealthy(self.unhealthy)
         if not self.accepting:
             raise NotAccepting()
-        if len(self.pending) >= self.settings.max_queue_size:
-            raise QueueFull(self.retry_after())
+        s = self.settings
+        if len(self.pending) >= s.max_queue_size:
+            raise QueueFull(f"queue full ({s.max_queue_size} requests waiting)", self.retry_after())
+        if job.params.edit_pixels:
+            held = sum(j.params.edit_pixels for j in self.pending)
+            if held + job.params.edit_pixels > s.max_queued_edit_pixels:
+                raise QueueFull(f"edit queue full: the edits waiting hold {held} pixels of input and this one "
+                                f"{job.params.edit_pixels}, over this server's max_queued_edit_pixels of "
+                                f"{s.max_queued_edit_pixels}", self.retry_after())
         self.pending.append(job)
         self.jobs.remember(job)
         self._idle.clear()
@@ -222,7 +233,6 @@ class Dispatcher:
             else:
                 self.metrics.job_succeeded(model.id, job.params, len(images), outcome.weight_decode_s)
                 job.finish(JobState.SUCCEEDED, result=JobResult(images, revised, dict(timings), rows))
-            self.jobs.forget_later(job)
 
     # -- shutdown ---------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
@@ -243,7 +253,6 @@ class Dispatcher:
                 if not job.state.finished:
                     job.request_cancel("shutdown")
                     finish_cancelled(job, self.metrics)
-                    self.jobs.forget_later(job)
             self.running.clear()
             self._check_idle()
         self._drained = True

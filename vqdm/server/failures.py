@@ -90,7 +90,6 @@ class FailurePolicy:
             finish_cancelled(job, self.dispatcher.metrics)
         else:
             job.finish(JobState.FAILED, error=code)  # counted in vqdm_errors_total as its reply goes out
-        self.dispatcher.jobs.forget_later(job)
 
     def guarded(self, device: str, fn, replica, members, prompts):
         """Runs in the device's thread: the batch under the watchdog (and the test fault hook)."""

@@ -85,8 +85,8 @@ async def submit_and_reply(request: Request, state: ServerState, params, owner: 
     try:
         state.dispatcher.submit(job)
     except QueueFull as e:
-        raise APIError(429, f"queue full ({state.settings.max_queue_size} requests waiting); retry in "
-                            f"{e.retry_after}s", code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+        raise APIError(429, f"{e}; retry in {e.retry_after}s", code="queue_full",
+                       headers={"Retry-After": str(e.retry_after)}) from None
     except Unhealthy as e:
         raise _unhealthy(str(e)) from None
     except NotAccepting:

@@ -8,17 +8,19 @@ it polls at every denoising step) and reports progress back through `loop.call_s
        └──────────┴──────► cancelled      (DELETE, client gone, timeout, or shutdown deadline)
 
 `JobRegistry` keeps live and recently finished jobs for GET/DELETE /v1/requests/{id}: by the
-server's id and by (API key, client label), each finished job for `job_retention_s` seconds.
+server's id and by (API key, client label). However a job ends (`Job.finish`, the one way to end
+one), it drops its edit input at once and the registry forgets it `job_retention_s` later.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from vqdm.server.metrics import Metrics
@@ -57,6 +59,12 @@ class GenerationParams:
     output_compression: int | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
+
+    @property
+    def edit_pixels(self) -> int:
+        """Pixels of input an edit holds while it waits (its image, and mask, at the output size); 0 for a
+        generation."""
+        return self.width * self.height if self.edit is not None else 0
 
     @property
     def seeds(self) -> list[int]:
@@ -99,6 +107,7 @@ class Job:
     error: str | None = None  # a short code (vqdm.server.failures), never exception text
     result: JobResult | None = None
     cancel_flag: threading.Event = field(default_factory=threading.Event)
+    on_end: Callable[["Job"], None] | None = None  # called once, when the job ends (JobRegistry's retention)
 
     def __post_init__(self) -> None:
         self.total_steps = self.params.steps
@@ -126,8 +135,13 @@ class Job:
         self.state = state
         self.result, self.error = result, error
         self.finished_at = time.perf_counter()
+        # The edit's pixels are needed no more. A batch still running holds its own reference to them
+        # (a job ended by the drain deadline or the watchdog), so only the job's is dropped.
+        self.params = dataclasses.replace(self.params, edit=None)
         self.publish(state.value)
         self.done.set()
+        if self.on_end is not None:
+            self.on_end(self)
 
     def request_cancel(self, reason: str) -> None:
         """Ask for cancellation; the queue or the worker carries it out and finishes the job."""
@@ -184,8 +198,9 @@ def job_ids(batch: list[Job]) -> str:
 
 
 class JobRegistry:
-    """Live and recently finished jobs (event loop only). A finished job is forgotten
-    `retention_s` seconds after it ends; past `max_jobs` the oldest finished one goes at once."""
+    """Live and recently finished jobs (event loop only). A job is forgotten `retention_s` seconds
+    after it ends, whatever way it ended (it tells the registry itself: `Job.on_end`); past
+    `max_jobs` the oldest finished one goes at once."""
 
     def __init__(self, retention_s: float, max_jobs: int = MAX_REMEMBERED_JOBS) -> None:
         self.retention_s = retention_s
@@ -200,6 +215,7 @@ class JobRegistry:
         return len(self._by_id)
 
     def remember(self, job: Job) -> None:
+        job.on_end = self._forget_later
         self._by_id[job.id] = job
         if job.label is not None:
             self._by_label[(job.owner, job.label)] = job
@@ -221,7 +237,7 @@ class JobRegistry:
         """The latest job this key submitted under the client label `label`."""
         return self._by_label.get((owner, label))
 
-    def forget_later(self, job: Job) -> None:
+    def _forget_later(self, job: Job) -> None:
         """A job just ended: it stays visible for the retention time."""
         asyncio.get_running_loop().call_later(self.retention_s, self.forget, job)
 

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
 
     # Admission and batching.
     max_queue_size: int = Field(32, ge=1, description="jobs waiting (not running); beyond it: 429")
+    max_queued_edit_pixels: int = Field(
+        16 * 2048 * 2048, ge=64 * 64,
+        description="input pixels (width * height at the output size) the waiting edits may hold together, 4 bytes "
+                    "each (Pillow's RGB), 5 with a mask; beyond it: 429. At least max_pixels")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call")
     batch_wait_ms: float = Field(0.0, ge=0, description="wait this long for batch mates when idle")
     request_timeout_s: float = Field(600.0, gt=0, description="queue + run; beyond it: 504 and the job is cancelled")
@@ -173,6 +177,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: a request's "
                                  "images run in one batch; raise max_batch_size or lower max_n")
             self.max_n = self.max_batch_size
+        if self.max_queued_edit_pixels < self.max_pixels:
+            # Below it, one edit of the largest size could never be admitted.
+            if "max_queued_edit_pixels" in self.model_fields_set:
+                raise ValueError(f"max_queued_edit_pixels {self.max_queued_edit_pixels} is below max_pixels "
+                                 f"{self.max_pixels}: an edit of the largest size could never wait in the queue; "
+                                 "raise max_queued_edit_pixels or lower max_pixels")
+            self.max_queued_edit_pixels = self.max_pixels
         return self
 
     def model_specs(self) -> list[ModelSpec]:

@@ -27,6 +27,7 @@ from vqdm.server.metrics import Metrics
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from vqdm.server.replicas import Peers
 from vqdm.server.routes import router
+from vqdm.server.schemas import ErrorResponse
 from vqdm.server.settings import Settings
 from vqdm.server.state import ServerState
 from vqdm.server.warmup import warm_up
@@ -100,7 +101,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
                 metrics_server.shutdown()
             log.info("shut down")
 
-    app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan,
+    # Every error is OpenAI's shape (server.errors), never FastAPI's default 422 body: say so in the schema.
+    errors = {"model": ErrorResponse, "description": "an error, in OpenAI's shape"}
+    app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan, responses={"4XX": errors, "5XX": errors},
                   description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API.")
     app.state.settings = settings
     app.state.peers = peers = Peers(settings.advertise_url, settings.peers, settings.peer_timeout_s)

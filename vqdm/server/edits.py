@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
 from vqdm.server.errors import APIError, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
-from vqdm.server.schemas import ImageGenerationRequest
+from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
 from vqdm.server.state import ServerState
 from vqdm.server.validation import resolve_model, validate
 
@@ -37,6 +37,27 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 _IGNORED_FIELDS = ("input_fidelity",)
 
 router = APIRouter()
+
+# The form this route reads by hand (`_read_form`), declared for GET /openapi.json and /docs.
+EDIT_REQUEST_BODY = {"required": True, "content": {"multipart/form-data": {
+    "schema": {
+        "type": "object",
+        "required": ["image", "prompt"],
+        "properties": {
+            "image": {"type": "string", "format": "binary",
+                      "description": "PNG, JPEG or WEBP; at most max_image_bytes and max_image_pixels"},
+            "mask": {"type": "string", "format": "binary",
+                     "description": "same size as image; transparent (or, if opaque, white) = repaint"},
+            **form_fields_schema(ImageGenerationRequest),
+            "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                         "description": "default 0.75 for img2img, 1.0 for inpainting"},
+            **{name: {"type": "string", "description": "accepted for OpenAI's client; ignored"}
+               for name in _IGNORED_FIELDS},
+        },
+        "additionalProperties": False,
+    },
+    "encoding": {name: {"contentType": "image/png, image/jpeg, image/webp"} for name in ("image", "mask")},
+}}}
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> APIError:
@@ -121,7 +142,7 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
         raise _bad(f"strength must be a number in (0, 1] (got {strength!r})", "strength") from None
 
 
-@router.post(EDITS_PATH)
+@router.post(EDITS_PATH, openapi_extra={"requestBody": EDIT_REQUEST_BODY})
 async def edit_images(request: Request):
     state: ServerState = request.app.state.vqdm
     scope_state = request.scope["state"]

@@ -11,7 +11,7 @@ from vqdm.server.errors import APIError, validation_error
 from vqdm.server.handling import authorize, get_state, require_ready, submit_and_reply
 from vqdm.server.jobs import Job
 from vqdm.server.replicas import FORWARDED_HEADER
-from vqdm.server.schemas import ImageGenerationRequest
+from vqdm.server.schemas import ImageGenerationRequest, openapi_schema
 from vqdm.server.state import ServerState
 from vqdm.server.validation import validate
 
@@ -104,7 +104,7 @@ async def cancel_request(request_id: str, request: Request):
 
 
 # -- generation -----------------------------------------------------------------------------------
-_SCHEMA = ImageGenerationRequest.model_json_schema()
+_SCHEMA = openapi_schema(ImageGenerationRequest)
 
 
 @router.post("/v1/images/generations", openapi_extra={

@@ -19,7 +19,7 @@ _SERVE_FLAGS = {
     "log_level": "log_level", "device": "devices", "dtype": "dtype", "backend": "backend",
     "weight_cache": "weight_cache", "no_warmup": "warmup", "warmup_size": "warmup_size",
     "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
-    "lora": "loras", "lora_memory_budget": "lora_memory_budget",
+    "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
 }
 
 
@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="VQ kernel backend (default auto)")
     p.add_argument("--weight-cache", metavar="POLICY", help="none | request | budget=BYTES")
     p.add_argument("--no-warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.add_argument("--no-verify-artifacts", action="store_const", const=False,
+                   help="skip the sha256 of artifact files at start-up (the layout is still checked)")
     p.add_argument("--warmup-size", choices=("auto", "max", "default"),
                    help="max: the worst case the limits admit; default: the model's size; auto (default): max on GPU")
     p.add_argument("--stall-timeout", type=float, metavar="SECONDS",

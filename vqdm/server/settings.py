@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     backend: str = Field("auto", description="kernel backend for VQ layers (vqdm.kernels)")
     weight_cache: str = Field("none", description="none | request | budget=BYTES (vqdm.models.weight_cache)")
+    verify_artifacts: bool = Field(
+        True, description="check the sha256 of every artifact file at start-up (seconds per GB); off skips only "
+                          "the hashes: paths, links and unlisted files are always checked")
     warmup: bool = True
     warmup_steps: int = Field(1, ge=1)
     warmup_size: Literal["auto", "max", "default"] = Field(
@@ -113,7 +116,6 @@ class Settings(BaseSettings):
     advertise_url: str | None = Field(None, description="this replica's address as its peers reach it")
     peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="peer base URLs, or dns:HOST:PORT (every address HOST resolves to)")
-    verify_artifacts: bool = True
 
     # LoRA adapters (vqdm.server.loras).
     loras: Annotated[list[str], NoDecode] = Field(

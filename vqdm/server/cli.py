@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="peer replica(s) for status/cancel of their jobs (repeatable)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
-    p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA weights per device (default 1GB)")
+    p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA adapters per model and device, cached compute-dtype copies included (default 1GB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")

@@ -67,7 +67,8 @@ class ServedModel:
     loras: dict[str, dict] = field(default_factory=dict)  # name -> card of each LoRA attached to it
 
     def card(self, detail: bool = False) -> dict[str, Any]:
-        """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}])."""
+        """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}]); no file paths
+        (clients cannot use them, and they tell how the host is laid out): the start-up log has them."""
         out: dict[str, Any] = {
             "id": self.id, "object": "model", "created": self.created, "owned_by": "vqdm",
             "family": self.family,
@@ -79,7 +80,7 @@ class ServedModel:
             "loras": list(self.loras.values()),
         }
         if detail:
-            out.update(source=self.source, devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
+            out.update(devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
         return out
 
 

@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     # LoRA adapters (vqdm.server.loras).
     loras: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="NAME=PATH (.safetensors) or a folder of them, loaded at start-up")
-    lora_memory_budget: str = Field("1GB", description="bytes of LoRA weights per device, e.g. 1GB, 512MiB")
+    lora_memory_budget: str = Field(
+        "1GB", description="bytes of LoRA adapters per model and device, e.g. 1GB, 512MiB: each at rest (fp16) plus "
+                           "the branch set a request builds and caches, in compute dtype (vqdm.server.loras)")
 
     # The embedded default (served when no model is given): the K and seed its prebuilt artifact was
     # made with; another pair is refused with the command that makes it (vqdm.server.embedded).

@@ -440,7 +440,8 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   verify: bool = True):
-    """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest."""
+    """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest.
+    `verify=False` skips the sha256 of every file (seconds per GB), never the layout checks."""
     from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,83 @@ def test_manifest_hash_names_the_artifact(artifact, tmp_path):
     mf = path / MANIFEST_FILE
     mf.write_text(mf.read_text().replace('"tiny-sdxl"', '"someone-else"'))
     assert inspect_artifact(path)["manifest_sha256"] != info["manifest_sha256"]
+
+
+@pytest.mark.parametrize("entry", ["../secret", "unet/../../secret", "/ABSOLUTE", "unet//config.json"])
+def test_manifest_entry_outside_the_artifact_is_refused(artifact, tmp_path, entry):
+    """An entry naming a file outside the artifact, listed with that file's true hash: refused
+    with the entry named (main hashed it and accepted it)."""
+    from vqdm.models.artifact import read_manifest, verify_files
+
+    path = _copy(artifact, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text("a file outside the artifact")
+    entry = str(secret) if entry == "/ABSOLUTE" else entry
+    manifest = read_manifest(path)
+    manifest["files"][entry] = sha256_file(path / entry)
+    with pytest.raises(ArtifactError, match=f"file entry {entry!r} is not a plain path inside the artifact"):
+        verify_files(path, manifest)
+
+
+@pytest.fixture
+def shared_artifact(tmp_path):
+    """A copy of the embedded default: an artifact sharing its dense neighbour's components."""
+    from vqdm.models.digits import DIGITS_ARTIFACT_DIR, DIGITS_MODEL_DIR
+
+    for src in (DIGITS_MODEL_DIR, DIGITS_ARTIFACT_DIR):
+        shutil.copytree(src, tmp_path / src.name)
+    return tmp_path / DIGITS_ARTIFACT_DIR.name
+
+
+def test_shared_components_are_the_one_place_outside(shared_artifact):
+    """The declared components folder is checked like the artifact: its files are accepted, a `..`
+    beyond it is not, even with the escaped file's true hash."""
+    from vqdm.models.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(shared_artifact)
+    verify_files(shared_artifact, manifest)
+    escape = f"{manifest['components']}/../outside.txt"
+    (shared_artifact.parent / "outside.txt").write_text("not a component")
+    manifest["files"][escape] = sha256_file(shared_artifact / escape)
+    with pytest.raises(ArtifactError, match="is not a plain path inside the artifact or its declared components"):
+        verify_files(shared_artifact, manifest)
+
+
+@pytest.mark.parametrize("where", ["component folder", "listed file", "shared component folder"])
+def test_symbolic_links_are_refused(artifact, shared_artifact, tmp_path, where):
+    """A linked folder hid an unlisted model.safetensors from the unlisted-file check; a linked
+    file or folder passed as what it points to. All refused, in the artifact and its shared folder."""
+    from vqdm.models.artifact import read_manifest, verify_files
+
+    path = _copy(artifact, tmp_path) if where != "shared component folder" else shared_artifact
+    outside = tmp_path / "elsewhere"
+    if where == "listed file":
+        link = path / "vae" / "config.json"
+        outside.mkdir()
+        shutil.move(link, outside / "config.json")
+        link.symlink_to(outside / "config.json")
+    else:
+        link = (path if where == "component folder" else path.parent / "tiny-sdxl-digits") / "vae"
+        shutil.move(link, outside)
+        if where == "component folder":  # the reproduction: hidden from the unlisted-file check
+            (outside / "model.safetensors").write_bytes(b"unlisted weights")
+        link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="symbolic link") as e:
+        verify_files(path, read_manifest(path))
+    assert Path(e.value.path).is_symlink() and Path(e.value.path).name == link.name
+
+
+def test_without_hashes_the_layout_is_still_checked(artifact, tmp_path):
+    """verify=False (the server's verify_artifacts off) skips only the sha256: an edited file
+    loads, an unlisted one is still refused."""
+    from vqdm.models.artifact import read_manifest, verify_files
+
+    path = _copy(artifact, tmp_path)
+    cfg = path / "vae" / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        verify_files(path, read_manifest(path))
+    verify_files(path, read_manifest(path), hashes=False)
+    (path / "unet" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="not listed in the manifest"):
+        verify_files(path, read_manifest(path), hashes=False)

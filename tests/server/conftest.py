@@ -98,7 +98,7 @@ def tools():
     import types
 
     return types.SimpleNamespace(decode_png=decode_png, metric_samples=metric_samples, delta=delta,
-                                 wait_ready=wait_ready)
+                                 wait_ready=wait_ready, free_port=free_port)
 
 
 class LiveServer:

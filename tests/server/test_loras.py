@@ -60,7 +60,11 @@ def test_listing_per_request_adapters_errors_and_metrics(make_client, tools, lor
     assert [a["name"] for a in cards["tiny"]] == ["pixel-art", "glow", "ink"] == [a["name"] for a in cards["turbo"]]
     pixel = cards["tiny"][0]
     assert pixel["rank"] == 4 and pixel["components"] == ["unet"] and pixel["bytes"] > 0
-    assert c.get("/v1/models/tiny").json()["loras"][2]["rank"] == 8
+    detail = c.get("/v1/models/tiny")
+    assert detail.json()["loras"][2]["rank"] == 8
+    for text in (c.get("/v1/models").text, detail.text):  # no file paths: the start-up log has them
+        assert str(loras) not in text and "safetensors" not in text and '"source"' not in text
+    assert pixel["scale_range"] == [-2.0, 2.0]
 
     before = tools.metric_samples(c.get("/metrics").text)
     base = image(tools, c.post(GEN, json=body()))
@@ -165,6 +169,45 @@ def test_bad_adapter_stops_start_up_with_the_key(served_models, loras, tmp_path)
                 time.sleep(0.02)
             assert fatal and needle in fatal[0], fatal
             assert c.get("/healthz").status_code == 503
+
+
+def test_budget_counts_the_cached_branch_and_reads_the_header_first(make_client, served_models, loras, tmp_path):
+    """On CPU an active adapter's branch is cached in fp32, twice its fp16 at rest: the budget counts
+    both (3x the adapter's bytes fits, one byte less does not). A file too big for the budget is
+    refused from its header, before its tensors are read."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from vqdm.models.lora import load_lora
+    from vqdm.server.app import create_app
+    from vqdm.server.settings import Settings
+
+    pixel = loras / "pixel.safetensors"
+    replica = served_models[0].replicas["cpu"]
+    assert replica.pipe.unet.dtype == torch.float32
+    at_rest = load_lora(pixel, replica.pipe).nbytes  # fp16
+    huge = tmp_path / "huge.safetensors"  # a header claiming 128 MB of fp16 weights over a sparse file
+    header = json.dumps({"unet.conv_in.lora_A.weight": {"dtype": "F16", "shape": [65536, 1024],
+                                                        "data_offsets": [0, 1 << 27]}}).encode()
+    with huge.open("wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + (1 << 27))
+
+    for entries, budget, needle in (([f"pixel-art={pixel}"], str(3 * at_rest - 1), "cached while requests use it"),
+                                     ([str(huge)], "64MB", "the file was not read")):
+        fatal: list[str] = []
+        app = create_app(Settings(devices=["cpu"], loras=entries, lora_memory_budget=budget),
+                         loader=lambda s, d: list(served_models), on_fatal=fatal.append)
+        with TestClient(app):
+            deadline = time.monotonic() + 60
+            while not fatal and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert fatal and "does not fit the LoRA memory budget" in fatal[0] and needle in fatal[0], fatal
+
+    c = make_client(loras=[f"pixel-art={pixel}"], lora_memory_budget=str(3 * at_rest))
+    assert c.post(GEN, json=body(loras=[{"name": "pixel-art", "scale": 1.0}])).status_code == 200
+    assert replica.loras.cached_nbytes == 2 * at_rest  # what the budget counted is what is held
 
 
 def test_settings_and_cli(loras, tmp_path, monkeypatch, tiny_artifact):

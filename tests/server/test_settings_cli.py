@@ -44,6 +44,30 @@ def test_flags_win_over_environment(monkeypatch):
     assert (s.port, s.max_queue_size, s.warmup) == (9100, 7, False)
 
 
+def test_verify_artifacts_takes_effect_both_ways(tiny_artifact, tmp_path, monkeypatch):
+    """An artifact whose weights were edited in place (same size, still loadable): refused at load
+    with verify_artifacts on (the default), loaded with it off (`--no-verify-artifacts`), which skips
+    the hashing of GB-sized files at start-up."""
+    import shutil
+
+    from vqdm.errors import ArtifactError
+    from vqdm.models.artifact import WEIGHTS_FILE
+    from vqdm.server.cli import build_settings
+    from vqdm.server.loader import load_model
+
+    path = tmp_path / "edited"
+    shutil.copytree(tiny_artifact, path)
+    weights = bytearray((path / WEIGHTS_FILE).read_bytes())
+    weights[-2] ^= 1  # the low byte of the last fp16 value: a slightly different weight, a different hash
+    (path / WEIGHTS_FILE).write_bytes(bytes(weights))
+    spec = ModelSpec("edited", path)
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        load_model(spec, Settings(devices=["cpu"]), ["cpu"])
+    assert load_model(spec, Settings(devices=["cpu"], verify_artifacts=False), ["cpu"]).quantization["layers"] > 0
+    monkeypatch.delenv("VQDM_VERIFY_ARTIFACTS", raising=False)
+    assert build_settings(argparse.Namespace(no_verify_artifacts=False)).verify_artifacts is False
+
+
 @pytest.mark.parametrize("argv,message", [
     (["serve", "--max-batch-size", "0"], "max_batch_size"),
     (["serve", "--weight-cache", "sometimes"], "weight-cache mode"),

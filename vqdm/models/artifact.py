@@ -13,6 +13,10 @@ ships beside its dense model): the manifest then names that folder (`components`
 to the artifact) and lists its files, with their sha256, under paths relative to the artifact
 (`../tiny-sdxl-digits/vae/...`), so they are checked like the artifact's own.
 
+Every manifest entry lies inside the artifact, or inside that declared components folder: no
+absolute paths, no '..' beyond the declared prefix. No symbolic link is accepted inside either
+folder (the folders themselves may be links, e.g. mounts).
+
 `save_artifact` and `load_artifact` are the pair; loading verifies hashes, names and shapes and
 raises `ArtifactError(file, reason)` rather than letting torch fail deep inside.
 No pickles: safetensors and JSON only.
@@ -207,24 +211,74 @@ def _make_readable(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+_LINK_REASON = "a symbolic link inside the artifact: vqdm refuses links there (copy the file or folder in)"
+
+
+def _tree_files(root: Path, tops: list[str] | None = None) -> list[str]:
+    """The files under `root` (or under its entries `tops`), as POSIX paths relative to it. A
+    symbolic link anywhere in there is refused: a linked folder hides its files from the check of
+    what is listed, and a link can point anywhere."""
+    out = []
+    for top in tops if tops is not None else [""]:
+        start = root / top
+        if top and start.is_symlink():  # the root itself may be a link (a mount); nothing inside it
+            raise ArtifactError(start, _LINK_REASON)
+        if start.is_file():
+            out.append(top)
+            continue
+        for folder, dirs, files in os.walk(start):  # never follows links: each is refused instead
+            for name in dirs + files:
+                p = Path(folder, name)
+                if p.is_symlink():
+                    raise ArtifactError(p, _LINK_REASON)
+                if name in files:
+                    out.append(p.relative_to(root).as_posix())
+    return sorted(out)
+
+
 def _component_files(folder: Path) -> list[str]:
     """The files a pipeline load reads from `folder` besides the U-Net: model_index.json and the components."""
-    return ["model_index.json"] + sorted(str(p.relative_to(folder)) for name in COMPONENTS
-                                        for p in (folder / name).rglob("*") if p.is_file())
+    return _tree_files(folder, ["model_index.json", *COMPONENTS])
+
+
+def _shared_prefix(path: Path, manifest: dict) -> str | None:
+    """The manifest's `components` folder as written (a normalized relative path), or None."""
+    shared = manifest.get("components")
+    if shared is None:
+        return None
+    if not isinstance(shared, str) or not shared or Path(shared).is_absolute() or os.path.normpath(shared) != shared \
+            or shared == ".":
+        raise ArtifactError(path / MANIFEST_FILE, f"components {shared!r} must be a normalized path relative to the "
+                                                  "artifact (e.g. '../sdxl-base')")
+    return shared
 
 
 def components_dir(path: str | Path, manifest: dict) -> Path:
     """The folder the non-U-Net components load from: the artifact itself, or the folder it shares them with."""
     path = Path(path)
-    shared = manifest.get("components")
+    shared = _shared_prefix(path, manifest)
     if shared is None:
         return path
-    if not isinstance(shared, str) or Path(shared).is_absolute():
-        raise ArtifactError(path / MANIFEST_FILE, f"components {shared!r} must be a path relative to the artifact")
     folder = path / shared
     if not (folder / "model_index.json").is_file():
         raise ArtifactError(folder, "the folder whose components this artifact shares is missing (no model_index.json)")
     return folder
+
+
+def _listed_path(path: Path, shared: str | None, rel) -> Path:
+    """Where manifest entry `rel` is: inside the artifact, or inside the components folder it
+    declares (entries there start with that folder's relative path). No other place: an entry
+    is a plain relative path, written the one way (no '.', '..', '//', trailing '/')."""
+    if not isinstance(rel, str):
+        raise ArtifactError(path / MANIFEST_FILE, f"file entry {rel!r} is not a path")
+    root, inner = path, rel
+    if shared is not None and rel.startswith(shared + "/"):
+        root, inner = path / shared, rel[len(shared) + 1:]
+    if any(part in ("", ".", "..") for part in inner.split("/")):  # "" also catches an absolute path
+        raise ArtifactError(path / MANIFEST_FILE, f"file entry {rel!r} is not a plain path inside the artifact or "
+                                                  "its declared components folder (absolute paths and '..', '.' or "
+                                                  "empty parts are refused)")
+    return root / inner
 
 
 def _whole_subsets(unet: nn.Module, vq_names: list[str]) -> list[str]:
@@ -293,28 +347,33 @@ def manifest_sha256(path: str | Path) -> str:
     return sha256_file(Path(path) / MANIFEST_FILE)
 
 
-def verify_files(path: str | Path, manifest: dict) -> None:
-    """Every file listed exists and matches its sha256; the weights and config are listed; no file
-    the manifest does not list is present (it would be loaded, or could be, without a check)."""
+def verify_files(path: str | Path, manifest: dict, hashes: bool = True) -> None:
+    """Every file listed lies inside the artifact (or its declared components folder), exists and,
+    with `hashes`, matches its sha256; the weights and config are listed; no file the manifest does
+    not list is present (it would be loaded, or could be, without a check); no symbolic links.
+    `hashes=False` skips only the sha256 (seconds per GB), never the layout checks."""
     path = Path(path)
     files = manifest["files"]
+    if not isinstance(files, dict):
+        raise ArtifactError(path / MANIFEST_FILE, "the 'files' section must map paths to sha256 digests")
     for required in (WEIGHTS_FILE, CONFIG_FILE):
         if required not in files:
             raise ArtifactError(path / MANIFEST_FILE, f"{required} is not listed in the manifest")
-    present = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-    shared = components_dir(path, manifest)
-    if shared != path:  # the shared folder's components load too: each must be listed
-        present += [os.path.join(manifest["components"], rel) for rel in _component_files(shared)]
+    shared = _shared_prefix(path, manifest)
+    located = {rel: _listed_path(path, shared, rel) for rel in files}
+    present = _tree_files(path)
+    if shared is not None:  # the shared folder's components load too: each must be listed
+        present += [f"{shared}/{rel}" for rel in _component_files(components_dir(path, manifest))]
     unlisted = sorted(rel for rel in present if rel not in files and rel != MANIFEST_FILE)
     if unlisted:
         more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
         raise ArtifactError(path / unlisted[0], f"not listed in the manifest{more}: remove it, or re-export the "
                                                 "artifact; vqdm loads only the files whose hashes it holds")
     for rel, digest in files.items():
-        f = path / rel
+        f = located[rel]
         if not f.is_file():
             raise ArtifactError(f, "missing (listed in the manifest)")
-        if sha256_file(f) != digest:
+        if hashes and sha256_file(f) != digest:
             raise ArtifactError(f, "sha256 does not match the manifest: file truncated or edited")
 
 
@@ -341,8 +400,7 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
     path = Path(path)
     manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
+    verify_files(path, manifest, hashes=verify)
     cfg_file = path / CONFIG_FILE
     try:
         config = json.loads(cfg_file.read_text())
@@ -382,7 +440,8 @@ def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   verify: bool = True):
-    """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest."""
+    """The whole StableDiffusionXLPipeline with its VQ U-Net; `pipe.vqdm_manifest` holds the manifest.
+    `verify=False` skips the sha256 of every file (seconds per GB), never the layout checks."""
     from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)

@@ -60,14 +60,15 @@ def detect_family(path: str | Path) -> str:
     return "sdxl-turbo" if turbo else "sdxl"
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, via the artifact loader)."""
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", verify: bool = True):
+    """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, via the artifact
+    loader; `verify=False` skips only the artifact's sha256 checks)."""
     from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)
     read_model_index(path)
     if (path / "unet" / "manifest.json").is_file():
-        return load_artifact(path, dtype=dtype, device=device)
+        return load_artifact(path, dtype=dtype, device=device, verify=verify)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                          use_safetensors=True)

@@ -75,9 +75,10 @@ class LoraAdapter:
         return max((lay.rank for lay in self.layers.values()), default=0)
 
     def card(self) -> dict:
+        """What a client may know of the adapter (GET /v1/models): never its file's path."""
         comps = sorted({lay.component for lay in self.layers.values()}, key=COMPONENTS.index)
         return {"name": self.name, "rank": self.rank, "layers": len(self.layers), "components": comps,
-                "bytes": self.nbytes, "source": self.source}
+                "bytes": self.nbytes, "scale_range": [-MAX_ABS_SCALE, MAX_ABS_SCALE]}
 
 
 # -- resolving against a pipeline ----------------------------------------------------------------------
@@ -234,7 +235,20 @@ class LoraRuntime:
 
     @property
     def nbytes(self) -> int:
+        """The adapters at rest (fp16)."""
         return sum(a.nbytes for a in self.adapters.values())
+
+    @property
+    def cached_nbytes(self) -> int:
+        """The branches of the last set built, kept for the next batch in compute dtype (fp32 on
+        CPU: twice the adapters' fp16 at rest)."""
+        return sum(t.numel() * t.element_size() for b in self._built[1].values() for t in (b.down, b.up))
+
+    def built_nbytes(self, adapter: LoraAdapter) -> int:
+        """What `adapter` adds to a built branch set on this pipeline (`cached_nbytes`): its weights
+        in each adapted layer's compute dtype."""
+        return sum((lay.down.numel() + lay.up.numel()) * _compute_dtype(self._module(target)).itemsize
+                   for target, lay in adapter.layers.items())
 
     def _module(self, target: str) -> nn.Module:
         comp, _, path = target.partition(".")

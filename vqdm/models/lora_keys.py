@@ -69,9 +69,7 @@ class LoraKeys:
 
 
 # -- reading files ----------------------------------------------------------------------------------
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors LoRA file, with errors that say what is wrong."""
-    path = Path(path)
+def _check_lora_file(path: Path) -> None:
     if not path.is_file():
         raise LoraError(f"{path}: no such LoRA file")
     with path.open("rb") as f:
@@ -80,15 +78,38 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                                                                b"\x80\x05"):
         raise LoraError(f"{path}: looks like a pickled PyTorch file; vqdm loads LoRAs only from .safetensors "
                         "(pickles can run code when loaded). Convert it with safetensors.torch.save_file.")
+
+
+def _unreadable(path: Path, e: Exception) -> LoraError:
+    return LoraError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}")
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors LoRA file, with errors that say what is wrong."""
+    path = Path(path)
+    _check_lora_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoraError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from None
+        raise _unreadable(path, e) from None
     if not tensors:
         raise LoraError(f"{path}: the file holds no tensors")
     return tensors, metadata
+
+
+def lora_file_weights(path: str | Path) -> int:
+    """How many weights the file's down / up matrices hold (alphas left out), from its header
+    alone: what a budget can be checked against before the tensors are read."""
+    path = Path(path)
+    _check_lora_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+    return sum(math.prod(shape) for shape in shapes if len(shape) >= 2)
 
 
 # -- the two dialects ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import logging
 from typing import Callable
 
 from fastapi import FastAPI
-from prometheus_client import start_http_server
 
 from vqdm import __version__
 from vqdm.server.batching import Dispatcher
@@ -24,6 +23,7 @@ from vqdm.server.errors import install_error_handlers
 from vqdm.server.loader import ModelLoader, load_models, resolve_device
 from vqdm.server.loras import attach_loras
 from vqdm.server.metrics import Metrics
+from vqdm.server.metrics_port import start_metrics_server
 from vqdm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from vqdm.server.replicas import Peers
 from vqdm.server.routes import router
@@ -86,8 +86,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         app.state.vqdm = state
         metrics_server = None
         if settings.metrics_port is not None:
-            metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host or settings.host,
-                                                  registry=metrics.registry)
+            metrics_server = start_metrics_server(settings.metrics_host or settings.host, settings.metrics_port,
+                                                  metrics.registry,
+                                                  settings.api_keys if settings.protect_metrics else [])
         loading = asyncio.create_task(_load_and_warm(state, loader or load_models, on_fatal))
         try:
             yield
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
             await state.dispatcher.shutdown(settings.shutdown_timeout_s)
             if metrics_server is not None:
                 metrics_server.shutdown()
+                metrics_server.server_close()
             log.info("shut down")
 
     # Every error is OpenAI's shape (server.errors), never FastAPI's default 422 body: say so in the schema.

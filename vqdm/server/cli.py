@@ -20,7 +20,7 @@ _SERVE_FLAGS = {
     "weight_cache": "weight_cache", "no_warmup": "warmup", "warmup_size": "warmup_size",
     "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
     "peer_timeout": "peer_timeout_s",
-    "lora": "loras", "lora_memory_budget": "lora_memory_budget",
+    "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
 }
 
 
@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="VQ kernel backend (default auto)")
     p.add_argument("--weight-cache", metavar="POLICY", help="none | request | budget=BYTES")
     p.add_argument("--no-warmup", action="store_const", const=False, help="skip the warm-up generation")
+    p.add_argument("--no-verify-artifacts", action="store_const", const=False,
+                   help="skip the sha256 of artifact files at start-up (the layout is still checked)")
     p.add_argument("--warmup-size", choices=("auto", "max", "default"),
                    help="max: the worst case the limits admit; default: the model's size; auto (default): max on GPU")
     p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
@@ -64,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a peer asked about a job must answer within this (default 2)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
-    p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA weights per device (default 1GB)")
+    p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA adapters per model and device, cached compute-dtype copies included (default 1GB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")

@@ -30,11 +30,15 @@ def get_state(request: Request) -> ServerState:
 
 
 def authorize(request: Request, state: ServerState) -> int | None:
-    """Index of the matching API key; None when no keys are configured. Constant-time compares."""
-    keys = state.settings.api_keys
+    """Index of the request's API key; None when no keys are configured."""
+    return key_index(request.headers.get("authorization", ""), state.settings.api_keys)
+
+
+def key_index(header: str, keys: list[str]) -> int | None:
+    """Index of the key an `Authorization: Bearer` header holds, or 401; None when `keys` is empty.
+    Constant-time compares."""
     if not keys:
         return None
-    header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
@@ -59,8 +63,8 @@ def _unhealthy(reason: str) -> APIError:
 
 
 def require_ready(state: ServerState) -> None:
-    if state.load_error:
-        raise APIError(503, f"models failed to load: {state.load_error}", code="load_failed")
+    if state.load_error:  # the reason is in the server log; /readyz is open to anyone
+        raise APIError(503, "models failed to load; the server log says why", code="load_failed")
     if state.dispatcher.unhealthy:
         raise _unhealthy(state.dispatcher.unhealthy)
     if state.draining:

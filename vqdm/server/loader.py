@@ -67,7 +67,8 @@ class ServedModel:
     loras: dict[str, dict] = field(default_factory=dict)  # name -> card of each LoRA attached to it
 
     def card(self, detail: bool = False) -> dict[str, Any]:
-        """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}])."""
+        """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}]); no file paths
+        (clients cannot use them, and they tell how the host is laid out): the start-up log has them."""
         out: dict[str, Any] = {
             "id": self.id, "object": "model", "created": self.created, "owned_by": "vqdm",
             "family": self.family,
@@ -79,7 +80,7 @@ class ServedModel:
             "loras": list(self.loras.values()),
         }
         if detail:
-            out.update(source=self.source, devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
+            out.update(devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
         return out
 
 
@@ -149,7 +150,7 @@ def _quiet_loading_bars() -> None:
 
 def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> ServedModel:
     """Load one model onto every device: an artifact or diffusers folder, or the embedded default's
-    prebuilt artifact (through the same loader, hashes checked)."""
+    prebuilt artifact (through the same loader, hashes checked unless `verify_artifacts` is off)."""
     _quiet_loading_bars()
     t0 = time.perf_counter()
     if spec.path is None:
@@ -158,7 +159,9 @@ def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> Serve
     else:
         path, family, source = spec.path, detect_family(spec.path), str(spec.path)
         steps, guidance = _family_defaults(family)
-    pipes = {dev: load_pipeline(path, dtype=resolve_dtype(settings.dtype, dev), device=dev) for dev in devices}
+    # An artifact's files are hashed once, for the first device; the others load the same files.
+    pipes = {dev: load_pipeline(path, dtype=resolve_dtype(settings.dtype, dev), device=dev,
+                                verify=settings.verify_artifacts and i == 0) for i, dev in enumerate(devices)}
     manifest = getattr(next(iter(pipes.values())), "vqdm_manifest", None)
     quant_extra = embedded.quantization_facts(manifest) if spec.path is None else None
     replicas = {dev: prepare_replica(p, dev, settings) for dev, p in pipes.items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from vqdm.models.lora import MAX_ABS_SCALE, LoraError, LoraRuntime, load_lora, lora_files
+from vqdm.models.lora_keys import lora_file_weights
 from vqdm.models.weight_cache import parse_bytes
 from vqdm.server.errors import APIError
 
@@ -63,6 +64,19 @@ def lora_specs(entries: Sequence[str]) -> list[LoraSpec]:
     return specs
 
 
+def held_bytes(adapters: Sequence[tuple[int, int]]) -> int:
+    """What a replica holds for adapters of (bytes at rest, bytes built) each, at most: all of them at
+    rest, plus the branch set a request builds (kept for the next batch) at its largest, the
+    MAX_LORAS_PER_REQUEST adapters with the most bytes built."""
+    return sum(rest for rest, _ in adapters) + sum(sorted(built for _, built in adapters)[-MAX_LORAS_PER_REQUEST:])
+
+
+def _over_budget(spec: LoraSpec, dev: str, budget: int, held: int, need: int, what: str) -> ValueError:
+    return ValueError(f"lora {spec.name!r} does not fit the LoRA memory budget of {budget / 1e6:.2f} MB on {dev}: "
+                      f"it needs {need / 1e6:.2f} MB ({what}), {held / 1e6:.2f} MB are held already; raise "
+                      "--lora-memory-budget / VQDM_LORA_MEMORY_BUDGET or load fewer adapters")
+
+
 def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
     """Load every configured adapter onto every replica of every model it fits, within the budget."""
     specs = lora_specs(settings.loras)
@@ -72,11 +86,16 @@ def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
         for replica in model.replicas.values():
             if replica.loras is None:
                 replica.loras = LoraRuntime(replica.pipe)
-    used: dict[tuple[str, str], int] = {}  # (model, device) -> bytes of the adapters configured here
+    held: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (model, device) -> (at rest, built) per adapter
     for spec in specs:
         errors = []
+        least = 2 * lora_file_weights(spec.path)  # fp16 at rest, from the header: checked before reading
         for model in models:
             for dev, replica in model.replicas.items():
+                adapters = held.setdefault((model.id, dev), [])
+                if held_bytes(adapters) + least > budget:
+                    raise _over_budget(spec, dev, budget, held_bytes(adapters), least,
+                                       "at least, its weights in fp16 by the file's header; the file was not read")
                 known = replica.loras.adapters.get(spec.name)
                 if known is not None and known.source == str(spec.path):
                     adapter = known  # already attached by an earlier app on the same models (tests)
@@ -89,13 +108,13 @@ def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
                     if known is not None:  # same name, another file: the new configuration wins
                         replica.loras.remove(spec.name)
                         known = None
-                spent = used.get((model.id, dev), 0)
-                if spent + adapter.nbytes > budget:
-                    raise ValueError(
-                        f"lora {spec.name!r} ({adapter.nbytes / 1e6:.2f} MB) does not fit the LoRA memory budget "
-                        f"of {budget / 1e6:.2f} MB on {dev} ({spent / 1e6:.2f} MB used); raise "
-                        "--lora-memory-budget / VQDM_LORA_MEMORY_BUDGET or load fewer adapters")
-                used[(model.id, dev)] = spent + adapter.nbytes
+                entry = (adapter.nbytes, replica.loras.built_nbytes(adapter))
+                need = held_bytes([*adapters, entry]) - held_bytes(adapters)
+                if held_bytes(adapters) + need > budget:
+                    raise _over_budget(spec, dev, budget, held_bytes(adapters), need,
+                                       f"{entry[0] / 1e6:.2f} MB at rest in fp16, and its branch in the compute "
+                                       "dtype, cached while requests use it")
+                adapters.append(entry)
                 if known is None:
                     replica.loras.add(adapter)
                 model.loras[spec.name] = adapter.card()

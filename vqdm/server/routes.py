@@ -21,11 +21,13 @@ router = APIRouter()
 # -- probes and metrics ---------------------------------------------------------------------------
 @router.get("/healthz")
 async def healthz(request: Request):
+    # Open to anyone (probes carry no key): a status and a code, never the error's text, which can
+    # name files and hosts. The text is in the server log ("start-up failed", "watchdog", "poisoned").
     state = get_state(request)
     if state.load_error:
-        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "failed", "code": "load_failed"}, status_code=503)
     if state.dispatcher.unhealthy:  # a stuck or poisoned device: let the orchestrator restart us
-        return JSONResponse({"status": "unhealthy", "error": state.dispatcher.unhealthy}, status_code=503)
+        return JSONResponse({"status": "unhealthy", "code": "worker_unhealthy"}, status_code=503)
     return {"status": "ok"}
 
 

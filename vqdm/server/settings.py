@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     backend: str = Field("auto", description="kernel backend for VQ layers (vqdm.kernels)")
     weight_cache: str = Field("none", description="none | request | budget=BYTES (vqdm.models.weight_cache)")
+    verify_artifacts: bool = Field(
+        True, description="check the sha256 of every artifact file at start-up (seconds per GB); off skips only "
+                          "the hashes: paths, links and unlisted files are always checked")
     warmup: bool = True
     warmup_steps: int = Field(1, ge=1)
     warmup_size: Literal["auto", "max", "default"] = Field(
@@ -120,12 +123,13 @@ class Settings(BaseSettings):
     peer_timeout_s: float = Field(
         2.0, gt=0, description="peers are asked at once about a job not found here; one that has not answered "
                                "within this is skipped")
-    verify_artifacts: bool = True
 
     # LoRA adapters (vqdm.server.loras).
     loras: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="NAME=PATH (.safetensors) or a folder of them, loaded at start-up")
-    lora_memory_budget: str = Field("1GB", description="bytes of LoRA weights per device, e.g. 1GB, 512MiB")
+    lora_memory_budget: str = Field(
+        "1GB", description="bytes of LoRA adapters per model and device, e.g. 1GB, 512MiB: each at rest (fp16) plus "
+                           "the branch set a request builds and caches, in compute dtype (vqdm.server.loras)")
 
     # The embedded default (served when no model is given): the K and seed its prebuilt artifact was
     # made with; another pair is refused with the command that makes it (vqdm.server.embedded).

@@ -1,7 +1,8 @@
 """Liveness that means it: a device whose running batch makes no progress for `stall_s` seconds
 (a hung kernel, a deadlock) is reported stalled, once. Progress is any forward call of the
-pipeline's models (text encoders, each U-Net step, the VAE decoder), so a long VAE decode at a
-large size is not mistaken for a hang; `stall_s` bounds the longest single forward pass.
+pipeline's models (text encoders, each U-Net step, the VAE encoder of an edit and the decoder, each
+block by block), so a long VAE encode or decode at a large size is not mistaken for a hang;
+`stall_s` bounds the longest single forward pass.
 
 Beats come from the device's worker thread; the check runs on the event loop.
 """
@@ -66,6 +67,10 @@ def install_progress_hooks(pipe, hook) -> None:
         if module is not None:
             module.register_forward_pre_hook(hook)
     if getattr(pipe, "vae", None) is not None:
-        pipe.vae.decoder.register_forward_pre_hook(hook)
-        for block in pipe.vae.decoder.up_blocks:  # a big decode is long: beat inside it too
-            block.register_forward_pre_hook(hook)
+        # The encoder runs for edits (img2img, inpainting: image and masked image), the decoder for
+        # every image; a big batch of either is long, so each beats inside too, block by block.
+        for coder, blocks in ((pipe.vae.encoder, pipe.vae.encoder.down_blocks),
+                              (pipe.vae.decoder, pipe.vae.decoder.up_blocks)):
+            coder.register_forward_pre_hook(hook)
+            for block in blocks:
+                block.register_forward_pre_hook(hook)

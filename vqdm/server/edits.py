@@ -6,7 +6,9 @@ Without a mask an edit is img2img, with one it is inpainting, through diffusers'
 StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline built per batch on the served
 pipeline's own components (a constructor call, no weights copied: there is one U-Net). Edit jobs
 go through the same queue, batching (same kind and strength only), cancellation, SSE and metrics
-as generations; the pipeline side (`edit_call`, `paste_back`) is in `edit_pipeline.py`.
+as generations. The uploads are decoded, oriented and resized off the event loop by
+`uploads.decode_edit` (which also says what `size` auto means); the pipeline side (`edit_call`,
+`paste_back`) is in `edit_pipeline.py`.
 
 Masks: a mask with transparency follows OpenAI (fully transparent = repaint); an opaque one
 follows diffusers / A1111 (white = repaint). Either is thresholded at half. After decoding, the

@@ -31,8 +31,8 @@ def _bad(message: str, param: str, code: str) -> APIError:
 
 
 def _too_many_pixels(param: str, pixels: str, max_pixels: int) -> APIError:
-    return _bad(f"{param} is {pixels} pixels, over this server's limit of {max_pixels} (max_image_pixels)",
-                param, "image_too_large")
+    return _bad(f"{param} is {pixels} pixels; this server's limit is {max_pixels} (max_image_pixels): send a "
+                "smaller picture", param, "image_too_large")
 
 
 def open_upload(file: BinaryIO, param: str, max_pixels: int) -> Image.Image:
@@ -44,7 +44,7 @@ def open_upload(file: BinaryIO, param: str, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own check (from Image.MAX_IMAGE_PIXELS = max_pixels): it raises above twice the
         # limit, and only warns between 1x and 2x, where the check below refuses.
-        raise _too_many_pixels(param, f"over {2 * max_pixels}", max_pixels) from None
+        raise _too_many_pixels(param, f"more than {2 * max_pixels}", max_pixels) from None
     except Exception:  # PIL raises many types on hostile headers; none of them is the server's fault
         raise _bad(f"{param} is not an image vqdm can read (send PNG, JPEG or WEBP)", param, "invalid_image") from None
     if img.format not in IMAGE_FORMATS:

@@ -179,7 +179,8 @@ def chunked_multipart(parts: dict[str, bytes], chunk: int = 64 * 1024):
     body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for name, data in parts.items())
     body += f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
-    return {"content-type": f"multipart/form-data; boundary={boundary}"}, (body[i:i + chunk] for i in range(0, len(body), chunk))
+    chunks = (body[i:i + chunk] for i in range(0, len(body), chunk))
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, chunks
 
 
 def test_issue_26_reproductions_are_4xx_in_openai_shape(make_client, source):

@@ -107,7 +107,8 @@ def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int
                    "after EXIF orientation); they must match", "mask", "invalid_value")
     size = size_for(*src.size)
     rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), "image", src.mode)
-    binary = None if keep is None else _converted(lambda: mask_from(keep).resize(size, Image.NEAREST), "mask", keep.mode)
+    binary = None if keep is None else _converted(lambda: mask_from(keep).resize(size, Image.NEAREST), "mask",
+                                                  keep.mode)
     return EditInput(image=rgb, mask=binary, strength=strength)
 
 

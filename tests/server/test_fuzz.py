@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.python import asgi
 
+from tests.server.hostile_images import hostile_images
 from vqdm.server.schemas import ErrorResponse
 
 # Limits that keep every job the fuzz gets accepted small (one image of at most 64² for at most 2
@@ -31,9 +32,11 @@ MODES = {"PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"), "JPEG": ("L", "RGB
 
 
 def image_files(fmt: str) -> st.SearchStrategy[bytes]:
-    """Small real files of one format, in every mode it stores, with seeded noise for pixels."""
-    return st.builds(encode_image, st.just(fmt), st.sampled_from(SIDES), st.sampled_from(SIDES),
+    """Small real files of one format, in every mode it stores, with seeded noise for pixels; or one
+    of the hostile files (bombs, truncations, odd modes and palettes, in any format) under its name."""
+    real = st.builds(encode_image, st.just(fmt), st.sampled_from(SIDES), st.sampled_from(SIDES),
                      st.sampled_from(MODES[fmt]), st.integers(0, 2**16))
+    return st.one_of(real, st.sampled_from([case.data for case in hostile_images()]))
 
 
 def encode_image(fmt: str, w: int, h: int, mode: str, seed: int) -> bytes:

@@ -128,8 +128,8 @@ def test_openai_client_images_edit(server, tmp_path):
     assert len(res.data) == 2
     outside = alpha == 255
     for item in res.data:
-        change = np.abs(png(item.b64_json) - source.astype(np.int16)).mean(-1)
-        assert change[outside].mean() <= 2.0 and change[~outside].mean() > 10
+        change = np.abs(png(item.b64_json) - source.astype(np.int16))
+        assert change[outside].max() == 0 and change[~outside].mean() > 10  # pasted back: exact outside
     with pytest.raises(openai.BadRequestError) as e:
         client.images.edit(model="tiny", image=("x.png", b"not an image", "image/png"), prompt="x")
     assert e.value.code == "invalid_image"

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from typing import Callable
 
+import anyio
 from fastapi import FastAPI
 
 from vqdm import __version__
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         metrics = Metrics()
         metrics.build_info.labels(__version__, settings.backend, ",".join(devices)).set(1)
         state = ServerState(settings=settings, metrics=metrics, dispatcher=Dispatcher(settings, metrics, devices),
-                            devices=devices)
+                            devices=devices, decode_limiter=anyio.CapacityLimiter(settings.edit_decode_concurrency))
         app.state.vqdm = state
         metrics_server = None
         if settings.metrics_port is not None:

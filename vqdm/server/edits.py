@@ -6,7 +6,9 @@ Without a mask an edit is img2img, with one it is inpainting, through diffusers'
 StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline built per batch on the served
 pipeline's own components (a constructor call, no weights copied: there is one U-Net). Edit jobs
 go through the same queue, batching (same kind and strength only), cancellation, SSE and metrics
-as generations; the pipeline side (`edit_call`, `paste_back`) is in `edit_pipeline.py`.
+as generations. The uploads are decoded, oriented and resized off the event loop by
+`uploads.decode_edit` (which also says what `size` auto means); the pipeline side (`edit_call`,
+`paste_back`) is in `edit_pipeline.py`.
 
 Masks: a mask with transparency follows OpenAI (fully transparent = repaint); an opaque one
 follows diffusers / A1111 (white = repaint). Either is thresholded at half. After decoding, the
@@ -15,24 +17,24 @@ source is pasted back outside the mask (as A1111 does), so only the masked regio
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
+from functools import partial
 from typing import Any
 
+import anyio
+import pydantic_core
 from fastapi import APIRouter, Request
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
-from vqdm.server.edit_pipeline import DEFAULT_STRENGTH, EditInput, mask_from
+from vqdm.server.edit_pipeline import DEFAULT_STRENGTH
 from vqdm.server.errors import APIError, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
 from vqdm.server.state import ServerState
+from vqdm.server.uploads import auto_size, decode_edit
 from vqdm.server.validation import resolve_model, validate
 
 EDITS_PATH = "/v1/images/edits"
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Form fields OpenAI's client may send that mean nothing to a diffusion model.
 _IGNORED_FIELDS = ("input_fidelity",)
 
@@ -64,45 +66,27 @@ def _bad(message: str, param: str | None, code: str = "invalid_value", status: i
     return APIError(status, message, param=param, code=code)
 
 
-def read_image(data: bytes, param: str, max_bytes: int, max_pixels: int):
-    """Decode an uploaded PNG / JPEG / WEBP, refusing anything else before decoding its pixels."""
-    if not data:
-        raise _bad(f"{param} is empty", param, "invalid_image")
-    if len(data) > max_bytes:
-        raise _bad(f"{param} is {len(data)} bytes, over this server's limit of {max_bytes}", param,
-                   "image_too_large", 413)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise _bad(f"{param} is not an image vqdm can read (send PNG, JPEG or WEBP)", param, "invalid_image") from None
-    if img.format not in IMAGE_FORMATS:
-        raise _bad(f"{param} is {img.format}; send PNG, JPEG or WEBP", param, "unsupported_image_format")
-    w, h = img.size
-    if w * h > max_pixels:
-        raise _bad(f"{param} is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels}", param,
-                   "image_too_large")
-    try:
-        img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _bad(f"{param} could not be decoded (truncated or corrupt?): {e}", param, "invalid_image") from None
-    return img
-
-
-async def _read_form(request: Request, state: ServerState) -> tuple[dict[str, str], bytes, bytes | None]:
+async def _read_form(request: Request, state: ServerState) -> FormData:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise _bad("send the edit as multipart/form-data (fields image, prompt, optional mask), as OpenAI's "
                    "images.edit does", None, "invalid_content_type")
     s = state.settings
     try:
-        form = await request.form(max_files=4, max_fields=64, max_part_size=s.max_image_bytes + 1)
+        return await request.form(max_files=4, max_fields=64, max_part_size=s.max_image_bytes + 1)
+    except APIError:
+        raise  # the body limit's 413, raised by BodyLimitMiddleware while a chunked body streams in
     except Exception as e:  # python-multipart / starlette parse errors carry their own text
         raise _bad(f"could not read the multipart form: {e}", None, "invalid_form") from None
+
+
+def _form_parts(form: FormData, max_bytes: int) -> tuple[dict[str, str], UploadFile, UploadFile | None]:
+    """(text fields, image, mask); the files are still spooled (memory or disk), not read."""
     fields: dict[str, str] = {}
-    files: dict[str, list[bytes]] = {}
+    files: dict[str, list[UploadFile]] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
-            files.setdefault(key.removesuffix("[]"), []).append(await value.read())
+            files.setdefault(key.removesuffix("[]"), []).append(value)
         elif key in fields:
             raise _bad(f"field {key!r} given twice", key)
         else:
@@ -117,8 +101,16 @@ async def _read_form(request: Request, state: ServerState) -> tuple[dict[str, st
     unknown = sorted(set(files) - {"image", "mask"})
     if unknown:
         raise _bad(f"unknown file field {unknown[0]!r}", unknown[0], "unknown_parameter")
-    masks = files.get("mask") or [None]
-    return fields, files["image"][0], masks[0]
+    image, mask = files["image"][0], (files.get("mask") or [None])[0]
+    for param, upload in (("image", image), ("mask", mask)):
+        if upload is None:
+            continue
+        if not upload.size:
+            raise _bad(f"{param} is empty", param, "invalid_image")
+        if upload.size > max_bytes:
+            raise _bad(f"{param} is {upload.size} bytes, over this server's limit of {max_bytes}", param,
+                       "image_too_large", 413)
+    return fields, image, mask
 
 
 def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest, float | None]:
@@ -126,10 +118,11 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
     strength = fields.pop("strength", None)
     data: dict[str, Any] = dict(fields)
     if "loras" in data:
-        try:
-            data["loras"] = json.loads(data["loras"])
-        except json.JSONDecodeError:
-            raise _bad('loras must be a JSON list, e.g. [{"name": "pixel-art", "scale": 0.8}]', "loras") from None
+        try:  # pydantic's parser, as for a generation's JSON body: bounded nesting, no RecursionError
+            data["loras"] = pydantic_core.from_json(data["loras"])
+        except ValueError as e:
+            raise _bad(f'loras must be a JSON list, e.g. [{{"name": "pixel-art", "scale": 0.8}}] ({e})',
+                       "loras") from None
     try:
         req = ImageGenerationRequest.model_validate(data)
     except ValidationError as e:
@@ -148,29 +141,32 @@ async def edit_images(request: Request):
     scope_state = request.scope["state"]
     owner = authorize(request, state)
     require_ready(state)
-    fields, image_bytes, mask_bytes = await _read_form(request, state)
-    req, strength = _request_from_fields(fields)
-    model = resolve_model(req.model, state.models)
-    scope_state["vqdm_model"] = model.id
     s = state.settings
-    image = read_image(image_bytes, "image", s.max_image_bytes, s.max_image_pixels)
-    mask = None if mask_bytes is None else read_image(mask_bytes, "mask", s.max_image_bytes, s.max_image_pixels)
-    if mask is not None and mask.size != image.size:
-        raise _bad(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}; "
-                   "they must match", "mask")
-    if req.size in (None, "auto"):
-        w, h = image.size
-        req = req.model_copy(update={"size": f"{max(8, w // 8 * 8)}x{max(8, h // 8 * 8)}"})
-    params = validate(req, state.models, s)
-    kind = "img2img" if mask is None else "inpaint"
-    strength = DEFAULT_STRENGTH[kind] if strength is None else strength
-    if not 0.0 < strength <= 1.0:
-        raise _bad(f"strength must be in (0, 1] (got {strength:g})", "strength")
-    if int(params.steps * strength) < 1:
-        raise _bad(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; raise "
-                   "either", "strength")
-    size = (params.width, params.height)
-    edit = EditInput(image=image.convert("RGB").resize(size, Image.LANCZOS),
-                     mask=None if mask is None else mask_from(mask).resize(size, Image.NEAREST), strength=strength)
-    params = dataclasses.replace(params, edit=edit)
+    form = await _read_form(request, state)
+    try:
+        fields, image, mask = _form_parts(form, s.max_image_bytes)
+        req, strength = _request_from_fields(fields)
+        model = resolve_model(req.model, state.models)
+        scope_state["vqdm_model"] = model.id
+        params = validate(req, state.models, s)  # size auto: the model's size until the upload is decoded
+        kind = "img2img" if mask is None else "inpaint"
+        strength = DEFAULT_STRENGTH[kind] if strength is None else strength
+        if not 0.0 < strength <= 1.0:
+            raise _bad(f"strength must be in (0, 1] (got {strength:g})", "strength")
+        if int(params.steps * strength) < 1:
+            raise _bad(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; "
+                       "raise either", "strength")
+        if req.size in (None, "auto"):
+            size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=s)
+        else:
+            size_for = lambda w, h: (params.width, params.height)  # noqa: E731
+        # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
+        # pixels are gone before the job queues.
+        edit = await anyio.to_thread.run_sync(
+            decode_edit, image.file, None if mask is None else mask.file, size_for, strength, s.max_image_pixels,
+            limiter=state.decode_limiter)
+    finally:
+        await form.close()  # the spooled uploads
+    width, height = edit.image.size
+    params = dataclasses.replace(params, width=width, height=height, edit=edit)
     return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_guidance: float = Field(30.0, ge=0)
     max_image_bytes: int = Field(16 << 20, ge=1024, description="each file uploaded to /v1/images/edits")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="width * height of an uploaded image")
+    edit_decode_concurrency: int = Field(
+        2, ge=1, description="uploads decoded at once, in worker threads off the event loop; each holds one "
+                             "full-size image (4 bytes a pixel) while it decodes")
 
     # Observability.
     metrics_port: int | None = Field(None, ge=0, le=65535, description="also serve /metrics on this port")

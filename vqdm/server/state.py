@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import anyio
+
 from vqdm.server.batching import Dispatcher
 from vqdm.server.metrics import Metrics
 from vqdm.server.settings import Settings
@@ -25,3 +27,6 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False  # SIGTERM received: /readyz 503, new requests 503 (server.drain)
     started: float = field(default_factory=time.time)
+    # Uploads decoding at once (each holds a full-size image while it runs); made in the lifespan,
+    # inside the loop that awaits it.
+    decode_limiter: anyio.CapacityLimiter | None = None

@@ -31,14 +31,22 @@ def parse_size(size: str | None, model: "ServedModel", settings: Settings) -> tu
         raise _bad(f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. "
                    f"\"{model.default_width}x{model.default_height}\"", "size")
     w, h = int(m.group(1)), int(m.group(2))
+    problem = size_problem(w, h, settings)
+    if problem:
+        raise _bad(problem, "size")
+    return w, h
+
+
+def size_problem(w: int, h: int, settings: Settings) -> str | None:
+    """Why the limits refuse an output of w x h pixels; None when they allow it."""
     if w % 8 or h % 8:
-        raise _bad(f"size {w}x{h}: width and height must be multiples of 8 (the VAE's downscale factor)", "size")
+        return f"size {w}x{h}: width and height must be multiples of 8 (the VAE's downscale factor)"
     lo, hi = settings.min_side, settings.max_side
     if not (lo <= w <= hi and lo <= h <= hi):
-        raise _bad(f"size {w}x{h}: each side must be between {lo} and {hi} pixels", "size")
+        return f"size {w}x{h}: each side must be between {lo} and {hi} pixels"
     if w * h > settings.max_pixels:
-        raise _bad(f"size {w}x{h} is {w * h} pixels, over this server's limit of {settings.max_pixels}", "size")
-    return w, h
+        return f"size {w}x{h} is {w * h} pixels, over this server's limit of {settings.max_pixels}"
+    return None
 
 
 def check_prompt(text: str, param: str, settings: Settings, required: bool) -> None:

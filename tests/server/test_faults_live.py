@@ -368,22 +368,22 @@ def probe_until_exit(server) -> tuple[collections.Counter, list]:
     request per round (each a reply, or status None if the server took it and never answered)."""
     ready: collections.Counter = collections.Counter()
     refused = []
-    while server.proc.poll() is None:
-        try:
-            r = httpx.get(server.base + "/readyz", timeout=30)
-            ready[(r.status_code, r.json().get("error", {}).get("code"))] += 1
-        except httpx.TransportError:
-            pass  # not listening yet, or gone
-        outcome = types.SimpleNamespace(label=f"during-start-{len(refused)}", status=None)
-        try:
-            outcome.status = httpx.post(server.base + GEN, json=body("too early"), headers=AUTH,
-                                        timeout=CLIENT_TIMEOUT).status_code
-            refused.append(outcome)
-        except httpx.TimeoutException:
-            refused.append(outcome)  # taken and never answered: a lost job
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=CLIENT_TIMEOUT) as c:
+        while server.proc.poll() is None:
+            try:
+                r = c.get("/readyz")
+                ready[(r.status_code, r.json().get("error", {}).get("code"))] += 1
+            except httpx.TransportError:
+                pass  # not listening yet, or gone
+            outcome = types.SimpleNamespace(label=f"during-start-{len(refused)}", status=None)
+            try:
+                outcome.status = c.post(GEN, json=body("too early")).status_code
+                refused.append(outcome)
+            except httpx.TimeoutException:
+                refused.append(outcome)  # taken and never answered: a lost job
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
     return ready, refused
 
 

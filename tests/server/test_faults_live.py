@@ -108,19 +108,17 @@ def wait_for(predicate, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def log_records(server) -> list[dict]:
-    """The server's complete JSON log lines so far (a line still being written is left out)."""
-    lines = server.log().splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
-
-
 def server_status(server, label: str) -> int:
     """The status the server itself gave the request labelled `label`: its access-log line, written
     as the reply closes (for a stream, the stream's outcome)."""
     found: list[int] = []
 
     def check():
-        found[:] = [r["status"] for r in log_records(server)
+        try:
+            records = server.log_records()
+        except json.JSONDecodeError:
+            return False  # read while a line was half written: read again
+        found[:] = [r["status"] for r in records
                     if r.get("request_id") == label and r.get("path") == GEN and "status" in r]
         return bool(found)
 
@@ -415,7 +413,7 @@ def test_sticky_cuda_error_marks_unhealthy(tiny_artifact, live_server):
     for o in outcomes:
         assert o.status == 503 and o.code == "worker_unhealthy", (o.label, o.status, o.code)
         assert "CUDA" not in o.body["error"]["message"]
-    errors = [r for r in log_records(s) if r.get("exc") and "illegal memory access" in r["exc"]]
+    errors = [r for r in s.log_records() if r.get("exc") and "illegal memory access" in r["exc"]]
     assert errors
     health_lag = unhealthy_at[0] - logged_at(errors[0])
     # New requests are refused from then on, and the server is not ready.

@@ -105,13 +105,27 @@ def test_dashboard_panels_fill_in_after_a_few_requests(prometheus, live_server, 
     def scraped_ok() -> bool:
         return [float(r["value"][1]) for r in query(prometheus, 'up{job="vqdm"}')] == [1.0]
 
+    def scrapes_stored() -> int:
+        return int(sum(float(r["value"][1]) for r in query(prometheus, 'count_over_time(up{job="vqdm"}[10m])')))
+
+    def rejected_on_tiny() -> list[float]:
+        return [float(r["value"][1]) for r in query(prometheus, 'vqdm_requests_total{status="400"}')
+                if r["metric"]["model"] == "tiny"]
+
+    def stored_images() -> float:
+        return sum(float(r["value"][1]) for r in query(prometheus, "vqdm_images_generated_total"))
+
     wait_for(scraped_ok, "the first scrape of the live server")
-    time.sleep(2 * SCRAPE_S)  # a baseline sample before the traffic, so rate() sees the increase
+    # A baseline sample before the traffic, so that rate() and increase() see it: two stored scrapes.
+    wait_for(lambda: scrapes_stored() >= 2, "two scrapes before the traffic")
+    baseline = stored_images()
     request = {"model": "tiny", "prompt": "a lighthouse at dusk", "size": "64x64", "n": 2, "num_inference_steps": 2}
     assert post(live_server + "/v1/images/generations", request) == 200
     assert post(live_server + "/v1/images/generations", {**request, "seed": 7, "n": 1}) == 200
     assert post(live_server + "/v1/images/generations", {**request, "size": "65x64"}) == 400
-    time.sleep(3 * SCRAPE_S)
+    # Prometheus has stored a scrape taken after the traffic (the 400 is counted as its reply
+    # closes): the images counter moved by 2 + 1, and the one 400 is there.
+    wait_for(lambda: stored_images() == baseline + 3 and rejected_on_tiny() == [1.0], "a scrape after the traffic")
 
     with urllib.request.urlopen(live_server + "/metrics", timeout=30) as r:
         from prometheus_client.parser import text_string_to_metric_families
@@ -133,8 +147,7 @@ def test_dashboard_panels_fill_in_after_a_few_requests(prometheus, live_server, 
     # Spot-check numbers against what was sent: 2 + 1 images, one 400, batch sizes 2 and 1.
     images = query(prometheus, 'sum(increase(vqdm_images_generated_total[2m]))')
     assert 2.0 <= float(images[0]["value"][1]) <= 4.5  # increase() extrapolates to the window edges
-    rejected = query(prometheus, 'vqdm_requests_total{status="400"}')
-    assert [float(r["value"][1]) for r in rejected if r["metric"]["model"] == "tiny"] == [1.0]
+    assert rejected_on_tiny() == [1.0]
 
     # The alert rules loaded and evaluate cleanly against real series.
     def rules_evaluated() -> bool:

@@ -13,12 +13,14 @@ FILE: the fault, the jobs it touched, their replies by status, lost jobs, time t
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import os
 import shutil
 import signal
 import threading
 import time
+import types
 
 import httpx
 import pytest
@@ -44,10 +46,12 @@ def report(fault: str, outcomes: list["Outcome"], recovery: str) -> None:
 
 class Outcome:
     """One client's request in a thread: exactly one final status (HTTP status, or a stream's
-    terminal event), and every stream event seen."""
+    terminal event), and every stream event seen. A client that walks away (`left`) reads no
+    status: the test takes the server's own (`server_status`)."""
 
     def __init__(self, base: str, body: dict, label: str, stream: bool = False, leave_after_progress: bool = False):
         self.label, self.status, self.code, self.body, self.headers = label, None, None, None, {}
+        self.left = False
         self.events: list[dict] = []
         self.terminal_events = 0
         self._args = (base, body, stream, leave_after_progress)
@@ -76,7 +80,7 @@ class Outcome:
                         event = json.loads(line[5:])
                         self.events.append(event)
                         if event["type"] == "image_generation.progress" and leave:
-                            self.status = 499  # the client walked away: the server's 499 is its reply
+                            self.left = True
                             return
                         if event["type"] == "error":
                             self.terminal_events += 1
@@ -102,6 +106,39 @@ def wait_for(predicate, what: str, timeout: float = 120) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def server_status(server, label: str) -> int:
+    """The status the server itself gave the request labelled `label`: its access-log line, written
+    as the reply closes (for a stream, the stream's outcome)."""
+    found: list[int] = []
+
+    def check():
+        try:
+            records = server.log_records()
+        except json.JSONDecodeError:
+            return False  # read while a line was half written: read again
+        found[:] = [r["status"] for r in records
+                    if r.get("request_id") == label and r.get("path") == GEN and "status" in r]
+        return bool(found)
+
+    wait_for(check, f"the access line of {label}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def metric(base: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def logged_at(record: dict) -> float:
+    """A log record's time (its `ts`, UTC with milliseconds) as a Unix time."""
+    return datetime.datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
 
 
 def wait_state(base: str, label: str, states: set[str], min_step: int = 0) -> dict:
@@ -194,12 +231,20 @@ def test_oom_in_a_batch_splits_and_only_the_job_that_fails_alone_gets_503(tiny_a
 def test_disconnects_and_a_burst_over_the_queue(tiny_artifact, live_server):
     s = live_server(common(tiny_artifact) + ["--max-batch-size", "2", "--max-queue-size", "3"], FAULTS_ENV).wait_ready()
     base = s.base
-    # A streaming client walks away after the first progress event: its job is cancelled there.
+    # A streaming client walks away after the first progress event: its job is cancelled there, and
+    # the server's own reply (its access line and counter, not the client's) is 499.
+    cancelled_before = metric(base, "vqdm_requests_cancelled_total", stage="running")
     gone = Outcome(base, body("walk away", steps=150), "gone-stream", stream=True, leave_after_progress=True).join()
+    assert gone.left and gone.status is None
     final = wait_state(base, "gone-stream", {"cancelled"})
     assert final["cancel_reason"] == "client_disconnected" and final["step"] < 150
+    gone.status = server_status(s, "gone-stream")
+    assert gone.status == 499
+    assert metric(base, "vqdm_requests_total", status="499") == 1
+    assert metric(base, "vqdm_requests_cancelled_total", stage="running") - cancelled_before == 1
     assert_answers_healthy(base)
-    report("client disconnects mid-stream", [gone], "no restart; the worker is free at the next step")
+    report("client disconnects mid-stream", [gone],
+           f"no restart; cancelled at step {final['step']} of 150, the worker free for the next request")
 
     # Twelve at once against a queue of three: each gets an image or 429 + Retry-After, none is lost.
     t0 = time.monotonic()
@@ -304,31 +349,78 @@ def test_corrupt_or_padded_artifact_refuses_to_start(tiny_artifact, live_server,
     for folder, needle in ((corrupt, "vqdm.safetensors: sha256 does not match"),
                            (padded, "diffusion_pytorch_model.bin: not listed in the manifest")):
         t0 = time.monotonic()
-        s = live_server(["--model", f"bad={folder}"])
+        s = live_server(["--model", f"bad={folder}", "--api-key", KEY])
+        ready, refused = probe_until_exit(s)
         assert s.proc.wait(300) != 0
         assert needle in s.log(), s.log()[-3000:]
-        report(f"artifact at start: {folder.name}", [], f"exit {s.proc.returncode} in {time.monotonic() - t0:.1f}s "
-                                                        "naming the file; no traffic accepted")
+        # While it started and failed, it was never ready and accepted no generation.
+        assert ready, "no /readyz probe was answered while the server started"
+        assert set(ready) <= {(503, "not_ready"), (503, "load_failed")}, ready
+        assert refused and {o.status for o in refused} == {503}, collections.Counter(o.status for o in refused)
+        report(f"artifact at start: {folder.name}", refused,
+               f"exit {s.proc.returncode} in {time.monotonic() - t0:.1f}s naming the file; /readyz 503 to all "
+               f"{sum(ready.values())} probes, {len(refused)} generation requests refused")
+
+
+def probe_until_exit(server) -> tuple[collections.Counter, list]:
+    """Until the process exits: /readyz's answers ((status, code) counted), and one generation
+    request per round (each a reply, or status None if the server took it and never answered)."""
+    ready: collections.Counter = collections.Counter()
+    refused = []
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=CLIENT_TIMEOUT) as c:
+        while server.proc.poll() is None:
+            try:
+                r = c.get("/readyz")
+                ready[(r.status_code, r.json().get("error", {}).get("code"))] += 1
+            except httpx.TransportError:
+                pass  # not listening yet, or gone
+            outcome = types.SimpleNamespace(label=f"during-start-{len(refused)}", status=None)
+            try:
+                outcome.status = c.post(GEN, json=body("too early")).status_code
+                refused.append(outcome)
+            except httpx.TimeoutException:
+                refused.append(outcome)  # taken and never answered: a lost job
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+    return ready, refused
 
 
 def test_sticky_cuda_error_marks_unhealthy(tiny_artifact, live_server):
     s = live_server(common(tiny_artifact) + ["--max-batch-size", "1"], FAULTS_ENV).wait_ready()
     base = s.base
-    t_fault = time.monotonic()
     blocker = start_blocker(base, "cuda-blocker")
     poisoned = Outcome(base, body("poison [fault:cuda-error@2]"), "cuda-poisoned")
     wait_state(base, "cuda-poisoned", {"queued"})
     behind = Outcome(base, body("behind it", steps=2), "cuda-behind")
     wait_state(base, "cuda-behind", {"queued"})
+    unhealthy_at: list[float] = []  # when /healthz first answered 503 (Unix time, as the log's)
+
+    def watch_health():
+        while not unhealthy_at:
+            if httpx.get(base + "/healthz", timeout=30).status_code == 503:
+                unhealthy_at.append(time.time())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
     release_blocker(base, "cuda-blocker")
     outcomes = [o.join() for o in (poisoned, behind)]
-    unhealthy_after = time.monotonic() - t_fault
+    # At once: /healthz is 503 already when the poisoned job's client has its reply.
+    health = httpx.get(base + "/healthz", timeout=30)
+    assert health.status_code == 503 and health.json() == {"status": "unhealthy", "code": "worker_unhealthy"}
+    watcher.join(CLIENT_TIMEOUT)
     assert blocker.join().status == 499
     for o in outcomes:
         assert o.status == 503 and o.code == "worker_unhealthy", (o.label, o.status, o.code)
         assert "CUDA" not in o.body["error"]["message"]
-    health = httpx.get(base + "/healthz", timeout=30)
-    assert health.status_code == 503 and health.json() == {"status": "unhealthy", "code": "worker_unhealthy"}
-    assert any(r.get("exc") and "illegal memory access" in r["exc"] for r in s.log_records())
-    report("sticky CUDA error at step 2 (+1 queued)", outcomes,
-           f"/healthz 503 at once ({unhealthy_after:.1f}s incl. the blocker) → restart")
+    errors = [r for r in s.log_records() if r.get("exc") and "illegal memory access" in r["exc"]]
+    assert errors
+    health_lag = unhealthy_at[0] - logged_at(errors[0])
+    # New requests are refused from then on, and the server is not ready.
+    new = [Outcome(base, body(f"after the error {i}"), f"cuda-new-{i}").join() for i in range(2)]
+    for o in new:
+        assert o.status == 503 and o.code == "worker_unhealthy", (o.label, o.status, o.code)
+    assert httpx.get(base + "/readyz", timeout=30).status_code == 503
+    report("sticky CUDA error at step 2 (+1 queued, then 2 new)", outcomes + new,
+           f"/healthz 503 {health_lag:.2f}s after the error was logged; new requests refused → restart")

@@ -82,6 +82,17 @@ def d(before, after, name, **labels):
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+def scrape_when(url: str, done, timeout: float = 60) -> dict:
+    """Scrape until `done(samples)` holds, or the deadline (the caller's asserts then say what is
+    missing): a request is counted as its reply closes, just after its client has read it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def solo(base: str, prompt: str, seed: int, steps: int) -> np.ndarray:
     r = httpx.post(base + GEN, json={"prompt": prompt, "seed": seed, "num_inference_steps": steps, "size": "64x64"},
                    headers=AUTH, timeout=60)
@@ -161,7 +172,8 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(server):
         assert np.abs(images[i] - own).max() <= 1  # its own seed's image...
         others = [np.abs(images[j] - own).max() for j in images if j != i]
         assert min(others) > 20  # ...and nobody else's
-    after = scrape(server["metrics"])
+    after = scrape_when(server["metrics"],
+                        lambda a: d(before, a, "vqdm_requests_total", model="tiny", status="200") >= 2 * len(ok))
     assert d(before, after, "vqdm_requests_total", model="tiny", status="429") == len(full)
     assert d(before, after, "vqdm_requests_total", model="tiny", status="200") == len(ok) * 2  # burst + solo runs
     batches = d(before, after, "vqdm_batch_size_count")
@@ -202,8 +214,8 @@ def test_stream_disconnect_cancels_the_running_job(server):
     assert holder["events"][-1]["step"] == 1
     final = _wait_state(base, "gone-stream", {"cancelled"})
     assert final["cancel_reason"] == "client_disconnected" and final["step"] < 150
-    time.sleep(0.2)  # the access line and counters are written as the response closes
-    after = scrape(server["metrics"])
+    after = scrape_when(server["metrics"],
+                        lambda a: d(before, a, "vqdm_requests_total", model="tiny", status="499") >= 1)
     assert d(before, after, "vqdm_requests_cancelled_total", model="tiny", stage="running") == 1
     assert d(before, after, "vqdm_requests_total", model="tiny", status="499") == 1
 
@@ -229,8 +241,8 @@ def test_queued_disconnect_and_delete(server):
     assert last["type"] == "error" and last["status"] == 499 and last["error"]["code"] == "request_cancelled"
     steps = [e["step"] for e in holder["events"] if e["type"] == "image_generation.progress"]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 150
-    time.sleep(0.2)
-    after = scrape(server["metrics"])
+    after = scrape_when(server["metrics"],
+                        lambda a: d(before, a, "vqdm_requests_total", model="tiny", status="499") >= 2)
     assert d(before, after, "vqdm_requests_cancelled_total", model="tiny", stage="queued") == 1
     assert d(before, after, "vqdm_requests_cancelled_total", model="tiny", stage="running") == 1
     assert d(before, after, "vqdm_requests_total", model="tiny", status="499") == 2
@@ -256,7 +268,7 @@ def test_metrics_contract_on_both_ports(server):
                timeout=60)
     httpx.post(server["base"] + GEN, json={"prompt": "x", "n": 0}, headers=AUTH, timeout=60)
     httpx.post(server["base"] + GEN, json={"prompt": "x"}, timeout=60)
-    after = scrape(server["metrics"])
+    after = scrape_when(server["metrics"], lambda a: d(before, a, "vqdm_requests_total", model="unknown", status="401"))
     assert d(before, after, "vqdm_requests_total", model="tiny", status="200") == 1
     assert d(before, after, "vqdm_requests_total", model="tiny", status="400") == 1
     assert d(before, after, "vqdm_requests_total", model="unknown", status="401") == 1
@@ -268,9 +280,13 @@ def test_metrics_contract_on_both_ports(server):
 def test_logs_are_json_with_request_ids(server):
     httpx.post(server["base"] + GEN, json={"prompt": "x", "num_inference_steps": 1, "size": "64x64"},
                headers={**AUTH, "X-Request-Id": "trace-me-42"}, timeout=60)
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith("{")]
-    access = [e for e in lines if e.get("request_id") == "trace-me-42" and e.get("path") == GEN]
+    deadline = time.monotonic() + 60
+    while True:  # the access line is written as the reply closes, just after the client has read it
+        lines = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith("{")]
+        access = [e for e in lines if e.get("request_id") == "trace-me-42" and e.get("path") == GEN]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert access and access[-1]["status"] == 200
     assert any("trace-me-42" in e["msg"] for e in lines if e["logger"] == "vqdm.server")  # the batch line
 

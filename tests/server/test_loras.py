@@ -98,26 +98,43 @@ def test_listing_per_request_adapters_errors_and_metrics(make_client, tools, lor
 
 def test_different_adapter_sets_in_flight_get_their_own_results(make_client, tools, loras):
     c = make_client(loras=[f"pixel={loras / 'pixel.safetensors'}", f"ink={loras / 'more' / 'ink.safetensors'}"],
-                    max_batch_size=8, batch_wait_ms=400)
+                    max_batch_size=8, max_steps=5000)
     requests = {"a": body(seed=9, loras=[{"name": "pixel", "scale": 1.0}]),
                 "b": body(seed=9, loras=[{"name": "ink", "scale": 1.0}]),
                 "c": body(seed=9, loras=[{"name": "pixel", "scale": 1.0}]),
                 "d": body(seed=9)}
     results: dict = {}
-    start = threading.Barrier(len(requests))
+    labels = {rid: f"lora-{rid}-{time.time_ns()}" for rid in [*requests, "blocker"]}
 
-    def go(rid):
-        start.wait(10)
-        results[rid] = c.post(GEN, json=requests[rid], headers={"X-Request-Id": f"lora-{rid}-{time.time_ns()}"})
+    def go(rid, req):
+        results[rid] = c.post(GEN, json=req, headers={"X-Request-Id": labels[rid]})
 
-    threads = [threading.Thread(target=go, args=(rid,)) for rid in requests]
+    def state(rid):
+        r = c.get(f"/v1/requests/{labels[rid]}")
+        return r.json() if r.status_code == 200 else {"state": None, "step": 0}
+
+    def wait_until(ok, what):
+        deadline = time.monotonic() + 120
+        while not ok():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    # A long blocker holds the worker until all four wait in the queue together, whatever the load.
+    blocker = threading.Thread(target=go, args=("blocker", body(prompt="blocker", num_inference_steps=5000)))
+    blocker.start()
+    wait_until(lambda: state("blocker")["state"] == "running" and state("blocker")["step"] > 0, "the blocker to run")
+    threads = [threading.Thread(target=go, args=(rid, req)) for rid, req in requests.items()]
     for t in threads:
         t.start()
-    for t in threads:
+    wait_until(lambda: all(state(rid)["state"] == "queued" for rid in requests), "all four to be queued")
+    assert c.delete(f"/v1/requests/{labels['blocker']}").status_code in (200, 202)
+    for t in [blocker, *threads]:
         t.join(120)
-    got = {rid: image(tools, r) for rid, r in results.items()}
-    sizes = {rid: r.json()["batch_size"] for rid, r in results.items()}
-    assert sizes["b"] == 1 and sizes["d"] == 1, sizes  # never batched with another adapter set
+    assert results["blocker"].status_code == 499
+    sizes = {rid: results[rid].json()["batch_size"] for rid in requests}
+    # a and c share an adapter set and waited together: one batch; b and d never join another set.
+    assert sizes == {"a": 2, "b": 1, "c": 2, "d": 1}, sizes
+    got = {rid: image(tools, results[rid]) for rid in requests}
     for rid, req in requests.items():
         alone = image(tools, c.post(GEN, json=req))
         assert np.abs(got[rid] - alone).max() <= 1, rid

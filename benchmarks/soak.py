@@ -252,6 +252,8 @@ class Client:
             except httpx.TransportError as e:  # a reply that never came
                 self.ledger.faults[f"{action}: {type(e).__name__}"] += 1
                 self.ledger.transport_errors += 1
+            except (ValueError, KeyError) as e:  # a reply not shaped as documented: noted, the soak goes on
+                self.ledger.faults[f"{action}: unexpected reply ({type(e).__name__}: {e})"[:160]] += 1
             await asyncio.sleep(self.rng.uniform(0, 0.2))
 
     # -- request bodies ---------------------------------------------------------------------------
@@ -570,11 +572,11 @@ def main() -> None:
         server.stop()
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(cfg.device),
               "config": {**asdict(cfg), "warmup_s": cfg.warmup, "model": "embedded default (vqdm-tiny-sdxl)"},
-              **out, "server_log": str(log)}
+              **out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (server log: {log})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
 FD_GROWTH_MAX = 4  # a leaked upload temp file or socket per request would pass this within seconds
-RSS_GROWTH_MAX_MB = 32  # after the warm-up; a leaked 64² edit with its upload (~0.2 MB) per job crosses it
+RSS_GROWTH_MAX_MB = 32  # after the warm-up: a few MB of allocator noise here; 0.5 MB kept per request adds ~60
 LAG_P99_MAX_S = 0.25  # the /healthz p99 the server promises under edit traffic (issue 26)
 
 

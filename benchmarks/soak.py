@@ -15,7 +15,9 @@ ran a 100 ms timer, vqdm.server.loop_lag), not as a client's probe latency: that
 process's own scheduling and the loopback round trip to the figure, and sample the loop only when
 a probe happens to be in flight. At the end:
 
-- RSS slope in MB per hour, least squares over the samples after --warmup-s;
+- RSS slope in MB per hour, least squares over the samples after --warmup-s, and the growth of its
+  floor (lowest RSS of the last third of those samples minus that of the first third), which the
+  transient memory of a large upload being decoded at one sample does not move;
 - fd growth: open fds once the clients have closed their connections, minus before the traffic;
 - event-loop lag p50 / p99 over the run, from the histogram's buckets (interpolated within a bucket,
   as Prometheus's histogram_quantile does), and the ticks later than 250 ms;
@@ -60,7 +62,11 @@ GEN, EDIT = "/v1/images/generations", "/v1/images/edits"
 ACTIONS = {"generate": 3, "stream": 2, "edit": 2, "cancel_by_id": 1, "cancel_by_label": 1, "disconnect": 1,
            "poll": 2}
 LAG_METRIC = "vqdm_event_loop_lag_seconds"
+# uvicorn closes a keep-alive connection idle for 5 s; a client that reused one at that moment would
+# see a reset that is no fault of the server's, so clients let theirs go first.
+KEEPALIVE_S = 4.0
 LATE_S = 0.25  # a lag tick later than this would show as a slow /healthz
+PHOTO = (4000, 3000)  # one edit upload in five: decoding and resizing it takes ~0.5 s of CPU
 
 
 @dataclass(frozen=True)
@@ -192,24 +198,42 @@ def rss_slope_mb_per_h(samples: list[dict], warmup_s: float) -> float | None:
     return round(float(np.polyfit(t, rss, 1)[0]), 2)
 
 
+def rss_floor_growth_mb(samples: list[dict], warmup_s: float) -> float | None:
+    """How much the lowest RSS of the last third of the samples after the warm-up exceeds that of the
+    first third: what a leak raises, while a decode in flight at one sample (a 12-megapixel upload
+    is ~50 MB for a moment) does not."""
+    rss = [s["rss_mb"] for s in samples if s["t_s"] >= warmup_s]
+    if len(rss) < 3:
+        return None
+    third = len(rss) // 3
+    return round(min(rss[-third:]) - min(rss[:third]), 2)
+
+
 # -- traffic ------------------------------------------------------------------------------------------
 def upload_images(seed: int) -> dict[str, bytes]:
-    """PNG uploads (a smooth image with noise; an OpenAI-style mask with a transparent square), made once."""
+    """Uploads, made once: small PNGs (a ramp with noise) each with an OpenAI-style mask (a transparent
+    square), and a 12-megapixel JPEG as a phone sends, with an opaque mask (white = repaint)."""
     rng = np.random.default_rng(seed)
     out = {}
     for side in (48, 64, 160):
         ramp = np.linspace(0, 255, side)[None, :, None] * np.ones((side, 1, 3))
         pixels = np.clip(ramp + rng.normal(0, 30, (side, side, 3)), 0, 255).astype(np.uint8)
-        out[f"image{side}"] = png(Image.fromarray(pixels))
+        out[f"image{side}"] = encode(Image.fromarray(pixels), "PNG")
         alpha = np.full((side, side), 255, np.uint8)
         alpha[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 0
-        out[f"mask{side}"] = png(Image.fromarray(np.dstack([pixels, alpha]), "RGBA"))
+        out[f"mask{side}"] = encode(Image.fromarray(np.dstack([pixels, alpha]), "RGBA"), "PNG")
+    w, h = PHOTO
+    small = rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
+    out["imagephoto"] = encode(Image.fromarray(small).resize(PHOTO, Image.BILINEAR), "JPEG")
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+    out["maskphoto"] = encode(Image.fromarray(mask), "PNG")
     return out
 
 
-def png(img: Image.Image) -> bytes:
+def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    img.save(buf, fmt)
     return buf.getvalue()
 
 
@@ -268,8 +292,9 @@ class Client:
 
     def edit_form(self, steps: tuple[int, int]) -> tuple[dict, dict]:
         """(fields, files) of an edit at 64x64 (the embedded model's 32x32 is below min_side)."""
-        side = self.rng.choice((48, 64, 160))
-        files = {"image": ("image.png", self.images[f"image{side}"], "image/png")}
+        side = self.rng.choice((48, 64, 160, 160, "photo"))
+        kind = "image/jpeg" if side == "photo" else "image/png"
+        files = {"image": (f"image.{kind[6:]}", self.images[f"image{side}"], kind)}
         if self.rng.random() < 0.5:
             files["mask"] = ("mask.png", self.images[f"mask{side}"], "image/png")
         fields = {"prompt": f"the digit {self.rng.randrange(10)}", "size": "64x64",
@@ -486,13 +511,13 @@ async def still_remembered(server: SoakServer, probe: httpx.AsyncClient, jobs: l
 
 async def soak(cfg: SoakConfig, server: SoakServer) -> dict:
     ledger, images = Ledger(), upload_images(cfg.seed)
-    async with httpx.AsyncClient(timeout=60) as probe:  # scrapes: one connection, open throughout
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S)) as probe:
         before = await server.scrape(probe)
         start = server.proc_figures()
         t0, samples, stop = time.monotonic(), [], asyncio.Event()
         sampling = asyncio.create_task(sampler(server, probe, ledger, cfg, t0, samples, stop))
-        async with httpx.AsyncClient(base_url=server.base, timeout=300,
-                                     limits=httpx.Limits(max_connections=4 * cfg.clients)) as http:
+        limits = httpx.Limits(max_connections=4 * cfg.clients, keepalive_expiry=KEEPALIVE_S)
+        async with httpx.AsyncClient(base_url=server.base, timeout=300, limits=limits) as http:
             clients = [Client(i, cfg, http, ledger, images) for i in range(cfg.clients)]
             await asyncio.gather(*(c.run(t0 + cfg.duration_s) for c in clients))
         traffic_s = time.monotonic() - t0
@@ -525,9 +550,10 @@ def summarize(cfg: SoakConfig, samples: list[dict], ledger: Ledger, run: dict) -
         "rss_mb": {"start": run["start"]["rss_mb"], "after_warmup": steady[0]["rss_mb"],
                    "max": max(s["rss_mb"] for s in samples), "end_of_traffic": samples[-1]["rss_mb"],
                    "after_retention": run["end"]["rss_mb"]},
-        "rss_growth_after_warmup_mb": round(max(s["rss_mb"] for s in steady) - steady[0]["rss_mb"], 2),
+        "rss_floor_growth_mb": rss_floor_growth_mb(samples, cfg.warmup),
         "rss_slope_mb_per_h": rss_slope_mb_per_h(samples, cfg.warmup),
-        "fds": {"before": run["start"]["fds"], "after": run["fds_after"], "growth": run["fds_after"] - run["start"]["fds"]},
+        "fds": {"before": run["start"]["fds"], "after": run["fds_after"],
+                "growth": run["fds_after"] - run["start"]["fds"]},
         "threads": {"before": run["start"]["threads"], "after": run["end"]["threads"]},
         "lag_s": {"p50": histogram_quantile(0.5, lag), "p99": histogram_quantile(0.99, lag),
                   "ticks": int(lag.get("+Inf", 0)), f"over_{LATE_S}s": int(late)},
@@ -543,8 +569,9 @@ def markdown(result: dict) -> str:
             ("replies by status (server)", status),
             ("lost jobs", f"{s['lost_jobs']} (replies match the client's: {'yes' if s['replies_match'] else 'NO'})"),
             ("jobs still held after the retention", f"{s['jobs_remembered_after_retention']} of {s['jobs']}"),
-            ("RSS slope after warm-up", f"{s['rss_slope_mb_per_h']:+.1f} MB/h "
-                                        f"({s['rss_mb']['after_warmup']:.0f} → {s['rss_mb']['end_of_traffic']:.0f} MB)"),
+            ("RSS slope after warm-up", f"{s['rss_slope_mb_per_h']:+.1f} MB/h ({s['rss_mb']['after_warmup']:.0f} → "
+                                        f"{s['rss_mb']['end_of_traffic']:.0f} MB, "
+                                        f"floor {s['rss_floor_growth_mb']:+.0f} MB)"),
             ("open fds", f"{s['fds']['before']} → {s['fds']['after']} ({s['fds']['growth']:+d})"),
             ("event-loop lag p50 / p99", f"{s['lag_s']['p50'] * 1000:.1f} / {s['lag_s']['p99'] * 1000:.1f} ms "
                                          f"({s['lag_s'][f'over_{LATE_S}s']} of {s['lag_s']['ticks']} ticks over "
@@ -559,12 +586,13 @@ def main() -> None:
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else float
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     p.add_argument("--out", default="benchmarks/results/soak.json")
+    p.add_argument("--server-log", help="where the server's log goes (default: a new temporary folder)")
     p.add_argument("--table", metavar="JSON", help="print the Markdown table of an earlier run and exit")
     args = p.parse_args()
     if args.table:
         return print(markdown(json.loads(Path(args.table).read_text())))
-    cfg = SoakConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "table")})
-    log = Path(tempfile.mkdtemp(prefix="vqdm-soak-")) / "server.log"
+    cfg = SoakConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "table", "server_log")})
+    log = Path(args.server_log or Path(tempfile.mkdtemp(prefix="vqdm-soak-")) / "server.log")
     server = SoakServer(cfg, log)
     try:
         out = asyncio.run(soak(cfg, server))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
 FD_GROWTH_MAX = 4  # a leaked upload temp file or socket per request would pass this within seconds
-RSS_GROWTH_MAX_MB = 32  # after the warm-up: a few MB of allocator noise here; 0.5 MB kept per request adds ~60
+RSS_FLOOR_GROWTH_MAX_MB = 40  # after the warm-up; 0.5 MB kept per request raises the floor ~50 MB
 LAG_P99_MAX_S = 0.25  # the /healthz p99 the server promises under edit traffic (issue 26)
 
 
-def test_loop_lag_sees_a_stalled_loop():
+def test_loop_lag_counts_a_stall_as_every_tick_it_delayed():
     from vqdm.server.loop_lag import watch_loop_lag
 
     lags: list[float] = []
@@ -34,15 +34,17 @@ def test_loop_lag_sees_a_stalled_loop():
         watcher.cancel()
 
     asyncio.run(asyncio.wait_for(stall_once(), 60))
-    assert max(lags) >= 0.25, lags  # the tick due during the stall fired that late
+    assert max(lags) >= 0.28, lags  # the first tick due during the stall ran that late
+    assert sum(lag >= 0.1 for lag in lags) >= 9, lags  # and so did every later one due in it: 0.28, 0.26, ...
     assert min(lags) >= 0.0
 
 
 def test_two_minute_soak(tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, str(SOAK), "--duration-s", "120", "--sample-s", "10", "--warmup-s", "40",
-           "--retention-s", "15", "--out", str(out)]
+    cmd = [sys.executable, str(SOAK), "--duration-s", "120", "--sample-s", "5", "--warmup-s", "40",
+           "--retention-s", "15", "--out", str(out), "--server-log", str(tmp_path / "server.log")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
+    print(run.stdout)  # the table, for -s / -rA
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     s = json.loads(out.read_text())["summary"]
     table = run.stdout
@@ -54,5 +56,5 @@ def test_two_minute_soak(tmp_path):
     assert s["walked_away"] and deleted, s["replies"]  # disconnects and DELETEs that cancelled ran
     assert s["jobs_remembered_after_retention"] == 0, table
     assert s["fds"]["growth"] <= FD_GROWTH_MAX, s["fds"]
-    assert s["rss_growth_after_warmup_mb"] <= RSS_GROWTH_MAX_MB, s["rss_mb"]
+    assert s["rss_floor_growth_mb"] <= RSS_FLOOR_GROWTH_MAX_MB, (s["rss_floor_growth_mb"], s["rss_mb"])
     assert s["lag_s"]["p99"] <= LAG_P99_MAX_S, s["lag_s"]

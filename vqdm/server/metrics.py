@@ -27,8 +27,9 @@ What counts as what:
   count in vqdm_requests_total and the duration histograms, like generations.
 - vqdm_peer_errors_total{reason}: peer replicas skipped while looking for a job held elsewhere
   (server.replicas), `reason` one of PEER_ERROR_REASONS; never a peer's address.
-- vqdm_event_loop_lag_seconds: how late the event loop ran a 100 ms timer (vqdm.server.loop_lag),
-  one observation per tick: how long anything on the loop waited behind whatever held it.
+- vqdm_event_loop_lag_seconds: how late the event loop ran a 100 ms metronome (vqdm.server.loop_lag),
+  one observation per tick of a fixed schedule: how long anything on the loop waited behind whatever
+  held it (a long stall is every tick it delayed).
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ class Metrics:
                                    ["reason"], registry=r)
         for reason in PEER_ERROR_REASONS:  # every series exists from the start: rate() sees the first error
             self.peer_errors.labels(reason)
-        self.loop_lag = Histogram("vqdm_event_loop_lag_seconds", "How late the event loop ran a 100 ms timer",
+        self.loop_lag = Histogram("vqdm_event_loop_lag_seconds",
+                                  "How late the event loop ran each tick of a 100 ms metronome",
                                   buckets=LAG_BUCKETS, registry=r)
 
     # -- what a batch and its jobs add (the dispatcher calls these) -------------------------------

@@ -11,13 +11,13 @@ job's own key: 200 or 404; with the other key: always 404). Clients alternate be
 Every --sample-s it records the server's RSS and threads (/proc/PID/status), its open file
 descriptors (/proc/PID/fd), the event-loop lag histogram and every reply so far by route and
 status. Event-loop lag is measured in the server (`vqdm_event_loop_lag_seconds`: how late its loop
-ran a 100 ms timer, vqdm.server.loop_lag), not as a client's probe latency: that would add this
+ran each tick of a 100 ms metronome, vqdm.server.loop_lag), not as a client's probe latency: that would add this
 process's own scheduling and the loopback round trip to the figure, and sample the loop only when
 a probe happens to be in flight. At the end:
 
-- RSS slope in MB per hour, least squares over the samples after --warmup-s, and the growth of its
-  floor (lowest RSS of the last third of those samples minus that of the first third), which the
-  transient memory of a large upload being decoded at one sample does not move;
+- RSS slope in MB per hour, least squares over the samples after --warmup-s, and its median growth
+  (median RSS of the last third of those samples minus that of the first third), which neither the
+  transient memory of a large upload being decoded at one sample nor a trim at another moves;
 - fd growth: open fds once the clients have closed their connections, minus before the traffic;
 - event-loop lag p50 / p99 over the run, from the histogram's buckets (interpolated within a bucket,
   as Prometheus's histogram_quantile does), and the ticks later than 250 ms;
@@ -198,15 +198,15 @@ def rss_slope_mb_per_h(samples: list[dict], warmup_s: float) -> float | None:
     return round(float(np.polyfit(t, rss, 1)[0]), 2)
 
 
-def rss_floor_growth_mb(samples: list[dict], warmup_s: float) -> float | None:
-    """How much the lowest RSS of the last third of the samples after the warm-up exceeds that of the
-    first third: what a leak raises, while a decode in flight at one sample (a 12-megapixel upload
-    is ~50 MB for a moment) does not."""
+def rss_median_growth_mb(samples: list[dict], warmup_s: float) -> float | None:
+    """Median RSS of the last third of the samples after the warm-up minus that of the first third:
+    what a leak raises, while a decode in flight at one sample (a 12-megapixel upload is ~50 MB for a
+    moment) or memory handed back to the OS at another does not."""
     rss = [s["rss_mb"] for s in samples if s["t_s"] >= warmup_s]
     if len(rss) < 3:
         return None
     third = len(rss) // 3
-    return round(min(rss[-third:]) - min(rss[:third]), 2)
+    return round(float(np.median(rss[-third:]) - np.median(rss[:third])), 2)
 
 
 # -- traffic ------------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def summarize(cfg: SoakConfig, samples: list[dict], ledger: Ledger, run: dict) -
         "rss_mb": {"start": run["start"]["rss_mb"], "after_warmup": steady[0]["rss_mb"],
                    "max": max(s["rss_mb"] for s in samples), "end_of_traffic": samples[-1]["rss_mb"],
                    "after_retention": run["end"]["rss_mb"]},
-        "rss_floor_growth_mb": rss_floor_growth_mb(samples, cfg.warmup),
+        "rss_median_growth_mb": rss_median_growth_mb(samples, cfg.warmup),
         "rss_slope_mb_per_h": rss_slope_mb_per_h(samples, cfg.warmup),
         "fds": {"before": run["start"]["fds"], "after": run["fds_after"],
                 "growth": run["fds_after"] - run["start"]["fds"]},
@@ -571,7 +571,7 @@ def markdown(result: dict) -> str:
             ("jobs still held after the retention", f"{s['jobs_remembered_after_retention']} of {s['jobs']}"),
             ("RSS slope after warm-up", f"{s['rss_slope_mb_per_h']:+.1f} MB/h ({s['rss_mb']['after_warmup']:.0f} → "
                                         f"{s['rss_mb']['end_of_traffic']:.0f} MB, "
-                                        f"floor {s['rss_floor_growth_mb']:+.0f} MB)"),
+                                        f"median {s['rss_median_growth_mb']:+.0f} MB)"),
             ("open fds", f"{s['fds']['before']} → {s['fds']['after']} ({s['fds']['growth']:+d})"),
             ("event-loop lag p50 / p99", f"{s['lag_s']['p50'] * 1000:.1f} / {s['lag_s']['p99'] * 1000:.1f} ms "
                                          f"({s['lag_s'][f'over_{LATE_S}s']} of {s['lag_s']['ticks']} ticks over "

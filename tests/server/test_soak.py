@@ -14,7 +14,9 @@ from pathlib import Path
 
 SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
 FD_GROWTH_MAX = 4  # a leaked upload temp file or socket per request would pass this within seconds
-RSS_FLOOR_GROWTH_MAX_MB = 40  # after the warm-up; 0.5 MB kept per request raises the floor ~50 MB
+# Median RSS, last third of the samples after the warm-up minus the first: -9 to +17 MB in healthy
+# runs (quiet or beside a burner); 0.5 MB kept per request raised it 78 MB.
+RSS_MEDIAN_GROWTH_MAX_MB = 40
 LAG_P99_MAX_S = 0.25  # the /healthz p99 the server promises under edit traffic (issue 26)
 
 
@@ -56,5 +58,5 @@ def test_two_minute_soak(tmp_path):
     assert s["walked_away"] and deleted, s["replies"]  # disconnects and DELETEs that cancelled ran
     assert s["jobs_remembered_after_retention"] == 0, table
     assert s["fds"]["growth"] <= FD_GROWTH_MAX, s["fds"]
-    assert s["rss_floor_growth_mb"] <= RSS_FLOOR_GROWTH_MAX_MB, (s["rss_floor_growth_mb"], s["rss_mb"])
+    assert s["rss_median_growth_mb"] <= RSS_MEDIAN_GROWTH_MAX_MB, (s["rss_median_growth_mb"], s["rss_mb"])
     assert s["lag_s"]["p99"] <= LAG_P99_MAX_S, s["lag_s"]

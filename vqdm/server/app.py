@@ -22,6 +22,7 @@ from vqdm.server.edits import EDITS_PATH
 from vqdm.server.edits import router as edits_router
 from vqdm.server.errors import install_error_handlers
 from vqdm.server.loader import ModelLoader, load_models, resolve_device
+from vqdm.server.loop_lag import watch_loop_lag
 from vqdm.server.loras import attach_loras
 from vqdm.server.metrics import Metrics
 from vqdm.server.metrics_port import start_metrics_server
@@ -91,9 +92,11 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
                                                   metrics.registry,
                                                   settings.api_keys if settings.protect_metrics else [])
         loading = asyncio.create_task(_load_and_warm(state, loader or load_models, on_fatal))
+        lag = asyncio.create_task(watch_loop_lag(metrics.loop_lag.observe), name="vqdm-loop-lag")
         try:
             yield
         finally:
+            lag.cancel()
             state.ready, state.phase = False, "shutting down"
             metrics.ready.set(0)
             if not loading.done():

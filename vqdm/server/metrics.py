@@ -27,6 +27,9 @@ What counts as what:
   count in vqdm_requests_total and the duration histograms, like generations.
 - vqdm_peer_errors_total{reason}: peer replicas skipped while looking for a job held elsewhere
   (server.replicas), `reason` one of PEER_ERROR_REASONS; never a peer's address.
+- vqdm_event_loop_lag_seconds: how late the event loop ran a 100 ms metronome (vqdm.server.loop_lag),
+  one observation per tick of a fixed schedule: how long anything on the loop waited behind whatever
+  held it (a long stall is every tick it delayed).
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Why a peer replica gave no usable answer (server.replicas): timed out, connection failed, a 5xx
 # or redirect, a body that is no vqdm reply, a dns: peer entry that did not resolve.
 PEER_ERROR_REASONS = ("timeout", "unreachable", "bad_status", "malformed", "unresolved")
+# A quiet loop is late by well under 1 ms; 250 ms is the /healthz p99 the server promises under load.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _peak_rss_bytes() -> float:
@@ -111,6 +116,9 @@ class Metrics:
                                    ["reason"], registry=r)
         for reason in PEER_ERROR_REASONS:  # every series exists from the start: rate() sees the first error
             self.peer_errors.labels(reason)
+        self.loop_lag = Histogram("vqdm_event_loop_lag_seconds",
+                                  "How late the event loop ran each tick of a 100 ms metronome",
+                                  buckets=LAG_BUCKETS, registry=r)
 
     # -- what a batch and its jobs add (the dispatcher calls these) -------------------------------
     def batch_started(self, model_id: str, queued_since: list[float], rows: int, now: float) -> None:

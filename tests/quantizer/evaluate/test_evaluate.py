@@ -14,7 +14,8 @@ from vqdm.cli import main
 from vqdm.errors import ConfigError
 from vqdm.models import load_pipeline, quantize_layers
 from vqdm.models.artifact import save_artifact, unet_fingerprint
-from vqdm.quantizer.evaluate.fid import FIDInceptionV3, feature_statistics, frechet_distance, load_inception
+from vqdm.quantizer.evaluate.fid import (FIDInceptionV3, feature_statistics, features_to_statistics_distance,
+                                         frechet_distance, load_inception)
 from vqdm.quantizer.evaluate.image_metrics import gaussian_window, psnr, ssim
 
 
@@ -77,6 +78,15 @@ def test_frechet_distance_closed_form():
     centred = f - f.mean(0)
     torch.testing.assert_close(torch.from_numpy(mu), f.mean(0))
     torch.testing.assert_close(torch.from_numpy(sigma), centred.T @ centred / (len(f) - 1))  # unbiased
+    # fewer images than dimensions (eval's FID on a few prompts): the n×n route gives the D×D figure,
+    # up to the D×D route's own noise (it takes square roots of the round-off eigenvalues, ~1e-8 each,
+    # where S1 has rank n-1 < D)
+    for n in (2, 3, 5, 6, 40):
+        few = torch.randn(n, 6, generator=gen, dtype=torch.float64) * 2 + 1
+        want = frechet_distance(*feature_statistics(few), mu2, s2)
+        assert features_to_statistics_distance(few, mu2, s2) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        features_to_statistics_distance(few[:1], mu2, s2)
 
 
 def test_fid_inception_layout(tmp_path):

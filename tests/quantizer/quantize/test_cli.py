@@ -61,8 +61,10 @@ def test_each_subset_is_calibrated_on_the_partly_quantized_student(sdxl_run):
 
 def test_turbo_preset_end_to_end(tiny_turbo_dir, tmp_path, capsys, tiny_args):
     out = tmp_path / "turbo-2bit"
+    # One subset: what is Turbo's own here is the calibration (scheduler, no CFG, cycled steps) and K=2;
+    # quantizing all seven subsets in order is test_sdxl_preset_end_to_end's (the same U-Net layout).
     args = ["quantize", "--model", str(tiny_turbo_dir), "--preset", "sdxl-turbo", "--bits", "2", "--out", str(out),
-            *tiny_args, "--guidance", "0", "--num-prompts", "4", "--batch-size", "1"]
+            *tiny_args, "--guidance", "0", "--num-prompts", "4", "--batch-size", "1", "--subsets", "down_blocks.0"]
     assert main(args) == 0, capsys.readouterr().err
     pipe, image = _generate(out, steps=1, guidance=0.0)
     assert np.isfinite(image).all()
@@ -70,6 +72,7 @@ def test_turbo_preset_end_to_end(tiny_turbo_dir, tmp_path, capsys, tiny_args):
     assert cal["scheduler"] == "EulerAncestralDiscreteScheduler" and cal["guidance"] == 0.0 and cal["vary_steps"]
     assert cal["unet_evaluations"] == 1 + 2 + 1 + 2  # no CFG half; batches cycle through 1..2 steps
     assert pipe.vqdm_manifest["quantization"]["num_codebooks"] == 2
+    assert pipe.vqdm_manifest["quantization"]["subsets"] == ["down_blocks.0"] and len(pipe.vqdm_manifest["layers"]) == 5
 
 
 def _not_sdxl(tmp_path):

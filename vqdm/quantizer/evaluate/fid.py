@@ -221,6 +221,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(cross).sum())
 
 
+def features_to_statistics_distance(features, mu2, sigma2) -> float:
+    """`frechet_distance(*feature_statistics(features), mu2, sigma2)`, through an n×n matrix when
+    there are fewer images n than feature dimensions D (an eval of a few prompts against 2048-d
+    Inception statistics): with S1 = CᵀC, C the centred features / √(n-1), the non-zero eigenvalues
+    of S1 S2 are those of C S2 Cᵀ, so no D×D eigendecomposition is needed."""
+    f, mu2, s2 = (np.asarray(t, dtype=np.float64) for t in (features, mu2, sigma2))
+    n, d = f.shape
+    if n < 2 or n > d or mu2.shape != (d,) or s2.shape != (d, d):
+        return frechet_distance(*feature_statistics(f), mu2, s2)  # the D×D route, or its error message
+    mu1 = f.mean(0)
+    c = (f - mu1) / np.sqrt(n - 1)
+    cross = np.linalg.eigvalsh(c @ s2 @ c.T).clip(min=0)
+    return float(((mu1 - mu2) ** 2).sum() + (c * c).sum() + np.trace(s2) - 2.0 * np.sqrt(cross).sum())
+
+
 def feature_frechet_distance(a, b) -> float:
     """`frechet_distance` between Gaussians fitted to two sets of feature vectors [n, d]."""
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))

@@ -37,7 +37,7 @@ from vqdm.models import detect_family, load_pipeline
 from vqdm.models.artifact import MANIFEST_FILE, load_vq_unet, unet_fingerprint
 from vqdm.models.vae import vae_decode
 from vqdm.quantizer.evaluate.config import EvalConfig, default_sampling
-from vqdm.quantizer.evaluate.fid import (feature_statistics, frechet_distance, inception_features, load_inception,
+from vqdm.quantizer.evaluate.fid import (features_to_statistics_distance, inception_features, load_inception,
                                          load_statistics)
 from vqdm.quantizer.evaluate.image_metrics import psnr, ssim, ssim_window
 from vqdm.quantizer.evaluate.report import labels_for, make_grid, to_uint8, write_markdown
@@ -158,7 +158,7 @@ class Tally:
             out.update({k: sum(v) / len(v) for k, v in self.per_image.items()})
         out.update({k: sum(v) / len(v) for k, v in self.scores.items()})
         if fid_stats is not None:
-            out["fid"] = frechet_distance(*feature_statistics(torch.cat(self.features)), *fid_stats)
+            out["fid"] = features_to_statistics_distance(torch.cat(self.features), *fid_stats)
         return out
 
 

@@ -198,6 +198,15 @@ def rss_slope_mb_per_h(samples: list[dict], warmup_s: float) -> float | None:
     return round(float(np.polyfit(t, rss, 1)[0]), 2)
 
 
+def rss_theil_sen_slope_mb_per_h(samples: list[dict], warmup_s: float) -> float | None:
+    """Median of the slopes between every pair of samples after the warm-up, in MB per hour: a
+    12-megapixel upload being decoded at the last sample tilts the least-squares line, a leak tilts
+    this one too, a single sample does not."""
+    pts = [(s["t_s"] / 3600, s["rss_mb"]) for s in samples if s["t_s"] >= warmup_s]
+    slopes = [(r2 - r1) / (t2 - t1) for i, (t1, r1) in enumerate(pts) for t2, r2 in pts[i + 1:] if t2 > t1]
+    return round(float(np.median(slopes)), 2) if len(pts) >= 3 else None
+
+
 def rss_median_growth_mb(samples: list[dict], warmup_s: float) -> float | None:
     """Median RSS of the last third of the samples after the warm-up minus that of the first third:
     what a leak raises, while a decode in flight at one sample (a 12-megapixel upload is ~50 MB for a
@@ -563,15 +572,17 @@ def summarize(cfg: SoakConfig, samples: list[dict], ledger: Ledger, run: dict) -
 def markdown(result: dict) -> str:
     """The README table."""
     s, c = result["summary"], result["config"]
+    theil_sen = rss_theil_sen_slope_mb_per_h(result["samples"], c["warmup_s"])  # from the samples: older files too
     status = ", ".join(f"{n}×{k}" for k, n in sorted(s["server_replies_by_status"].items()))
     rows = [("traffic", f"{s['traffic_s'] / 60:.1f} min, {c['clients']} clients, 2 keys, {s['posts_sent']} POSTs "
                         f"({s['jobs']} jobs), seed {c['seed']}"),
             ("replies by status (server)", status),
             ("lost jobs", f"{s['lost_jobs']} (replies match the client's: {'yes' if s['replies_match'] else 'NO'})"),
             ("jobs still held after the retention", f"{s['jobs_remembered_after_retention']} of {s['jobs']}"),
-            ("RSS slope after warm-up", f"{s['rss_slope_mb_per_h']:+.1f} MB/h ({s['rss_mb']['after_warmup']:.0f} → "
-                                        f"{s['rss_mb']['end_of_traffic']:.0f} MB, "
-                                        f"median {s['rss_median_growth_mb']:+.0f} MB)"),
+            ("RSS slope after warm-up", f"{theil_sen:+.1f} MB/h (Theil–Sen; least squares {s['rss_slope_mb_per_h']:+.1f} "
+                                        f"MB/h), {s['rss_mb']['after_warmup']:.0f} → {s['rss_mb']['end_of_traffic']:.0f} "
+                                        f"MB, median {s['rss_median_growth_mb']:+.0f} MB, "
+                                        f"{s['rss_mb']['after_retention']:.0f} MB after the retention"),
             ("open fds", f"{s['fds']['before']} → {s['fds']['after']} ({s['fds']['growth']:+d})"),
             ("event-loop lag p50 / p99", f"{s['lag_s']['p50'] * 1000:.1f} / {s['lag_s']['p99'] * 1000:.1f} ms "
                                          f"({s['lag_s'][f'over_{LATE_S}s']} of {s['lag_s']['ticks']} ticks over "

@@ -27,8 +27,14 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two workers on this 2-core kind of machine: much of the suite waits (servers starting, a soak's
+# clock, Prometheus scrapes), and the other worker runs meanwhile. --dist loadfile: a test file's
+# module fixtures are built once, on one worker.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 serve: $(STAMP)
 	$(VENV)/bin/vqdm serve --host 127.0.0.1 --port 8000
@@ -62,7 +68,7 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade --no-deps -r requirements/runtime.in -r requirements/test.in
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.in -e ".[test]"
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
-	.venv-latest/bin/python -m pytest -q -m "not lock"
+	.venv-latest/bin/python -m pytest -q $(PYTEST_PARALLEL) -m "not lock"
 
 # Wheels for a GPU machine without internet (Python $(GPU_PYTHON), x86-64), hash-checked against
 # requirements/gpu.txt: diffusers and everything the runtime pulls in, beside the machine's own

@@ -10,7 +10,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers on two cores: one torch thread each, or four threads
+# would fight over two cores. A lone pytest keeps two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 # Without a GPU the Triton kernels run under the interpreter, which @triton.jit reads when
 # vqdm.kernels.triton_vq is imported: set it here, before any test module is collected.
 if not torch.cuda.is_available():

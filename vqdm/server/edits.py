@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from vqdm.server.edit_pipeline import DEFAULT_STRENGTH
-from vqdm.server.errors import APIError, validation_error
+from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
 from vqdm.server.state import ServerState
@@ -62,14 +62,10 @@ EDIT_REQUEST_BODY = {"required": True, "content": {"multipart/form-data": {
 }}}
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> APIError:
-    return APIError(status, message, param=param, code=code)
-
-
 async def _read_form(request: Request, state: ServerState) -> FormData:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise _bad("send the edit as multipart/form-data (fields image, prompt, optional mask), as OpenAI's "
+        raise bad_request("send the edit as multipart/form-data (fields image, prompt, optional mask), as OpenAI's "
                    "images.edit does", None, "invalid_content_type")
     s = state.settings
     try:
@@ -77,7 +73,7 @@ async def _read_form(request: Request, state: ServerState) -> FormData:
     except APIError:
         raise  # the body limit's 413, raised by BodyLimitMiddleware while a chunked body streams in
     except Exception as e:  # python-multipart / starlette parse errors carry their own text
-        raise _bad(f"could not read the multipart form: {e}", None, "invalid_form") from None
+        raise bad_request(f"could not read the multipart form: {e}", None, "invalid_form") from None
 
 
 def _form_parts(form: FormData, max_bytes: int) -> tuple[dict[str, str], UploadFile, UploadFile | None]:
@@ -88,27 +84,27 @@ def _form_parts(form: FormData, max_bytes: int) -> tuple[dict[str, str], UploadF
         if isinstance(value, UploadFile):
             files.setdefault(key.removesuffix("[]"), []).append(value)
         elif key in fields:
-            raise _bad(f"field {key!r} given twice", key)
+            raise bad_request(f"field {key!r} given twice", key)
         else:
             fields[key] = value
     for key in ("image", "mask"):
         if key in fields:
-            raise _bad(f"{key} must be a file upload, not a text field", key, "invalid_image")
+            raise bad_request(f"{key} must be a file upload, not a text field", key, "invalid_image")
     if not files.get("image"):
-        raise _bad("missing required file 'image'", "image", "missing_required_parameter")
+        raise bad_request("missing required file 'image'", "image", "missing_required_parameter")
     if len(files["image"]) > 1:
-        raise _bad("send one image; editing several input images at once is not supported", "image")
+        raise bad_request("send one image; editing several input images at once is not supported", "image")
     unknown = sorted(set(files) - {"image", "mask"})
     if unknown:
-        raise _bad(f"unknown file field {unknown[0]!r}", unknown[0], "unknown_parameter")
+        raise bad_request(f"unknown file field {unknown[0]!r}", unknown[0], "unknown_parameter")
     image, mask = files["image"][0], (files.get("mask") or [None])[0]
     for param, upload in (("image", image), ("mask", mask)):
         if upload is None:
             continue
         if not upload.size:
-            raise _bad(f"{param} is empty", param, "invalid_image")
+            raise bad_request(f"{param} is empty", param, "invalid_image")
         if upload.size > max_bytes:
-            raise _bad(f"{param} is {upload.size} bytes, over this server's limit of {max_bytes}", param,
+            raise bad_request(f"{param} is {upload.size} bytes, over this server's limit of {max_bytes}", param,
                        "image_too_large", 413)
     return fields, image, mask
 
@@ -121,7 +117,7 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
         try:  # pydantic's parser, as for a generation's JSON body: bounded nesting, no RecursionError
             data["loras"] = pydantic_core.from_json(data["loras"])
         except ValueError as e:
-            raise _bad(f'loras must be a JSON list, e.g. [{{"name": "pixel-art", "scale": 0.8}}] ({e})',
+            raise bad_request(f'loras must be a JSON list, e.g. [{{"name": "pixel-art", "scale": 0.8}}] ({e})',
                        "loras") from None
     try:
         req = ImageGenerationRequest.model_validate(data)
@@ -132,7 +128,7 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
     try:
         return req, float(strength)
     except ValueError:
-        raise _bad(f"strength must be a number in (0, 1] (got {strength!r})", "strength") from None
+        raise bad_request(f"strength must be a number in (0, 1] (got {strength!r})", "strength") from None
 
 
 @router.post(EDITS_PATH, openapi_extra={"requestBody": EDIT_REQUEST_BODY})
@@ -152,9 +148,9 @@ async def edit_images(request: Request):
         kind = "img2img" if mask is None else "inpaint"
         strength = DEFAULT_STRENGTH[kind] if strength is None else strength
         if not 0.0 < strength <= 1.0:
-            raise _bad(f"strength must be in (0, 1] (got {strength:g})", "strength")
+            raise bad_request(f"strength must be in (0, 1] (got {strength:g})", "strength")
         if int(params.steps * strength) < 1:
-            raise _bad(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; "
+            raise bad_request(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; "
                        "raise either", "strength")
         if req.size in (None, "auto"):
             size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=s)

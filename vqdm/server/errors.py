@@ -42,6 +42,11 @@ class APIError(Exception):
         return error_payload(self.message, self.type, self.param, self.code)
 
 
+def bad_request(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> APIError:
+    """A client's mistake in one parameter, in OpenAI's error shape (400 unless `status` says otherwise)."""
+    return APIError(status, message, param=param, code=code)
+
+
 def error_payload(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

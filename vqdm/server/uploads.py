@@ -20,19 +20,15 @@ from typing import BinaryIO, Callable
 from PIL import Image, ImageOps
 
 from vqdm.server.edit_pipeline import EditInput, mask_from
-from vqdm.server.errors import APIError
+from vqdm.server.errors import APIError, bad_request
 from vqdm.server.settings import Settings
 from vqdm.server.validation import size_problem
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def _bad(message: str, param: str, code: str) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
 def _too_many_pixels(param: str, pixels: str, max_pixels: int) -> APIError:
-    return _bad(f"{param} is {pixels} pixels; this server's limit is {max_pixels} (max_image_pixels): send a "
+    return bad_request(f"{param} is {pixels} pixels; this server's limit is {max_pixels} (max_image_pixels): send a "
                 "smaller picture", param, "image_too_large")
 
 
@@ -47,9 +43,9 @@ def open_upload(file: BinaryIO, param: str, max_pixels: int) -> Image.Image:
         # limit, and only warns between 1x and 2x, where the check below refuses.
         raise _too_many_pixels(param, f"more than {2 * max_pixels}", max_pixels) from None
     except Exception:  # PIL raises many types on hostile headers; none of them is the server's fault
-        raise _bad(f"{param} is not an image vqdm can read (send PNG, JPEG or WEBP)", param, "invalid_image") from None
+        raise bad_request(f"{param} is not an image vqdm can read (send PNG, JPEG or WEBP)", param, "invalid_image") from None
     if img.format not in IMAGE_FORMATS:
-        raise _bad(f"{param} is {img.format}; send PNG, JPEG or WEBP", param, "unsupported_image_format")
+        raise bad_request(f"{param} is {img.format}; send PNG, JPEG or WEBP", param, "unsupported_image_format")
     w, h = img.size
     if w * h > max_pixels:
         raise _too_many_pixels(param, f"{w}x{h} = {w * h}", max_pixels)
@@ -59,14 +55,14 @@ def open_upload(file: BinaryIO, param: str, max_pixels: int) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)  # in place: no second full-size copy
         return img
     except Exception as e:  # truncated, corrupt, or a mode PIL cannot decode
-        raise _bad(f"{param} could not be decoded (truncated or corrupt?): {e}", param, "invalid_image") from None
+        raise bad_request(f"{param} could not be decoded (truncated or corrupt?): {e}", param, "invalid_image") from None
 
 
 def _converted(convert: Callable[[], Image.Image], param: str, mode: str) -> Image.Image:
     try:
         return convert()
     except Exception as e:  # an exotic mode without a conversion path
-        raise _bad(f"{param} of mode {mode} cannot be converted: {e}; send 8-bit RGB, RGBA or L", param,
+        raise bad_request(f"{param} of mode {mode} cannot be converted: {e}; send 8-bit RGB, RGBA or L", param,
                    "invalid_image") from None
 
 
@@ -103,7 +99,7 @@ def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int
     src = open_upload(image, "image", max_pixels)
     keep = None if mask is None else open_upload(mask, "mask", max_pixels)
     if keep is not None and keep.size != src.size:
-        raise _bad(f"mask is {keep.size[0]}x{keep.size[1]} but image is {src.size[0]}x{src.size[1]} (as displayed, "
+        raise bad_request(f"mask is {keep.size[0]}x{keep.size[1]} but image is {src.size[0]}x{src.size[1]} (as displayed, "
                    "after EXIF orientation); they must match", "mask", "invalid_value")
     size = size_for(*src.size)
     rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), "image", src.mode)

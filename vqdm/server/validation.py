@@ -7,7 +7,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from vqdm.server import samplers
-from vqdm.server.errors import APIError
+from vqdm.server.errors import APIError, bad_request
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.loras import check_request_loras
 from vqdm.server.schemas import ImageGenerationRequest
@@ -19,21 +19,17 @@ if TYPE_CHECKING:
 _SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 
 
-def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
 def parse_size(size: str | None, model: "ServedModel", settings: Settings) -> tuple[int, int]:
     if size is None or size == "auto":
         return model.default_width, model.default_height
     m = _SIZE_RE.match(size)
     if not m:
-        raise _bad(f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. "
+        raise bad_request(f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. "
                    f"\"{model.default_width}x{model.default_height}\"", "size")
     w, h = int(m.group(1)), int(m.group(2))
     problem = size_problem(w, h, settings)
     if problem:
-        raise _bad(problem, "size")
+        raise bad_request(problem, "size")
     return w, h
 
 
@@ -51,9 +47,9 @@ def size_problem(w: int, h: int, settings: Settings) -> str | None:
 
 def check_prompt(text: str, param: str, settings: Settings, required: bool) -> None:
     if required and not text.strip():
-        raise _bad(f"{param} is empty", param, "empty_prompt")
+        raise bad_request(f"{param} is empty", param, "empty_prompt")
     if len(text) > settings.max_prompt_chars:
-        raise _bad(f"{param} is {len(text)} characters, over the limit of {settings.max_prompt_chars} characters "
+        raise bad_request(f"{param} is {len(text)} characters, over the limit of {settings.max_prompt_chars} characters "
                    "(the text encoders read only the first 77 CLIP tokens anyway)", param, "prompt_too_long")
 
 
@@ -73,23 +69,23 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
     if req.negative_prompt is not None:
         check_prompt(req.negative_prompt, "negative_prompt", settings, required=False)
     if req.response_format not in (None, "b64_json"):
-        raise _bad(f"response_format {req.response_format!r} is not supported: this server keeps no images to link "
+        raise bad_request(f"response_format {req.response_format!r} is not supported: this server keeps no images to link "
                    "to; use \"b64_json\"", "response_format", "unsupported_response_format")
     n = 1 if req.n is None else req.n
     if not 1 <= n <= settings.max_n:
-        raise _bad(f"n must be between 1 and {settings.max_n} (got {n})", "n")
+        raise bad_request(f"n must be between 1 and {settings.max_n} (got {n})", "n")
     width, height = parse_size(req.size, model, settings)
     steps = model.default_steps if req.num_inference_steps is None else req.num_inference_steps
     if not 1 <= steps <= settings.max_steps:
-        raise _bad(f"num_inference_steps must be between 1 and {settings.max_steps} (got {steps})",
+        raise bad_request(f"num_inference_steps must be between 1 and {settings.max_steps} (got {steps})",
                    "num_inference_steps")
     guidance = model.default_guidance if req.guidance_scale is None else req.guidance_scale
     if not 0.0 <= guidance <= settings.max_guidance:
-        raise _bad(f"guidance_scale must be between 0 and {settings.max_guidance} (got {guidance})", "guidance_scale")
+        raise bad_request(f"guidance_scale must be between 0 and {settings.max_guidance} (got {guidance})", "guidance_scale")
     try:
         sampler = samplers.resolve(req.scheduler, next(iter(model.replicas.values())).scheduler_class)
     except ValueError as e:
-        raise _bad(str(e), "scheduler") from None
+        raise bad_request(str(e), "scheduler") from None
     loras = check_request_loras(req.loras, model)
     seed = secrets.randbelow(2**31) if req.seed is None else req.seed
     return GenerationParams(

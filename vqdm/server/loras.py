@@ -93,8 +93,9 @@ def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
         for model in models:
             for dev, replica in model.replicas.items():
                 adapters = held.setdefault((model.id, dev), [])
-                if held_bytes(adapters) + least > budget:
-                    raise _over_budget(spec, dev, budget, held_bytes(adapters), least,
+                before = held_bytes(adapters)
+                if before + least > budget:
+                    raise _over_budget(spec, dev, budget, before, least,
                                        "at least, its weights in fp16 by the file's header; the file was not read")
                 known = replica.loras.adapters.get(spec.name)
                 if known is not None and known.source == str(spec.path):
@@ -109,9 +110,9 @@ def attach_loras(models: Sequence["ServedModel"], settings: "Settings") -> None:
                         replica.loras.remove(spec.name)
                         known = None
                 entry = (adapter.nbytes, replica.loras.built_nbytes(adapter))
-                need = held_bytes([*adapters, entry]) - held_bytes(adapters)
-                if held_bytes(adapters) + need > budget:
-                    raise _over_budget(spec, dev, budget, held_bytes(adapters), need,
+                need = held_bytes([*adapters, entry]) - before
+                if before + need > budget:
+                    raise _over_budget(spec, dev, budget, before, need,
                                        f"{entry[0] / 1e6:.2f} MB at rest in fp16, and its branch in the compute "
                                        "dtype, cached while requests use it")
                 adapters.append(entry)

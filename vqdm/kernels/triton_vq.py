@@ -11,7 +11,13 @@ written it does not: measured on an H100 it runs 5-26x slower than the dense GEM
 is latency-bound; docs/kernels.md), so dispatch never picks it. It stays, tested, by name.
 
 Decode-once (`decode_triton`): codes -> dense Ŵ (scaled) in the activation dtype as an [n, d]
-matrix (16-byte stores), then cuBLAS / cuDNN via torch (convs: see vq_conv2d_triton_decode).
+matrix (16-byte stores), then cuBLAS / cuDNN via torch (convs: see vq_conv2d_triton_decode). The
+per-call layers decode into a reused scratch buffer (`decode_triton_scratch`); `decode_triton`
+without `out` returns a weight that owns its memory (what weight caches keep).
+
+Tile configs are plain dicts (meta-parameters + num_warps / num_stages); `tile_configs` lists every
+one a kernel can run with (GPU default, interpreter, each autotune candidate) and the `config=`
+argument runs one by name, so the tests check each against the reference.
 
 K (number of codebooks) is a constexpr unrolled with tl.static_range, so K = 3 needs no
 power-of-two arange. Every load at an edge (M, N, d) is masked. Under TRITON_INTERPRET=1 (set
@@ -20,6 +26,7 @@ before triton is imported) the same kernels run on CPU tensors, which is how CI 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -126,27 +133,53 @@ def _vq_decode_kernel(
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask_nj[:, :, None])
 
 
-def _matmul_configs() -> list[triton.Config]:
-    """Autotune space of the fused kernel (GPU only; the interpreter uses FIXED_CONFIG).
+# Autotune space of the fused kernel (GPU only). The codeword gathers are pipelined through shared
+# memory (cp.async, 16 B per codeword), one [BLOCK_N, BLOCK_K] tile per codebook per stage: K=4,
+# 128x64 fp16 = 64 KB a stage, so the wide tiles get 2 stages. Configs that do not fit are skipped
+# by the autotuner.
+MATMUL_AUTOTUNE_CONFIGS: tuple[dict[str, int], ...] = tuple(
+    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": st}
+    for bm, bn, bk, w, st in [
+        (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2),
+        (64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (128, 128, 64, 8, 2), (64, 128, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+    ])
+# GPU without autotuning (VQDM_TRITON_AUTOTUNE=0, set by the tests so that a new shape does not
+# autotune): one config good across SDXL shapes. Interpreter (CI): tiny tiles keep it fast.
+MATMUL_DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+MATMUL_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 
-    The codeword gathers are pipelined through shared memory (cp.async, 16 B per codeword), one
-    [BLOCK_N, BLOCK_K] tile per codebook per stage: K=4, 128x64 fp16 = 64 KB a stage, so the wide
-    tiles get 2 stages. Configs that do not fit are skipped by the autotuner.
-    """
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in [
-                (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2),
-                (64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (128, 128, 64, 8, 2), (64, 128, 32, 4, 3),
-                (128, 128, 32, 8, 3),
-            ]]
+# Decode: a memory-bound gather + store; the tile size and warps set how many loads are in flight.
+DECODE_AUTOTUNE_CONFIGS: tuple[dict[str, int], ...] = tuple(
+    {"BLOCK_N": bn, "BLOCK_J": bj, "num_warps": w}
+    for bn, bj, w in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (16, 32, 2), (128, 32, 8)])
+DECODE_DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_J": 32, "num_warps": 4}  # GPU without autotuning and interpreter
 
-
-# Interpreter (CI): tiny tiles keep it fast. GPU without autotuning (VQDM_TRITON_AUTOTUNE=0, used
-# by the tests so they do not compile every config): one config good across SDXL shapes.
-FIXED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
-DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-DECODE_BLOCK = {"BLOCK_N": 32, "BLOCK_J": 32}
 AUTOTUNE = os.environ.get("VQDM_TRITON_AUTOTUNE", "1") == "1"
+
+
+# By kernel, then by name: "default" (GPU with autotuning off), "interpret" (the interpreter's, where
+# it differs from "default"), "autotune-<i>" (each autotune candidate). Built once: the launch path
+# reads it on every layer call.
+_CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "matmul": {"default": MATMUL_DEFAULT_CONFIG, "interpret": MATMUL_INTERPRET_CONFIG,
+               **{f"autotune-{i}": c for i, c in enumerate(MATMUL_AUTOTUNE_CONFIGS)}},
+    "decode": {"default": DECODE_DEFAULT_CONFIG, **{f"autotune-{i}": c for i, c in enumerate(DECODE_AUTOTUNE_CONFIGS)}},
+}
+
+
+def tile_configs(kernel: str) -> dict[str, dict[str, int]]:
+    """Every tile config `kernel` ("matmul" or "decode") can run with, by name ("default",
+    "interpret" where it differs, "autotune-<i>"): pass a name as `config=` to
+    `vq_linear_triton_fused` / `decode_triton`. Copies: editing them changes nothing."""
+    if kernel not in _CONFIGS:
+        raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {sorted(_CONFIGS)}")
+    return {name: dict(c) for name, c in _CONFIGS[kernel].items()}
+
+
+def _triton_config(c: dict[str, int]) -> triton.Config:
+    meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
 
 
 def _quick_bench(fn, quantiles=None):
@@ -155,31 +188,83 @@ def _quick_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _autotuned(fn):
+def _autotuned(fn, configs: tuple[dict[str, int], ...], key: list[str]):
+    tconfigs = [_triton_config(c) for c in configs]
     try:
-        return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"], do_bench=_quick_bench)(fn)
+        return triton.autotune(configs=tconfigs, key=key, do_bench=_quick_bench)(fn)
     except TypeError:  # older triton without do_bench=
-        return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "D", "NUM_CB"])(fn)
+        return triton.autotune(configs=tconfigs, key=key)(fn)
 
 
-_matmul_tuned = _vq_matmul_kernel if INTERPRET or not AUTOTUNE else _autotuned(_vq_matmul_kernel)
+_TUNE = not INTERPRET and AUTOTUNE
+_matmul_tuned = (_autotuned(_vq_matmul_kernel, MATMUL_AUTOTUNE_CONFIGS, ["M_BUCKET", "N", "D", "NUM_CB"])
+                 if _TUNE else None)
+_decode_tuned = (_autotuned(_vq_decode_kernel, DECODE_AUTOTUNE_CONFIGS, ["N", "NUM_GROUPS", "NUM_CB"])
+                 if _TUNE else None)
 
 
-def _decode_configs() -> list[triton.Config]:
-    # Memory-bound gather + store: the tile size and warps set how many loads are in flight.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w)
-            for bn, bj, w in [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (16, 32, 2), (128, 32, 8)]]
+def _launch_config(kernel: str, config: str | None) -> dict[str, int] | None:
+    """The tile config to launch `kernel` with, or None for the autotuner."""
+    configs = _CONFIGS[kernel]
+    if config is None:
+        if INTERPRET:
+            return configs.get("interpret", configs["default"])
+        return None if AUTOTUNE else configs["default"]
+    if config not in configs:
+        raise ValueError(f"unknown {kernel} tile config {config!r}; known: {sorted(configs)}")
+    return configs[config]
 
 
-def _decode_autotuned(fn):
-    key = ["N", "NUM_GROUPS", "NUM_CB"]
-    try:
-        return triton.autotune(configs=_decode_configs(), key=key, do_bench=_quick_bench)(fn)
-    except TypeError:
-        return triton.autotune(configs=_decode_configs(), key=key)(fn)
+class _DecodeScratch(threading.local):
+    """Per-thread flat buffers, one per (device, dtype), grown to the largest layer decoded there.
+
+    Why reuse is safe: a thread's decode and the GEMM that reads it are queued in that order on
+    the thread's stream, so the next decode into the same buffer runs only after the GEMM read it;
+    another thread has its own buffer. The server runs each device's work on one thread, so it
+    holds one buffer per device (the largest layer). A caller that decodes on one stream and reads
+    on another must synchronise them itself (nothing in vqdm does).
+
+    CUDA graphs: a buffer allocated once keeps its address, so a graph captured after one eager
+    call (warm-up) allocates nothing and replays into the same buffer. If a capture has to grow the
+    buffer, the old one stays referenced here (`retired`): the captured kernels hold its address,
+    and freeing it would let the allocator hand that memory to someone else that replays overwrite.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (device, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            if buf is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self.retired.append(buf)
+            self.buffers.pop(key, None)  # free the old one before allocating the larger one
+            # A normal tensor, even when first needed under inference_mode: an inference tensor
+            # could not be written in place later by a caller outside inference mode.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in [*self.buffers.values(), *self.retired])
 
 
-_decode_tuned = _vq_decode_kernel if INTERPRET or not AUTOTUNE else _decode_autotuned(_vq_decode_kernel)
+_SCRATCH = _DecodeScratch()
+
+
+def decode_scratch_bytes() -> int:
+    """Bytes held by this thread's Triton decode scratch buffers (the largest layer per device, dtype)."""
+    return _SCRATCH.nbytes()
+
+
+def release_decode_scratch() -> None:
+    """Drop this thread's Triton decode scratch buffers (re-grown on the next call). Not while a
+    captured CUDA graph that decodes may still be replayed: it writes to their addresses."""
+    _SCRATCH.buffers.clear()
+    _SCRATCH.retired.clear()
 
 
 def _check_group(codes: torch.Tensor, codebooks: torch.Tensor) -> int:
@@ -190,8 +275,11 @@ def _check_group(codes: torch.Tensor, codebooks: torch.Tensor) -> int:
 
 
 def vq_linear_triton_fused(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x Ŵᵀ + bias for x [..., d] (fp16/bf16; fp32 runs with IEEE dot) -> [..., n] in x's dtype."""
+                           bias: torch.Tensor | None = None, config: str | None = None) -> torch.Tensor:
+    """y = x Ŵᵀ + bias for x [..., d] (fp16/bf16; fp32 runs with IEEE dot) -> [..., n] in x's dtype.
+
+    config: a name from `tile_configs("matmul")` to run with instead of the default / autotuner.
+    """
     check_format(codes, codebooks, scales)
     g = _check_group(codes, codebooks)
     n, groups, k = codes.shape
@@ -214,18 +302,22 @@ def vq_linear_triton_fused(x: torch.Tensor, codes: torch.Tensor, codebooks: torc
     def grid(c):
         return (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
 
-    if INTERPRET:
-        _vq_matmul_kernel[grid(FIXED_CONFIG)](*args, **meta, **FIXED_CONFIG)
-    elif not AUTOTUNE:
-        _vq_matmul_kernel[grid(DEFAULT_CONFIG)](*args, **meta, **DEFAULT_CONFIG)
-    else:
+    c = _launch_config("matmul", config)
+    if c is None:
         _matmul_tuned[grid](*args, **meta)
+    else:
+        _vq_matmul_kernel[grid(c)](*args, **meta, **c)
     return y.reshape(*lead, n)
 
 
 def decode_triton(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                  dtype: torch.dtype = torch.float16, conv: tuple[int, tuple[int, int]] | None = None) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float16, conv: tuple[int, tuple[int, int]] | None = None,
+                  out: torch.Tensor | None = None, config: str | None = None) -> torch.Tensor:
     """Dense scaled Ŵ [n, d] on codes' device; with conv=(C_in, (k_h, k_w)) an NCHW conv weight.
+
+    Without `out` the result owns its memory (weight caches keep it); with `out` (a contiguous
+    [n, d] tensor of `dtype`, not with conv) the kernel writes there. config: a name from
+    `tile_configs("decode")` to run with instead of the default / autotuner.
 
     The kernel always writes the [n, d] matrix (columns (k_h, k_w, C_in) for convs) with 16-byte
     stores; an NCHW conv weight is then one coalesced permute-copy. Writing NCHW directly from the
@@ -236,37 +328,61 @@ def decode_triton(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Te
     g = _check_group(codes, codebooks)
     n, groups, k = codes.shape
     d = groups * g
+    if conv is not None and conv[1][0] * conv[1][1] * conv[0] != d:
+        raise ValueError(f"conv weight {n}x{conv[0]}x{conv[1][0]}x{conv[1][1]} does not match d={d}")
+    if conv is not None and out is not None:
+        raise ValueError("decode_triton returns a conv weight in fresh memory only: pass conv= or out=, not both")
+    if out is None:
+        out = torch.empty(n, d, device=codes.device, dtype=dtype)
+    elif out.shape != (n, d) or out.dtype != dtype or out.device != codes.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{n}, {d}] {dtype} tensor on {codes.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     codes = codes.contiguous()
     codebooks = codebooks.detach().contiguous()
-    w = torch.empty(n, d, device=codes.device, dtype=dtype)
-    args = (codes, codebooks, scales.detach(), w, n, groups, codes.stride(0), codes.stride(1),
-            codebooks.stride(0), w.stride(0))
-    if INTERPRET or not AUTOTUNE:
-        bn, bj = DECODE_BLOCK["BLOCK_N"], DECODE_BLOCK["BLOCK_J"]
-        _vq_decode_kernel[(triton.cdiv(n, bn), triton.cdiv(groups, bj))](*args, NUM_CB=k, GROUP=g, BLOCK_N=bn,
-                                                                        BLOCK_J=bj)
-    else:
+    args = (codes, codebooks, scales.detach(), out, n, groups, codes.stride(0), codes.stride(1),
+            codebooks.stride(0), out.stride(0))
+    c = _launch_config("decode", config)
+    if c is None:
         _decode_tuned[lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(groups, c["BLOCK_J"]))](
             *args, NUM_CB=k, GROUP=g)
+    else:
+        _vq_decode_kernel[(triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(groups, c["BLOCK_J"]))](
+            *args, NUM_CB=k, GROUP=g, **c)
     if conv is None:
-        return w
-    cin, ksize = conv
-    if ksize[0] * ksize[1] * cin != d:
-        raise ValueError(f"conv weight {n}x{cin}x{ksize[0]}x{ksize[1]} does not match d={d}")
-    return conv_weight_view(w, cin, ksize).contiguous()
+        return out
+    return conv_weight_view(out, conv[0], conv[1]).contiguous()
+
+
+def decode_triton_scratch(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ [n, d] decoded into this thread's scratch buffer for codes' device: valid until the next
+    decode here (see _DecodeScratch for why that is safe, CUDA graphs included)."""
+    n, groups, _ = codes.shape
+    d = groups * codebooks.shape[2]
+    return decode_triton(codes, codebooks, scales, dtype, out=_SCRATCH.get(n * d, dtype, codes.device).view(n, d))
+
+
+def _per_call_weight(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                     scales: torch.Tensor) -> torch.Tensor:
+    # With a gradient for x, autograd saves the weight for the backward pass, and the next layer's
+    # decode would overwrite the scratch under it (Triton's stores bump no version counter, so
+    # nothing would notice): decode into fresh memory then.
+    if torch.is_grad_enabled() and x.requires_grad:
+        return decode_triton(codes, codebooks, scales, x.dtype)
+    return decode_triton_scratch(codes, codebooks, scales, x.dtype)
 
 
 def vq_linear_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode once into a dense scratch weight (x's dtype), then cuBLAS via F.linear."""
-    w = decode_triton(codes, codebooks, scales, x.dtype)
+    """Decode once into the scratch weight (x's dtype), then cuBLAS via F.linear."""
+    w = _per_call_weight(x, codes, codebooks, scales)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def vq_conv2d_triton_decode(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                             bias: torch.Tensor | None, in_channels: int, kernel_size: tuple[int, int],
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
-    """Decode once, then cuDNN via F.conv2d (weight layout: `decoded.conv_weight_for`)."""
-    w = decode_triton(codes, codebooks, scales, x.dtype)
+    """Decode once into the scratch weight, then cuDNN via F.conv2d (layout: `decoded.conv_weight_for`)."""
+    w = _per_call_weight(x, codes, codebooks, scales)
     return conv2d_decoded(x, conv_weight_for(x, w, in_channels // groups, tuple(kernel_size)), bias, stride,
                           padding, dilation, groups)

@@ -222,3 +222,23 @@ def test_distill_eval_and_server_take_the_file(exported):
     served = load_model(ModelSpec("digits", exported.path), Settings(), ["cpu"])
     assert served.family == "sdxl" and served.quantization["num_codebooks"] == 2
     assert served.weight_bytes == load_model(ModelSpec("digits", FOLDER), Settings(), ["cpu"]).weight_bytes
+
+
+def test_fp32_components_export_as_they_are_or_rounded_to_fp16(both, tmp_path):
+    """An artifact with its own fp32 components (not shared): by default the file holds them as
+    they are and loads as the folder; with components_fp16 they are rounded, the U-Net untouched."""
+    from vqdm.models.artifact import save_artifact
+
+    pipe = both[0]  # the digits artifact loaded in fp32, saved with its components
+    art = save_artifact(pipe, tmp_path / "art", {"base_model": pipe.vqdm_manifest["base_model"]})
+    same = export_single_file(art, tmp_path / "same.safetensors")
+    half = export_single_file(art, tmp_path / "half.safetensors", components_fp16=True)
+    folder, a, b = load_artifact(art), load_artifact(same.path), load_artifact(half.path)
+    for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        ref, exact, rounded = (getattr(x, comp).state_dict() for x in (folder, a, b))
+        assert all(torch.equal(ref[k], exact[k]) for k in ref), comp
+        assert all(torch.equal(ref[k].half().to(ref[k].dtype) if comp != "unet" else ref[k], rounded[k]) for k in ref)
+    dtypes = {e.dtype for k, e in read_safetensors_header(half.path).tensors.items() if not k.startswith("unet.")}
+    assert dtypes == {"F16"} and "F32" in {e.dtype for e in read_safetensors_header(same.path).tensors.values()}
+    assert half.file_bytes < same.file_bytes and half.dense_fp16_bytes == same.dense_fp16_bytes
+    assert inspect_artifact(half.path)["integrity"] == "ok"

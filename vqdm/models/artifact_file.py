@@ -38,6 +38,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -135,17 +136,23 @@ def _numel(shape) -> int:
     return n
 
 
-def tensor_sha256(f, entry: TensorEntry) -> str:
-    """sha256 of "<dtype> <shape>\\n" and the tensor's bytes, read from the open file `f`."""
-    h = hashlib.sha256(f"{entry.dtype} {list(entry.shape)}\n".encode())
+def _file_chunks(f, entry: TensorEntry) -> Iterator[bytes]:
+    """The bytes of `entry` read from the open file `f`, in chunks."""
     f.seek(entry.start)
     left = entry.end - entry.start
     while left:
         chunk = f.read(min(_HASH_CHUNK, left))
         if not chunk:
-            break
-        h.update(chunk)
+            raise ArtifactError(f.name, "shorter than its header says (changed while being read?)")
+        yield chunk
         left -= len(chunk)
+
+
+def tensor_sha256(dtype: str, shape: tuple[int, ...], chunks: Iterable[bytes]) -> str:
+    """sha256 of "<dtype> <shape>\n" and then the tensor's bytes."""
+    h = hashlib.sha256(f"{dtype} {list(shape)}\n".encode())
+    for chunk in chunks:
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -153,31 +160,51 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _write_safetensors(out: Path, sources: list[tuple[str, Path, TensorEntry]], metadata: dict[str, str]) -> None:
-    """A .safetensors file whose tensors are copied byte for byte from their source files. Widest
-    dtypes first, so every tensor starts aligned to its element size (as safetensors itself writes)."""
-    order = sorted(sources, key=lambda s: -_DTYPE_BYTES[s[2].dtype])
+@dataclass(frozen=True)
+class _Source:
+    """One tensor to export: `name` in the safetensors file `path`, written as `key`, its bytes
+    copied as they are, or (`half`) an fp32 tensor rounded to fp16."""
+    key: str
+    path: Path
+    name: str
+    entry: TensorEntry
+    half: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "F16" if self.half else self.entry.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype] * _numel(self.entry.shape)
+
+    def chunks(self, handles: dict) -> Iterator[bytes]:
+        if not self.half:
+            f = handles.get(self.path) or handles.setdefault(self.path, open(self.path, "rb"))
+            yield from _file_chunks(f, self.entry)
+            return
+        with safe_open(str(self.path), framework="pt") as f:
+            yield f.get_tensor(self.name).to(torch.float16).contiguous().numpy().tobytes()
+
+
+def _write_safetensors(out: Path, sources: list[_Source], metadata: dict[str, str]) -> None:
+    """A .safetensors file of `sources`, streamed one tensor at a time. Widest dtypes first, so every
+    tensor starts aligned to its element size (as safetensors itself writes)."""
+    order = sorted(sources, key=lambda s: -_DTYPE_BYTES[s.dtype])
     header, offset = {}, 0
-    for key, _, e in order:
-        header[key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.end - e.start]}
-        offset += e.end - e.start
+    for s in order:
+        header[s.key] = {"dtype": s.dtype, "shape": list(s.entry.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
     raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, BinaryIO] = {}
     try:
         with open(out, "wb") as dst:
             dst.write(len(raw).to_bytes(8, "little"))
             dst.write(raw)
-            for _, src, e in order:
-                f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
-                f.seek(e.start)
-                left = e.end - e.start
-                while left:
-                    chunk = f.read(min(_HASH_CHUNK, left))
-                    if not chunk:
-                        raise ArtifactError(src, "shorter than its header says (changed while exporting?)")
+            for s in order:
+                for chunk in s.chunks(handles):
                     dst.write(chunk)
-                    left -= len(chunk)
     finally:
         for f in handles.values():
             f.close()
@@ -191,10 +218,13 @@ class ExportResult:
     dense_fp16_bytes: int  # the same model as a dense fp16 file: 2 bytes per parameter (computed)
 
 
-def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = False) -> ExportResult:
+def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = False,
+                       components_fp16: bool = False) -> ExportResult:
     """Write the artifact folder `artifact` as one .safetensors file `out` (layout: module docstring).
     The folder is verified first (every hash), so only an intact artifact is exported; the file is
-    assembled next to `out` and renamed into place."""
+    assembled next to `out` and renamed into place. `components_fp16` rounds the fp32 tensors of the
+    text encoders and VAE to fp16 (as single-file SDXL checkpoints store them); by default every
+    tensor keeps the folder's bytes, and the file loads exactly as the folder does."""
     artifact, out = Path(artifact), Path(out)
     if artifact.is_file():
         raise ArtifactError(artifact, "already a file; `vqdm export` takes an artifact folder")
@@ -205,7 +235,7 @@ def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = 
     comps = components_dir(artifact, manifest)
     manifest_text = (artifact / "unet" / "manifest.json").read_text()
     files = _text_files(artifact, comps)
-    sources = _weight_sources(artifact, comps)
+    sources = _weight_sources(artifact, comps, components_fp16)
     hashes = {"manifest": _sha256_text(manifest_text),
               "files": {rel: _sha256_text(text) for rel, text in files.items()},
               "tensors": _source_hashes(sources)}
@@ -242,9 +272,10 @@ def _text_files(artifact: Path, comps: Path) -> dict[str, str]:
     return texts
 
 
-def _weight_sources(artifact: Path, comps: Path) -> list[tuple[str, Path, TensorEntry]]:
-    """(key in the file, source file, entry) of every tensor: the U-Net's, then each component's
-    weights as diffusers loads them (one file, or the shards its index lists; no variants)."""
+def _weight_sources(artifact: Path, comps: Path, components_fp16: bool) -> list[_Source]:
+    """Every tensor to export: the U-Net's as stored, then each component's weights as diffusers
+    loads them (one file, or the shards its index lists; no variants), fp32 ones rounded to fp16
+    with `components_fp16`."""
     by_prefix = {UNET_PREFIX: [artifact / WEIGHTS_FILE]}
     for comp, (_, stem) in MODEL_COMPONENTS.items():
         folder = comps / comp
@@ -263,16 +294,17 @@ def _weight_sources(artifact: Path, comps: Path) -> list[tuple[str, Path, Tensor
                 if key in seen:
                     raise ArtifactError(src, f"tensor {name!r} is in more than one shard")
                 seen.add(key)
-                sources.append((key, src, e))
+                sources.append(_Source(key, src, name, e, components_fp16 and prefix != UNET_PREFIX and e.dtype == "F32"))
     return sources
 
 
-def _source_hashes(sources: list[tuple[str, Path, TensorEntry]]) -> dict[str, str]:
-    out = {}
-    for src in dict.fromkeys(s for _, s, _ in sources):
-        with open(src, "rb") as f:
-            out.update({key: tensor_sha256(f, e) for key, s, e in sources if s == src})
-    return out
+def _source_hashes(sources: list[_Source]) -> dict[str, str]:
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        return {s.key: tensor_sha256(s.dtype, s.entry.shape, s.chunks(handles)) for s in sources}
+    finally:
+        for f in handles.values():
+            f.close()
 
 
 def dense_fp16_bytes(manifest: dict, header: SafetensorsHeader, files: dict[str, str]) -> int:
@@ -388,7 +420,7 @@ def verify_hashes(af: ArtifactFile) -> None:
             raise ArtifactError(path, f"embedded {rel}: sha256 does not match the one recorded at export: edited")
     with open(path, "rb") as f:
         for key, e in af.header.tensors.items():
-            if tensor_sha256(f, e) != recorded["tensors"][key]:
+            if tensor_sha256(e.dtype, e.shape, _file_chunks(f, e)) != recorded["tensors"][key]:
                 raise ArtifactError(path, f"tensor {key!r}: sha256 does not match the one recorded at export: "
                                           "file corrupted or edited")
 

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "command that takes an artifact folder takes that file.")
     p.add_argument("artifact", help="artifact folder (from `vqdm quantize` or `vqdm distill`)")
     p.add_argument("--single-file", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--components-fp16", action="store_true",
+                   help="round the text encoders' and VAE's fp32 tensors to fp16, as single-file SDXL checkpoints "
+                        "store them (default: every tensor as the folder has it, so the file loads exactly as the folder)")
     p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
     p.set_defaults(func=cmd_export)
 
@@ -133,6 +136,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.single_file)
     if out.suffix != ".safetensors":
         raise ValueError(f"--single-file {out}: name it *.safetensors (it is a safetensors file)")
-    result = export_single_file(args.artifact, out, overwrite=args.force)
+    result = export_single_file(args.artifact, out, overwrite=args.force, components_fp16=args.components_fp16)
     print(f"wrote {result.path}: {_size_vs_dense(result.file_bytes, result.dense_fp16_bytes)}")
     return 0

@@ -214,9 +214,17 @@ def test_distill_eval_and_server_take_the_file(exported):
     from vqdm.server.loader import load_model
     from vqdm.server.settings import ModelSpec, Settings
 
+    from vqdm.errors import ModelFolderError
+    from vqdm.quantizer.quantize.run import _check_model
+
     out = exported.path.parent / "distilled"
-    manifest = check_inputs(DIGITS_MODEL_DIR, exported.path, out, DistillCheckpoint.for_output(out), False, False)
+    ckpt = DistillCheckpoint.for_output(out)
+    manifest = check_inputs(DIGITS_MODEL_DIR, exported.path, out, ckpt, False, False)
     assert manifest["base_model"]["unet_sha256"]  # checked against the teacher's U-Net
+    with pytest.raises(ModelFolderError, match="is a vqdm artifact"):  # a teacher must be dense
+        check_inputs(exported.path, exported.path, out, ckpt, False, False)
+    with pytest.raises(ModelFolderError, match="already a vqdm artifact"):  # so must quantize's input
+        _check_model(exported.path, "sdxl")
     _, info = load_candidate_unet(exported.path, torch.float32, "cpu")
     assert info["kind"] == "vq" and info["num_codebooks"] == 2
     served = load_model(ModelSpec("digits", exported.path), Settings(), ["cpu"])

@@ -202,6 +202,8 @@ def test_commands_take_the_file(exported, tmp_path, capsys):
     assert err.count("\n") == 1 and "not a vqdm artifact" in err
     assert main(["export", str(exported.path), "--single-file", str(tmp_path / "y.safetensors")]) == 1
     assert "already a file" in capsys.readouterr().err
+    assert main(["export", str(FOLDER), "--single-file", str(FOLDER / "unet" / "z.safetensors")]) == 1
+    assert "inside the artifact folder" in capsys.readouterr().err and not (FOLDER / "unet" / "z.safetensors").exists()
     assert main(["inspect", str(out)]) == 0
     said = capsys.readouterr().out
     assert "single file:" in said and "integrity:    ok" in said

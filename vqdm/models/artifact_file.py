@@ -229,6 +229,9 @@ def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = 
     if artifact.is_file():
         raise ArtifactError(artifact, "already a file; `vqdm export` takes an artifact folder")
     manifest = read_manifest(artifact)  # refuses what is not an artifact folder
+    if artifact.resolve() in out.resolve().parents:
+        raise ArtifactError(out, "inside the artifact folder (a file it does not list would make it fail its "
+                                 "checks): write the single file elsewhere")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --force to overwrite)")
     verify_files(artifact, manifest)

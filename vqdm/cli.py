@@ -14,6 +14,7 @@ from vqdm.errors import VQDMError
 # `func(args) -> int`). `vqdm serve` builds only the server's parser, so the serving process never
 # imports vqdm.quantizer (tests/server/test_embedded.py checks it); help lists them all, in this order.
 COMMANDS = {"make-model": "vqdm.models.cli", "plan": "vqdm.models.cli", "inspect": "vqdm.models.cli",
+            "export": "vqdm.models.cli",
             "quantize": "vqdm.quantizer.quantize.cli", "distill": "vqdm.quantizer.distill.cli",
             "eval": "vqdm.quantizer.evaluate.cli", "serve": "vqdm.server.cli", "generate": "vqdm.server.cli"}
 

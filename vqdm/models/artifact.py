@@ -20,6 +20,10 @@ folder (the folders themselves may be links, e.g. mounts).
 `save_artifact` and `load_artifact` are the pair; loading verifies hashes, names and shapes and
 raises `ArtifactError(file, reason)` rather than letting torch fail deep inside.
 No pickles: safetensors and JSON only.
+
+The same artifact exported as one .safetensors file (`vqdm export --single-file`) lives in
+`artifact_file.py`; `read_manifest`, `load_vq_unet`, `load_artifact` and `inspect_artifact` given a
+file hand it to that module, so every caller takes either form.
 """
 from __future__ import annotations
 
@@ -310,40 +314,60 @@ def _plan_from_config(config: dict, num_codebooks: int, group_size: int, subsets
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Parse and sanity-check unet/manifest.json (no hashing)."""
+    """Parse and sanity-check unet/manifest.json (no hashing); of an artifact file (`vqdm export
+    --single-file`), its header's manifest."""
     path = Path(path)
+    if path.is_file():
+        from vqdm.models.artifact_file import read_file_manifest  # that module builds on this one
+
+        return read_file_manifest(path)
     mf = path / MANIFEST_FILE
     if not path.is_dir():
-        raise ArtifactError(path, "no such artifact folder")
+        raise ArtifactError(path, "no such artifact folder or file")
     if not mf.is_file():
         raise ArtifactError(mf, "missing: not a vqdm artifact (no unet/manifest.json)")
     try:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(mf, f"not valid JSON ({e})") from None
+    return check_manifest(manifest, mf)
+
+
+def check_manifest(manifest, where: str | Path) -> dict:
+    """`manifest` if it is one this vqdm reads (format, version, sections, quantization); `where`
+    names it in the error."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(mf, f"not a {FORMAT_NAME} manifest")
+        raise ArtifactError(where, f"not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise ArtifactError(mf, f"format version {version!r}, this vqdm reads version {FORMAT_VERSION}"
-                                + (": written by a newer vqdm? upgrade vqdm" if newer else ""))
+        raise ArtifactError(where, f"format version {version!r}, this vqdm reads version {FORMAT_VERSION}"
+                                   + (": written by a newer vqdm? upgrade vqdm" if newer else ""))
     for key in ("quantization", "layers", "files"):
         if key not in manifest:
-            raise ArtifactError(mf, f"manifest lacks the {key!r} section")
+            raise ArtifactError(where, f"manifest lacks the {key!r} section")
     q = manifest["quantization"]
     subsets = q.get("subsets", list(SUBSETS))
     if not isinstance(subsets, list) or not subsets or any(x not in SUBSETS for x in subsets):
-        raise ArtifactError(mf, f"quantization.subsets {subsets!r} is not a non-empty list of {', '.join(SUBSETS)}")
+        raise ArtifactError(where, f"quantization.subsets {subsets!r} is not a non-empty list of {', '.join(SUBSETS)}")
     if q.get("nbits") not in SUPPORTED_NBITS or not isinstance(q.get("num_codebooks"), int) \
             or not isinstance(q.get("group_size"), int):
-        raise ArtifactError(mf, f"unsupported quantization {q}: vqdm reads nbits={NBITS} with integer K and g")
+        raise ArtifactError(where, f"unsupported quantization {q}: vqdm reads nbits={NBITS} with integer K and g")
     return manifest
+
+
+def is_artifact(path: str | Path) -> bool:
+    """An artifact folder (it has unet/manifest.json) or an artifact file (`vqdm export --single-file`)."""
+    from vqdm.models.artifact_file import is_artifact_file  # that module builds on this one
+
+    path = Path(path)
+    return (path / MANIFEST_FILE).is_file() or is_artifact_file(path)
 
 
 def manifest_sha256(path: str | Path) -> str:
     """The sha256 of unet/manifest.json: with every file's hash inside it, one value names the whole
-    artifact (`vqdm inspect` prints it; compare it with the one you published)."""
+    artifact (`vqdm inspect` prints it; compare it with the one you published). An artifact file
+    carries that manifest byte for byte, so it has the same value as the folder it was exported from."""
     return sha256_file(Path(path) / MANIFEST_FILE)
 
 
@@ -377,65 +401,88 @@ def verify_files(path: str | Path, manifest: dict, hashes: bool = True) -> None:
             raise ArtifactError(f, "sha256 does not match the manifest: file truncated or edited")
 
 
-def _check_tensors(weights: Path, handle, expected: dict[str, torch.Tensor]) -> None:
-    keys = set(handle.keys())
-    missing = sorted(set(expected) - keys)
-    extra = sorted(keys - set(expected))
+def check_tensors(where: str | Path, found: dict[str, tuple[tuple[int, ...], str]],
+                  expected: dict[str, torch.Tensor], what: str = "the U-Net config") -> None:
+    """The tensors a file holds (name -> (shape, safetensors dtype)) are exactly those `expected`
+    (a meta-device state dict built from the config), shape for shape; codes are uint8."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
     if missing:
-        raise ArtifactError(weights, f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+        raise ArtifactError(where, f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     if extra:
-        raise ArtifactError(weights, f"{len(extra)} tensor(s) the U-Net config does not have, e.g. {extra[0]!r}")
+        raise ArtifactError(where, f"{len(extra)} tensor(s) {what} does not have, e.g. {extra[0]!r}")
     for name, ref in expected.items():
-        shape = tuple(handle.get_slice(name).get_shape())
-        if shape != tuple(ref.shape):
-            raise ArtifactError(weights, f"tensor {name!r} has shape {shape}, the config needs {tuple(ref.shape)}")
-        if name.endswith(".codes") and handle.get_slice(name).get_dtype() != "U8":
-            raise ArtifactError(weights, f"tensor {name!r} must be uint8 codes")
+        shape, dtype = found[name]
+        if tuple(shape) != tuple(ref.shape):
+            raise ArtifactError(where, f"tensor {name!r} has shape {tuple(shape)}, the config needs {tuple(ref.shape)}")
+        if name.endswith(".codes") and dtype != "U8":
+            raise ArtifactError(where, f"tensor {name!r} must be uint8 codes")
 
 
-def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 verify: bool = True):
-    """(unet, manifest): the U-Net rebuilt from config with VQ layers in place and weights loaded."""
+def vq_unet_skeleton(config: dict, manifest: dict, config_where: str | Path, manifest_where: str | Path):
+    """The U-Net built from `config` on the meta device with VQ layers where `manifest` says, checked
+    against the manifest's layer list; the weights are still to be loaded (`fill_vq_unet`)."""
     from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads vqdm.models
 
-    path = Path(path)
-    manifest = read_manifest(path)
-    verify_files(path, manifest, hashes=verify)
-    cfg_file = path / CONFIG_FILE
     try:
-        config = json.loads(cfg_file.read_text())
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
-        raise ArtifactError(cfg_file, f"not a usable diffusers U-Net config ({e})") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise ArtifactError(config_where, f"not a usable diffusers U-Net config ({e})") from None
     q = manifest["quantization"]
     # VQ layers: every selected layer of the quantized subsets; the others load as dense fp16 tensors
     selected = [n for n, _ in layers_in_subsets(select_layers(unet), quantized_subsets(manifest))]
     listed = [entry.get("name") for entry in manifest["layers"]]
     if set(selected) != set(listed):
         diff = sorted(set(selected) ^ set(listed))
-        raise ArtifactError(path / MANIFEST_FILE,
+        raise ArtifactError(manifest_where,
                             f"layer list does not match the U-Net config and quantized subsets "
                             f"({len(diff)} differ, e.g. {diff[0]!r})")
     replace_with_vq(unet, q["num_codebooks"], q["group_size"], names=selected)
+    return unet
+
+
+def fill_vq_unet(unet, tensors: dict[str, torch.Tensor], where: str | Path, device: str | torch.device):
+    """`unet` (a `vq_unet_skeleton`) with `tensors` in place, frozen, in eval mode on `device`."""
+    unet.load_state_dict(tensors, strict=True, assign=True)
+    leftover = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ArtifactError(where, f"tensor(s) not provided by the file, e.g. {leftover[0]!r}")
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return unet.to(device).eval()
+
+
+def load_vq_unet(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 verify: bool = True):
+    """(unet, manifest): the U-Net rebuilt from config with VQ layers in place and weights loaded
+    (from an artifact folder, or an artifact file)."""
+    path = Path(path)
+    if path.is_file():
+        from vqdm.models.artifact_file import load_vq_unet_file  # that module builds on this one
+
+        return load_vq_unet_file(path, dtype, device, verify)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, hashes=verify)
+    cfg_file = path / CONFIG_FILE
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(cfg_file, f"not a usable diffusers U-Net config ({e})") from None
+    unet = vq_unet_skeleton(config, manifest, cfg_file, path / MANIFEST_FILE)
     expected = unet.state_dict()
     weights = path / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            _check_tensors(weights, handle, expected)
+            check_tensors(weights, {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype())
+                                    for k in handle.keys()}, expected)
             tensors = {}
             for name in expected:
                 t = handle.get_tensor(name)
                 tensors[name] = t if t.dtype == CODE_DTYPE else t.to(dtype)
     except SafetensorError as e:
         raise ArtifactError(weights, f"unreadable safetensors file ({e})") from None
-    unet.load_state_dict(tensors, strict=True, assign=True)
-    leftover = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
-    if leftover:
-        raise ArtifactError(weights, f"tensor(s) not provided by the file, e.g. {leftover[0]!r}")
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    return unet.to(device).eval(), manifest
+    return fill_vq_unet(unet, tensors, weights, device), manifest
 
 
 def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -445,6 +492,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)
+    if path.is_file():
+        from vqdm.models.artifact_file import load_artifact_file  # that module builds on this one
+
+        return load_artifact_file(path, dtype, device, verify)
     unet, manifest = load_vq_unet(path, dtype, device, verify)
     try:
         # safetensors only: a component folder carrying pickles (.bin, .pt) is refused, never unpickled.
@@ -460,16 +511,26 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32, device: 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
     """Summary for `vqdm inspect`: plan keys, per-layer errors, and integrity status."""
     path = Path(path)
+    if path.is_file():
+        from vqdm.models.artifact_file import inspect_artifact_file  # that module builds on this one
+
+        return inspect_artifact_file(path)
     manifest = read_manifest(path)
     try:
         verify_files(path, manifest)
         integrity = "ok"
     except ArtifactError as e:
         integrity = f"FAILED: {e}"
+    config = json.loads((path / CONFIG_FILE).read_text())
+    return inspect_summary(path, manifest, config, integrity, manifest_sha256(path))
+
+
+def inspect_summary(path: Path, manifest: dict, unet_config: dict, integrity: str, manifest_digest: str
+                    ) -> dict[str, Any]:
+    """What `vqdm inspect` shows of an artifact, folder or file, once its integrity is known."""
     q = manifest["quantization"]
     layers = manifest["layers"]
-    config = json.loads((path / CONFIG_FILE).read_text())
-    plan = _plan_from_config(config, q["num_codebooks"], q["group_size"], quantized_subsets(manifest)).to_dict()
+    plan = _plan_from_config(unet_config, q["num_codebooks"], q["group_size"], quantized_subsets(manifest)).to_dict()
     errors = [entry["rel_error"] for entry in layers if entry.get("rel_error") is not None]
     return {
         **plan,
@@ -482,7 +543,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         "distillation": manifest.get("distillation"),
         "weights_file_bytes": manifest.get("bytes", {}).get("weights_file"),
         "integrity": integrity,
-        "manifest_sha256": manifest_sha256(path),
+        "manifest_sha256": manifest_digest,
         "median_rel_error": sorted(errors)[len(errors) // 2] if errors else None,
         "layer_errors": {entry["name"]: entry.get("rel_error") for entry in layers},
     }

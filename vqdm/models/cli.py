@@ -1,4 +1,4 @@
-"""`vqdm make-model`, `vqdm plan`, `vqdm inspect`."""
+"""`vqdm make-model`, `vqdm plan`, `vqdm inspect`, `vqdm export`."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import torch
 
 from vqdm.models.accounting import plan_unet
 from vqdm.models.artifact import inspect_artifact
+from vqdm.models.artifact_file import export_single_file
 from vqdm.models.builders import build_unet, make_model
 from vqdm.models.configs import PRESETS
 from vqdm.models.layer_selection import SUBSETS, parse_subsets
@@ -36,9 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="show an artifact's config, layers, bits, bytes, errors and integrity")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="artifact folder, or artifact file (`vqdm export --single-file`)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write an artifact folder as one .safetensors file",
+                       description="Write the VQ U-Net, both text encoders, the VAE, the manifest, configs and "
+                                   "tokenizer files as one .safetensors file (layout: docs/architecture.md). Every "
+                                   "command that takes an artifact folder takes that file.")
+    p.add_argument("artifact", help="artifact folder (from `vqdm quantize` or `vqdm distill`)")
+    p.add_argument("--single-file", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--components-fp16", action="store_true",
+                   help="round the text encoders' and VAE's fp32 tensors to fp16, as single-file SDXL checkpoints "
+                        "store them (default: every tensor as the folder has it, so the file loads exactly as the folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -107,6 +120,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"({100 * (after / before - 1):+.1f}%), best of {d.get('steps_run')} steps at step {d.get('best_step')}")
         else:
             print(f"distillation: {len(d.get('loss_curve', []))} steps (no test figures recorded)")
+    if "file_bytes" in info:
+        print(f"single file:  {_size_vs_dense(info['file_bytes'], info['dense_fp16_file_bytes'])}")
     print(f"integrity:    {info['integrity']}")
     print(f"manifest:     sha256 {info['manifest_sha256']}")
     return 0 if info["integrity"] == "ok" else 1
+
+
+def _size_vs_dense(file_bytes: int, dense_bytes: int) -> str:
+    return (f"{_gb(file_bytes)} ({file_bytes:,} bytes) vs {_gb(dense_bytes)} as a dense fp16 file "
+            f"({dense_bytes / file_bytes:.2f}x smaller; dense size computed at 2 bytes per parameter)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.single_file)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--single-file {out}: name it *.safetensors (it is a safetensors file)")
+    result = export_single_file(args.artifact, out, overwrite=args.force, components_fp16=args.components_fp16)
+    print(f"wrote {result.path}: {_size_vs_dense(result.file_bytes, result.dense_fp16_bytes)}")
+    return 0

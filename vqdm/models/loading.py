@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from vqdm.errors import ModelFolderError
-from vqdm.models.artifact import MANIFEST_FILE, components_dir, load_artifact, read_manifest
+from vqdm.models.artifact import MANIFEST_FILE, components_dir, is_artifact, load_artifact, read_manifest
+from vqdm.models.artifact_file import embedded_json, is_artifact_file
 
 SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline",)
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -16,6 +17,8 @@ REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokeniz
 def read_model_index(path: str | Path) -> dict:
     """model_index.json of a diffusers SDXL folder, with errors that say what is wrong."""
     path = Path(path)
+    if is_artifact_file(path):  # a vqdm artifact exported as one file: artifact_file.py reads it
+        return embedded_json(path, "model_index.json")
     if not path.is_dir():
         raise ModelFolderError(f"{path}: no such folder (expected a local diffusers SDXL or SDXL-Turbo folder)")
     index_file = path / "model_index.json"
@@ -44,6 +47,8 @@ def _components(path: Path) -> Path:
 
 
 def read_unet_config(path: str | Path) -> dict:
+    if is_artifact_file(path):  # a vqdm artifact exported as one file: artifact_file.py reads it
+        return embedded_json(path, "unet/config.json")
     cfg_file = Path(path) / "unet" / "config.json"
     if not cfg_file.is_file():
         raise ModelFolderError(f"{cfg_file}: missing U-Net config")
@@ -55,19 +60,22 @@ def read_unet_config(path: str | Path) -> dict:
 
 def detect_family(path: str | Path) -> str:
     """'sdxl-turbo' when the scheduler is trailing-spaced Euler ancestral (Turbo's), else 'sdxl'."""
-    sched = json.loads((_components(Path(path)) / "scheduler" / "scheduler_config.json").read_text())
+    if is_artifact_file(path):  # a vqdm artifact exported as one file: artifact_file.py reads it
+        sched = embedded_json(path, "scheduler/scheduler_config.json")
+    else:
+        sched = json.loads((_components(Path(path)) / "scheduler" / "scheduler_config.json").read_text())
     turbo = sched.get("_class_name") == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing"
     return "sdxl-turbo" if turbo else "sdxl"
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", verify: bool = True):
-    """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, via the artifact
-    loader; `verify=False` skips only the artifact's sha256 checks)."""
+    """A dense StableDiffusionXLPipeline from a local folder (or a vqdm artifact, folder or file, via
+    the artifact loader; `verify=False` skips only the artifact's sha256 checks)."""
     from diffusers import StableDiffusionXLPipeline  # deferred: seconds to import; the CLI parser loads vqdm.models
 
     path = Path(path)
     read_model_index(path)
-    if (path / "unet" / "manifest.json").is_file():
+    if is_artifact(path):  # a folder, or one file (vqdm export --single-file)
         return load_artifact(path, dtype=dtype, device=device, verify=verify)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,

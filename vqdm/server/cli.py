@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serve models over HTTP. Every flag has a VQDM_<NAME> environment variable "
                                    "(see docs/server.md); flags win.")
     p.add_argument("--model", action="append", metavar="NAME=PATH",
-                   help="a vqdm artifact or diffusers SDXL folder (repeatable); none: the embedded tiny default")
+                   help="a vqdm artifact (folder or single file) or diffusers SDXL folder (repeatable); none: the "
+                        "embedded tiny default")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", action="append", metavar="KEY", help="require 'Authorization: Bearer KEY' (repeatable)")
@@ -71,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")
     p.add_argument("prompt")
-    p.add_argument("--model", help="vqdm artifact or diffusers SDXL folder (default: the embedded tiny model)")
+    p.add_argument("--model", help="vqdm artifact (folder or single file) or diffusers SDXL folder (default: "
+                                    "the embedded tiny model)")
     p.add_argument("-o", "--out", required=True, help="output file (.png, .jpg, .webp); with -n > 1 numbered")
     p.add_argument("--negative-prompt")
     p.add_argument("--steps", type=int)

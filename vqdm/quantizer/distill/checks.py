@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vqdm.errors import ConfigError, ModelFolderError
 from vqdm.models import read_model_index
-from vqdm.models.artifact import MANIFEST_FILE, read_manifest, sha256_file, unet_fingerprint
+from vqdm.models.artifact import is_artifact, read_manifest, sha256_file, unet_fingerprint
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def check_inputs(teacher: Path, student: Path, out: Path, ckpt: DistillCheckpoin
     if resume and force:
         raise ConfigError("--resume and --force exclude each other: resume a run, or start over")
     read_model_index(teacher)
-    if (teacher / MANIFEST_FILE).is_file():
+    if is_artifact(teacher):
         raise ModelFolderError(f"--teacher {teacher} is a vqdm artifact: the teacher is the original dense folder")
     manifest = read_manifest(student)
     for path in (teacher, student):

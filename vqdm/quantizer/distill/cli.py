@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Defaults follow SPEC 4 for the teacher's family (SDXL: 4 rounds x 512 prompts, 50 DDIM "
                     "steps, guidance 5, 1024^2, effective batch 64, 1,600 steps, lr 1e-6).")
     p.add_argument("--teacher", required=True, metavar="DIR", help="the original dense diffusers folder")
-    p.add_argument("--student", required=True, metavar="DIR", help="vqdm artifact quantized from --teacher")
+    p.add_argument("--student", required=True, metavar="DIR|FILE",
+                   help="vqdm artifact quantized from --teacher (a folder, or one file from `vqdm export --single-file`)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "differs) and write DIR/eval.json, DIR/eval_meta.json, DIR/eval.md and DIR/grid.png.")
     e.add_argument("--reference", required=True, metavar="DIR", help="dense diffusers folder (the original model)")
     e.add_argument("--candidate", required=True, action="append", metavar="DIR",
-                   help="artifact (or dense folder) to compare; repeat for several")
+                   help="artifact, folder or single file (or a dense folder), to compare; repeat for several")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     e.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (default: the packaged set)")
     e.add_argument("--num-prompts", type=int, default=NUM_PROMPTS, metavar="N",

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError
 from vqdm.models import detect_family, load_pipeline
-from vqdm.models.artifact import MANIFEST_FILE, load_vq_unet, unet_fingerprint
+from vqdm.models.artifact import is_artifact, load_vq_unet, unet_fingerprint
 from vqdm.models.vae import vae_decode
 from vqdm.quantizer.evaluate.config import EvalConfig, default_sampling
 from vqdm.quantizer.evaluate.fid import (features_to_statistics_distance, inception_features, load_inception,
@@ -60,8 +60,8 @@ def decode_images(pipe, latents: torch.Tensor, batch_size: int = 1) -> torch.Ten
 
 
 def load_candidate_unet(path: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, dict]:
-    """(U-Net, info) of an artifact (VQ) or a dense diffusers folder."""
-    if (path / MANIFEST_FILE).is_file():
+    """(U-Net, info) of an artifact (VQ; folder or file) or a dense diffusers folder."""
+    if is_artifact(path):
         unet, manifest = load_vq_unet(path, dtype=dtype, device=device)
         q = manifest["quantization"]
         dist = manifest.get("distillation") or {}
@@ -226,8 +226,8 @@ def check_args(cands: list[Path], fid_stats, inception) -> None:
         raise ConfigError("FID needs both --fid-stats (reference .npz with mu/sigma) and --inception (FID "
                           "Inception-v3 weights, .safetensors); vqdm downloads nothing")
     for c in cands:
-        if not c.is_dir():
-            raise FileNotFoundError(f"--candidate {c}: no such folder")
+        if not c.exists():
+            raise FileNotFoundError(f"--candidate {c}: no such folder or file")
 
 
 def _load_candidates(reference: Path, cands: list[Path], dtype: torch.dtype, device: str

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from vqdm.errors import ConfigError, ModelFolderError, VQDMError
 from vqdm.models import SUBSETS, detect_family, layer_bits, load_pipeline, quantize_layers, read_model_index
 from vqdm.models import layers_in_subsets, parse_subsets, select_layers, weight_matrix
-from vqdm.models.artifact import save_artifact, unet_fingerprint
+from vqdm.models.artifact import is_artifact, save_artifact, unet_fingerprint
 from vqdm.quantizer.layer.aq import quantize_weight
 from vqdm.quantizer.layer.error import relative_error
 from vqdm.quantizer.checkpoint import json_normalise
@@ -164,7 +164,7 @@ def _load_checked_pipeline(model_dir: Path, calib: SamplingConfig, group_size: i
 def _check_model(model_dir: Path, preset: str) -> str:
     """The family of the dense diffusers folder `model_dir` (warned about when it is not `preset`'s)."""
     read_model_index(model_dir)
-    if (model_dir / "unet" / "manifest.json").is_file():
+    if is_artifact(model_dir):
         raise ModelFolderError(f"{model_dir} is already a vqdm artifact: quantize the original diffusers folder")
     family = detect_family(model_dir)
     if family != preset:

@@ -104,6 +104,10 @@ def test_family_from_flag_then_metadata_then_default(dense, tmp_path, caplog):
     assert info.family == "sdxl" and "--family sdxl-turbo" in info.family_source
     assert detect_family(bare, SingleFileOptions(family="sdxl-turbo")) == "sdxl-turbo"
     assert detect_family(turbo, SingleFileOptions(family="sdxl")) == "sdxl"
+    preset = SingleFileOptions(fallback_family="sdxl-turbo", fallback_source="from --preset")  # quantize, distill
+    assert (describe(bare, preset).family, describe(bare, preset).family_source) == (
+        "sdxl-turbo", "from --preset: neither --family nor the file's metadata say")
+    assert describe(turbo, SingleFileOptions(fallback_family="sdxl")).family == "sdxl-turbo"
     pipe = load_pipeline(turbo)
     assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     assert pipe.scheduler.config.timestep_spacing == "trailing"

@@ -61,6 +61,9 @@ class SingleFileOptions:
     family: str | None = None  # "sdxl" / "sdxl-turbo"; None: from the file's metadata, else sdxl
     vae: str | None = None  # a VAE file or folder, for files without first_stage_model.*
     config: str | None = None  # a preset name (vqdm.models.configs); None: the preset the shapes match
+    # the family when neither `family` nor the metadata say, and from where (quantize: its --preset)
+    fallback_family: str | None = None
+    fallback_source: str = ""
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
@@ -69,10 +72,11 @@ class SingleFileOptions:
             raise ValueError(f"--config: unknown preset {self.config!r}; choose one of {', '.join(PRESETS)}")
 
 
-def single_file_options(args) -> SingleFileOptions:
-    """The options `add_single_file_flags` parsed (absent flags: None)."""
+def single_file_options(args, fallback_family: str | None = None, fallback_source: str = "") -> SingleFileOptions:
+    """The options `add_single_file_flags` parsed (absent flags: None); `fallback_family`: see SingleFileOptions."""
     return SingleFileOptions(family=getattr(args, "family", None), vae=getattr(args, "vae", None),
-                             config=getattr(args, "config", None))
+                             config=getattr(args, "config", None), fallback_family=fallback_family,
+                             fallback_source=fallback_source)
 
 
 # --- the header -------------------------------------------------------------------------------
@@ -396,6 +400,8 @@ def _family(header: Header, options: SingleFileOptions) -> tuple[str, str]:
     for key in ("modelspec.architecture", "modelspec.title"):
         if "turbo" in meta.get(key, "").lower():
             return "sdxl-turbo", f"from the file's {key} metadata ({meta[key]!r})"
+    if options.fallback_family in FAMILIES:  # an unknown --preset is refused by its own command
+        return options.fallback_family, f"{options.fallback_source}: neither --family nor the file's metadata say"
     return "sdxl", "weights cannot tell Turbo from SDXL and the metadata does not say; pass --family sdxl-turbo for a Turbo model"
 
 

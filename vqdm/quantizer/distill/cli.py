@@ -95,7 +95,7 @@ def _add_optimisation_flags(o) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    opts = single_file_options(args)
+    opts = single_file_options(args, fallback_family=args.preset, fallback_source="from --preset")
     if args.preset is None:
         read_model_index(args.teacher, opts)  # a clear error for a wrong folder before detecting its family
     base = detect_recipe(Path(args.teacher), args.preset, opts)

@@ -98,7 +98,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         group_size=args.group_size, resume=args.resume, force=args.force, device=args.device, dtype=args.dtype,
         max_stats_bytes=None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30),
         stop_after_subset=args.stop_after_subset, subsets=args.subsets, calibrate_skipped=args.calibrate_skipped,
-        progress=not args.no_progress, single_file=single_file_options(args))
+        progress=not args.no_progress,
+        single_file=single_file_options(args, fallback_family=args.preset, fallback_source="from --preset"))
     if rank == 0:
         print_summary(result)
     return 0

@@ -241,3 +241,11 @@ def test_full_size_layout_matches_sdxl_key_names():
               ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1.", "first_stage_model.")}
     assert list(counts.values()) == [1680, 196, 389, 248]  # bigG: q, k, v fused into in_proj (32 x 12 + 5)
     assert set(PRESETS["sdxl"].unet) == set(PRESETS["sdxl-turbo"].unet)
+
+
+def test_make_model_single_file_flags_need_single_file(tmp_path, capsys):
+    from vqdm.cli import main
+
+    assert main(["make-model", "tiny-sdxl", "--out", str(tmp_path / "m"), "--dtype", "bf16"]) == 1
+    assert "--dtype, --no-vae and --no-metadata apply to --single-file" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="output .safetensors in the original SDXL layout (model.diffusion_model.*, conditioner.*, "
                            "first_stage_model.*), as A1111 / ComfyUI / stable-diffusion.cpp load; the same weights as "
                            "--out with the same seed")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="--single-file tensor dtype (default fp16)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="--single-file tensor dtype (default fp16)")
     p.add_argument("--no-vae", action="store_true", help="--single-file without the VAE (first_stage_model.*)")
     p.add_argument("--no-metadata", action="store_true",
                    help="--single-file without the family metadata (vqdm.family, modelspec.architecture), as many "
@@ -56,15 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_make_model(args: argparse.Namespace) -> int:
     out = Path(args.out or args.single_file)
+    if args.out and (args.dtype or args.no_vae or args.no_metadata):
+        raise ValueError("--dtype, --no-vae and --no-metadata apply to --single-file; a folder is written in fp32, whole")
     if out.exists():
         if not args.force:
             raise FileExistsError(f"{out} already exists (use --force to overwrite)")
         if out.is_dir():
             shutil.rmtree(out)
     if args.single_file:
-        make_single_file(args.preset, out, seed=args.seed, dtype=DTYPES[args.dtype], include_vae=not args.no_vae,
+        dtype = args.dtype or "fp16"
+        make_single_file(args.preset, out, seed=args.seed, dtype=DTYPES[dtype], include_vae=not args.no_vae,
                          metadata=not args.no_metadata)
-        print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}) to {out} ({out.stat().st_size / 1e9:.3f} GB)")
+        print(f"wrote {args.preset} (seed {args.seed}, {dtype}) to {out} ({out.stat().st_size / 1e9:.3f} GB)")
         return 0
     make_model(args.preset, out, seed=args.seed)
     print(f"wrote {args.preset} (seed {args.seed}) to {out}")

@@ -83,11 +83,12 @@ def single_file_options(args, fallback_family: str | None = None, fallback_sourc
 
 @dataclass(frozen=True)
 class Header:
-    """A safetensors header: name -> (dtype, shape), and the string metadata."""
+    """A safetensors header: name -> (dtype, shape), the string metadata, and where each tensor's bytes lie."""
 
     path: Path
     tensors: dict[str, tuple[str, tuple[int, ...]]]
     metadata: dict[str, str]
+    offsets: dict[str, tuple[int, int]]  # name -> (begin, end) in the file
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         entry = self.tensors.get(key)
@@ -128,14 +129,22 @@ def read_header(path: str | Path) -> Header:
     try:
         header = json.loads(raw)
         metadata = header.pop("__metadata__", None) or {}
-        tensors = {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    except (ValueError, KeyError, TypeError) as e:
+        tensors = {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in header.items()}
+        offsets = {k: (8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1])) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ModelFolderError(f"{path}: corrupt safetensors header ({e})") from None
-    if 8 + n + end > size:
-        raise ModelFolderError(f"{path}: truncated: its header declares {8 + n + end:,} bytes, the file has {size:,} "
+    end = max((e for _, e in offsets.values()), default=8 + n)
+    if end > size:
+        raise ModelFolderError(f"{path}: truncated: its header declares {end:,} bytes, the file has {size:,} "
                                "(an interrupted download or copy?)")
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+    for k, (dtype, shape) in tensors.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype not in _DTYPES or offsets[k][1] - offsets[k][0] != numel * _DTYPES[dtype].itemsize:
+            raise ModelFolderError(f"{path}: corrupt safetensors header ({k}: dtype {dtype} shape {list(shape)} "
+                                   f"does not fit its {offsets[k][1] - offsets[k][0]} bytes)")
+    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, offsets)
 
 
 def is_vqdm_artifact_file(header: Header) -> bool:
@@ -470,14 +479,20 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str
         raise RuntimeError(f"{what}: {left[0]} was not loaded")
 
 
-def _read_tensors(path: Path, entries: list[Entry], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _read_tensors(header: Header, entries: list[Entry], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """The entries' tensors by component and diffusers name, floats cast to `dtype`. Plain reads, not a
+    memory map: the file's pages are not held (nor counted) in the process while the model fills."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
+    with open(header.path, "rb") as f:
         for e in entries:
-            t = f.get_tensor(e.key)
-            if t.is_floating_point():
+            (begin, end), (stored, shape) = header.offsets[e.key], header.tensors[e.key]
+            buf = bytearray(end - begin)
+            f.seek(begin)
+            if f.readinto(buf) != len(buf):
+                raise ModelFolderError(f"{header.path}: truncated while reading {e.key}")
+            t = torch.frombuffer(buf, dtype=_DTYPES[stored]).reshape(shape) if buf else \
+                torch.empty(shape, dtype=_DTYPES[stored])
+            if t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
             out.setdefault(e.component, {}).update(zip(e.names, from_original(e, t)))
     return out
@@ -508,7 +523,7 @@ def load_vae(source: str | Path, preset: Preset, dtype: torch.dtype = torch.floa
         if missing:
             raise ModelFolderError(f"--vae {source}: not an SDXL VAE of this architecture ({len(missing)} tensor(s) "
                                    f"missing, e.g. {missing[0]})")
-    tensors = _read_tensors(source, entries, dtype)["vae"]
+    tensors = _read_tensors(header, entries, dtype)["vae"]
     bad = next((n for n, t in vae.state_dict().items() if tuple(tensors[n].shape) != tuple(t.shape)), None)
     if bad:
         raise ModelFolderError(f"--vae {source}: {bad} is {list(tensors[bad].shape)}, this architecture's is "
@@ -544,7 +559,7 @@ def load_single_file(path: str | Path, options: SingleFileOptions | None = None,
             log.info("%s: using --vae %s instead of the VAE baked into the file", path, options.vae)
         del comps["vae"]
     entries = key_map(comps, preset.vae, preset.unet)
-    tensors = _read_tensors(path, entries, dtype)
+    tensors = _read_tensors(read_header(path), entries, dtype)
     for name, module in comps.items():
         _assign(module, tensors.pop(name), f"{path} ({name})")
         module.eval()

@@ -249,3 +249,12 @@ def test_make_model_single_file_flags_need_single_file(tmp_path, capsys):
     assert main(["make-model", "tiny-sdxl", "--out", str(tmp_path / "m"), "--dtype", "bf16"]) == 1
     assert "--dtype, --no-vae and --no-metadata apply to --single-file" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_vq_pipeline_is_not_written_as_a_dense_checkpoint(tiny_pipeline, simple_quantizer, tmp_path):
+    from vqdm.models import quantize_layers
+
+    quantize_layers(tiny_pipeline.unet, 2, simple_quantizer(2), names=["mid_block.attentions.0.proj_in"])
+    with pytest.raises(ValueError, match="holds VQ layers; a dense checkpoint holds dense weights"):
+        write_single_file(tiny_pipeline, tmp_path / "vq.safetensors")
+    assert not list(tmp_path.iterdir())

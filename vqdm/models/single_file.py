@@ -612,7 +612,12 @@ def write_single_file(pipe, out: str | Path, dtype: torch.dtype = torch.float16,
     `family` ("sdxl" / "sdxl-turbo") goes into the metadata (vqdm.family, and modelspec.architecture
     as SDXL tools write it) unless `metadata` is False; `include_vae` False leaves first_stage_model.* out.
     """
+    from vqdm.models.quantized_unet import vq_modules
+
     out = Path(out)
+    if vq_modules(pipe.unet):
+        raise ValueError(f"{out}: the pipeline's U-Net holds VQ layers; a dense checkpoint holds dense weights "
+                         "(a compressed model is written by `vqdm export --single-file`)")
     comps = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2", "vae")}
     if not include_vae:
         del comps["vae"]

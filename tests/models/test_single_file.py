@@ -130,7 +130,7 @@ def test_no_baked_vae_needs_vae_file_or_folder(dense, folder, fp32_file, tmp_pat
     vae_only = tmp_path / "vae-original.safetensors"  # the original layout without a prefix, as sdxl_vae.safetensors
     save_file({k[len("first_stage_model."):]: t for k, t in load_file(str(fp32_file)).items()
                if k.startswith("first_stage_model.")}, str(vae_only))
-    for vae in (folder, folder / "vae", folder / "vae" / "diffusion_pytorch_model.safetensors", vae_only, fp32_file):
+    for vae in (folder, folder / "vae" / "diffusion_pytorch_model.safetensors", vae_only, fp32_file):
         assert_same_weights(dense, load_pipeline(path, single_file=SingleFileOptions(vae=str(vae))))
 
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vqdm.errors import ModelFolderError
-from vqdm.models import SingleFileOptions, detect_family, load_pipeline, make_model, read_model_index, read_unet_config
+from vqdm.models import (SingleFileOptions, detect_family, is_checkpoint_file, load_pipeline, make_model, read_model_index,
+                         read_unet_config)
 from vqdm.models.builders import make_single_file
 from vqdm.models.configs import PRESETS
 from vqdm.models.single_file import describe, write_single_file
@@ -221,6 +222,7 @@ def test_a_vqdm_artifact_file_is_not_read_as_a_dense_checkpoint(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path), metadata={"vqdm_manifest": "{}"})
     with pytest.raises(ModelFolderError, match="a compressed vqdm artifact, not a dense checkpoint"):
         describe(path)
+    assert not is_checkpoint_file(path)  # left to the artifact loader, whichever branch of loading.py runs first
 
 
 def test_full_size_layout_matches_sdxl_key_names():

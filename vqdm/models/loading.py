@@ -21,8 +21,10 @@ REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokeniz
 
 
 def is_checkpoint_file(path: str | Path) -> bool:
-    """A file where a model folder may be given: a single-file checkpoint."""
-    return Path(path).is_file()
+    """A dense single-file checkpoint where a model folder may be given: any file but a compressed vqdm
+    artifact file (`vqdm export --single-file`), which the artifact loader reads."""
+    path = Path(path)
+    return path.is_file() and not sf.is_vqdm_artifact_path(path)
 
 
 def read_model_index(path: str | Path, single_file: SingleFileOptions | None = None) -> dict:

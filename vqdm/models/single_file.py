@@ -152,6 +152,14 @@ def is_vqdm_artifact_file(header: Header) -> bool:
     return any(k in header.metadata for k in ARTIFACT_KEYS)
 
 
+def is_vqdm_artifact_path(path: str | Path) -> bool:
+    """`is_vqdm_artifact_file` for a path; False for anything whose header cannot be read (refused later)."""
+    try:
+        return is_vqdm_artifact_file(read_header(path))
+    except ModelFolderError:
+        return False
+
+
 def refuse_unsupported(header: Header) -> None:
     """One line naming what the file is, for every kind vqdm does not read; silent for an SDXL base file."""
     path, shape = header.path, header.shape

@@ -21,8 +21,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "vqdm": (),
     "vqdm.errors": (),
     "vqdm.vq_format": (),
+    "vqdm.single_file_flags": (),  # standard library only: the server's parser adds these flags too
     "vqdm.kernels": ("vqdm.vq_format",),
-    "vqdm.models": ("vqdm.kernels", "vqdm.vq_format"),
+    "vqdm.models": ("vqdm.kernels", "vqdm.vq_format", "vqdm.single_file_flags"),
     "vqdm.quantizer.layer": ("vqdm.vq_format",),
     # the quantizer's shared modules (sampling, unet_samples, checkpoint, recipes): never a pipeline
     "vqdm.quantizer": ("vqdm.quantizer.layer", "vqdm.models", "vqdm.kernels", "vqdm.vq_format"),
@@ -31,7 +32,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "vqdm.quantizer.distill": PIPELINE_DEPS,
     "vqdm.quantizer.evaluate": PIPELINE_DEPS,
     # the service loads artifacts; it never imports the quantizer
-    "vqdm.server": ("vqdm.models", "vqdm.kernels (package only)", "vqdm.vq_format"),
+    "vqdm.server": ("vqdm.models", "vqdm.kernels (package only)", "vqdm.vq_format", "vqdm.single_file_flags"),
     "vqdm.cli": ANYTHING,  # loads the command modules of every area
 }
 # Third-party packages only some layers may import: scikit-learn is a test extra (the digit judge).

@@ -68,3 +68,15 @@ def make_model(preset: str, out: str | Path, seed: int = 0) -> Path:
     pipe = build_pipeline(preset, seed=seed)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_single_file(preset: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
+                     include_vae: bool = True, metadata: bool = True) -> Path:
+    """Write `preset` with seeded random weights as one original-layout .safetensors file: the same
+    weights as `make_model(preset, seed=seed)`'s folder, in `dtype`. Built in `dtype` and written one
+    tensor at a time, so a full-size SDXL needs about its fp32 U-Net (10 GB) at the peak, not two copies."""
+    from vqdm.models.single_file import write_single_file
+
+    p = _preset(preset)
+    pipe = build_pipeline(p, seed=seed, dtype=dtype)
+    return write_single_file(pipe, out, dtype=dtype, family=p.family, include_vae=include_vae, metadata=metadata)

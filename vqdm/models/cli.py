@@ -11,29 +11,42 @@ import torch
 from vqdm.models.accounting import plan_unet
 from vqdm.models.artifact import inspect_artifact
 from vqdm.models.artifact_file import export_single_file
-from vqdm.models.builders import build_unet, make_model
+from vqdm.models.builders import build_unet, make_model, make_single_file
 from vqdm.models.configs import PRESETS
 from vqdm.models.layer_selection import SUBSETS, parse_subsets
-from vqdm.models.loading import read_model_index, read_unet_config
+from vqdm.models.loading import detect_family, is_checkpoint_file, read_model_index, read_unet_config
+from vqdm.models.single_file import DTYPES, add_single_file_flags, single_file_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-model", help="write a diffusers SDXL-architecture folder with seeded random weights")
+    p = sub.add_parser("make-model", help="write an SDXL-architecture model with seeded random weights: a diffusers "
+                                          "folder, or one original-layout .safetensors file")
     p.add_argument("preset", choices=list(PRESETS))
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="output diffusers folder (must not exist unless --force)")
+    dest.add_argument("--single-file", metavar="FILE",
+                      help="output .safetensors in the original SDXL layout (model.diffusion_model.*, conditioner.*, "
+                           "first_stage_model.*), as A1111 / ComfyUI / stable-diffusion.cpp load; the same weights as "
+                           "--out with the same seed")
+    p.add_argument("--dtype", choices=list(DTYPES), help="--single-file tensor dtype (default fp16)")
+    p.add_argument("--no-vae", action="store_true", help="--single-file without the VAE (first_stage_model.*)")
+    p.add_argument("--no-metadata", action="store_true",
+                   help="--single-file without the family metadata (vqdm.family, modelspec.architecture), as many "
+                        "files in the wild: readers then need --family for a Turbo model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder or file")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("plan", help="dry run on the meta device: what would be quantized, how big the artifact is")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=list(PRESETS))
-    src.add_argument("--model", help="local diffusers SDXL / SDXL-Turbo folder")
+    src.add_argument("--model", help="local diffusers SDXL / SDXL-Turbo folder, or a single-file .safetensors checkpoint")
     p.add_argument("--bits", type=int, choices=(2, 3, 4), required=True, help="codebooks K (B=8, g=8)")
     p.add_argument("--subsets", metavar="NAME,NAME",
                    help="price quantizing only these subsets (as `vqdm quantize --subsets`), the others dense fp16; "
                         f"default all: {','.join(SUBSETS)}")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_single_file_flags(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="show an artifact's config, layers, bits, bytes, errors and integrity")
@@ -55,11 +68,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = Path(args.out or args.single_file)
+    if args.out and (args.dtype or args.no_vae or args.no_metadata):
+        raise ValueError("--dtype, --no-vae and --no-metadata apply to --single-file; a folder is written in fp32, whole")
     if out.exists():
         if not args.force:
             raise FileExistsError(f"{out} already exists (use --force to overwrite)")
-        shutil.rmtree(out)
+        if out.is_dir():
+            shutil.rmtree(out)
+    if args.single_file:
+        dtype = args.dtype or "fp16"
+        make_single_file(args.preset, out, seed=args.seed, dtype=DTYPES[dtype], include_vae=not args.no_vae,
+                         metadata=not args.no_metadata)
+        print(f"wrote {args.preset} (seed {args.seed}, {dtype}) to {out} ({out.stat().st_size / 1e9:.3f} GB)")
+        return 0
     make_model(args.preset, out, seed=args.seed)
     print(f"wrote {args.preset} (seed {args.seed}) to {out}")
     return 0
@@ -75,9 +97,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.preset:
         unet = build_unet(args.preset, device="meta")
     else:
-        read_model_index(args.model)
+        opts = single_file_options(args)
+        read_model_index(args.model, opts)
+        if is_checkpoint_file(args.model):
+            detect_family(args.model, opts)  # logs the family, architecture and how they were decided
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(read_unet_config(args.model))
+            unet = UNet2DConditionModel.from_config(read_unet_config(args.model, opts))
     plan = plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict()
     if args.json:
         print(json.dumps(plan, indent=2))

@@ -1,13 +1,15 @@
 """`vqdm serve` (the HTTP server) and `vqdm generate` (one image without a server): their flags.
 
 This module is imported to build the `vqdm` parser, for every command and for `--help`: it imports
-only the standard library. Each command imports what it runs when it runs (`vqdm.server.serve`,
+only the standard library (and vqdm.single_file_flags, which does too). Each command imports what it runs when it runs (`vqdm.server.serve`,
 `vqdm.server.generate`: fastapi, uvicorn, torch).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from vqdm.single_file_flags import add_single_file_flags
 
 # `vqdm serve` flag → Settings field (flags win over VQDM_* variables).
 _SERVE_FLAGS = {
@@ -29,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serve models over HTTP. Every flag has a VQDM_<NAME> environment variable "
                                    "(see docs/server.md); flags win.")
     p.add_argument("--model", action="append", metavar="NAME=PATH",
-                   help="a vqdm artifact (folder or single file) or diffusers SDXL folder (repeatable); none: the "
-                        "embedded tiny default")
+                   help="a vqdm artifact (folder or single file), diffusers SDXL folder or single-file .safetensors "
+                        "checkpoint (repeatable; a checkpoint's family from its metadata, else sdxl); none: the embedded "
+                        "tiny default")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", action="append", metavar="KEY", help="require 'Authorization: Bearer KEY' (repeatable)")
@@ -72,8 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")
     p.add_argument("prompt")
-    p.add_argument("--model", help="vqdm artifact (folder or single file) or diffusers SDXL folder (default: "
-                                    "the embedded tiny model)")
+    p.add_argument("--model", help="vqdm artifact (folder or single file), diffusers SDXL folder or single-file "
+                                   ".safetensors checkpoint (default: the embedded tiny model)")
     p.add_argument("-o", "--out", required=True, help="output file (.png, .jpg, .webp); with -n > 1 numbered")
     p.add_argument("--negative-prompt")
     p.add_argument("--steps", type=int)
@@ -87,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-cache", default="none")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA .safetensors file at SCALE (default 1; -2..2), repeatable")
+    add_single_file_flags(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vqdm.models import read_model_index
+from vqdm.models import read_model_index, single_file_options
 from vqdm.server.errors import APIError
 from vqdm.server.imaging import FORMATS, encode_image
 from vqdm.server.loader import load_model, resolve_device
@@ -29,9 +29,10 @@ def generate(args: argparse.Namespace, loras: list[tuple[Path, float]]) -> int:
                         max_n=max(args.n, 1), max_batch_size=max(args.n, 1),
                         loras=[f"{n}={p}" for n, (p, _) in zip(names, loras)], lora_memory_budget=str(1 << 50))
     device = resolve_device(args.device)
-    spec = ModelSpec("local", Path(args.model)) if args.model else ModelSpec(EMBEDDED_MODEL_ID, None)
+    spec = (ModelSpec("local", Path(args.model), single_file_options(args)) if args.model
+            else ModelSpec(EMBEDDED_MODEL_ID, None))
     if spec.path is not None:
-        read_model_index(spec.path)  # a one-line error naming what is wrong with the folder
+        read_model_index(spec.path, spec.single_file)  # a one-line error naming what is wrong with the folder
     t0 = time.perf_counter()
     model = load_model(spec, settings, [device])
     attach_loras([model], settings)

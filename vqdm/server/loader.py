@@ -157,11 +157,12 @@ def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> Serve
         path, preset = embedded.embedded_artifact(settings.embedded_seed, settings.embedded_codebooks)
         family, steps, guidance, source = preset.family, preset.steps, preset.guidance, "embedded"
     else:
-        path, family, source = spec.path, detect_family(spec.path), str(spec.path)
+        path, family, source = spec.path, detect_family(spec.path, spec.single_file), str(spec.path)
         steps, guidance = _family_defaults(family)
     # An artifact's files are hashed once, for the first device; the others load the same files.
     pipes = {dev: load_pipeline(path, dtype=resolve_dtype(settings.dtype, dev), device=dev,
-                                verify=settings.verify_artifacts and i == 0) for i, dev in enumerate(devices)}
+                                verify=settings.verify_artifacts and i == 0, single_file=spec.single_file)
+             for i, dev in enumerate(devices)}
     manifest = getattr(next(iter(pipes.values())), "vqdm_manifest", None)
     quant_extra = embedded.quantization_facts(manifest) if spec.path is None else None
     replicas = {dev: prepare_replica(p, dev, settings) for dev, p in pipes.items()}

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vqdm.errors import ConfigError
+from vqdm.models.single_file import SingleFileOptions
 from vqdm.models.weight_cache import CachePolicy, parse_bytes
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -25,10 +26,12 @@ EMBEDDED_MODEL_ID = "vqdm-tiny-sdxl"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model to serve: its public id and where it comes from (a folder, or the embedded default)."""
+    """One model to serve: its public id and where it comes from (a folder or single-file checkpoint, or the
+    embedded default)."""
 
     id: str
     path: Path | None  # None: the embedded default (its prebuilt artifact, shipped in the package)
+    single_file: SingleFileOptions | None = None  # what a single file cannot say (`generate --family/--vae/--config`)
 
 
 def parse_model_spec(text: str) -> ModelSpec:

@@ -5,8 +5,8 @@ import logging
 from pathlib import Path
 
 from vqdm.errors import ConfigError, ModelFolderError
-from vqdm.models import read_model_index
-from vqdm.models.artifact import is_artifact, read_manifest, sha256_file, unet_fingerprint
+from vqdm.models import SingleFileOptions, base_unet_sha256, is_checkpoint_file, read_model_index
+from vqdm.models.artifact import is_artifact, read_manifest, sha256_file
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
 
 log = logging.getLogger(__name__)
@@ -15,12 +15,12 @@ log = logging.getLogger(__name__)
 SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def check_inputs(teacher: Path, student: Path, out: Path, ckpt: DistillCheckpoint, resume: bool, force: bool
-                  ) -> dict:
+def check_inputs(teacher: Path, student: Path, out: Path, ckpt: DistillCheckpoint, resume: bool, force: bool,
+                 single_file: SingleFileOptions | None = None) -> dict:
     """Refuse wrong inputs and unsafe outputs before any work; return the student's manifest."""
     if resume and force:
         raise ConfigError("--resume and --force exclude each other: resume a run, or start over")
-    read_model_index(teacher)
+    read_model_index(teacher, single_file)
     if is_artifact(teacher):
         raise ModelFolderError(f"--teacher {teacher} is a vqdm artifact: the teacher is the original dense folder")
     manifest = read_manifest(student)
@@ -34,10 +34,12 @@ def check_inputs(teacher: Path, student: Path, out: Path, ckpt: DistillCheckpoin
     base = (manifest.get("base_model") or {}).get("unet_sha256")
     if base is None:
         log.warning("%s does not record its base U-Net; cannot check it was quantized from %s", student, teacher)
-    elif base != unet_fingerprint(source_dir=teacher):
+    elif base != base_unet_sha256(teacher):
         raise ConfigError(f"--student {student} was quantized from another U-Net than --teacher {teacher} "
                           "(base_model.unet_sha256 differs): distill against the folder it was quantized from")
     files = manifest["files"]
+    if is_checkpoint_file(teacher):  # its sha256 (matched above) covers its text encoders: the student's came from it
+        return manifest
     for comp in SHARED_COMPONENTS:
         for f in sorted((teacher / comp).rglob("*")):
             rel = str(f.relative_to(teacher))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqdm.models import read_model_index
+from vqdm.models import add_single_file_flags, read_model_index, single_file_options
 from vqdm.quantizer.distill.run import distill
 from vqdm.quantizer.distill.recipes import detect_recipe
 from vqdm.quantizer.recipes import FAMILIES
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "frozen) to match the dense teacher's U-Net outputs on teacher sampling trajectories. "
                     "Defaults follow SPEC 4 for the teacher's family (SDXL: 4 rounds x 512 prompts, 50 DDIM "
                     "steps, guidance 5, 1024^2, effective batch 64, 1,600 steps, lr 1e-6).")
-    p.add_argument("--teacher", required=True, metavar="DIR", help="the original dense diffusers folder")
+    p.add_argument("--teacher", required=True, metavar="DIR_OR_FILE",
+                   help="the original dense diffusers folder or single-file checkpoint")
     p.add_argument("--student", required=True, metavar="DIR|FILE",
                    help="vqdm artifact quantized from --teacher (a folder, or one file from `vqdm export --single-file`)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_trajectory_flags(p.add_argument_group("teacher trajectories (defaults from the preset)"))
     _add_optimisation_flags(p.add_argument_group("optimisation (defaults from the preset)"))
     add_runtime_flags(p, "--teacher-dtype", "teacher dtype", stop_flag="--stop-after-step")
+    add_single_file_flags(p)
     p.set_defaults(func=cmd_distill)
 
 
@@ -94,9 +96,10 @@ def _add_optimisation_flags(o) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    opts = single_file_options(args, fallback_family=args.preset, fallback_source="from --preset")
     if args.preset is None:
-        read_model_index(args.teacher)  # a clear error for a wrong folder before detecting its family
-    base = detect_recipe(Path(args.teacher), args.preset)
+        read_model_index(args.teacher, opts)  # a clear error for a wrong folder before detecting its family
+    base = detect_recipe(Path(args.teacher), args.preset, opts)
     if args.rounds is None:  # small runs get fewer rounds (before the other overrides are checked)
         base = base.fit_rounds(args.num_prompts, args.gen_batch_size)
     cfg = base.replace(
@@ -113,7 +116,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         gradient_checkpointing=False if args.no_gradient_checkpointing else None)
     result = distill(args.teacher, args.student, args.out, cfg, device=args.device,
                      teacher_dtype=DTYPES.get(args.teacher_dtype), resume=args.resume, force=args.force,
-                     stop_after_step=args.stop_after_step, progress=not args.no_progress)
+                     stop_after_step=args.stop_after_step, progress=not args.no_progress, single_file=opts)
     curve = result.loss_curve
     print(f"distilled {len(curve)} steps: loss {curve[0]:.4g} -> {curve[-1]:.4g}" if curve else "no training steps")
     stop = f", stopped early after {len(curve)}" if result.stopped_early else ""

@@ -2,11 +2,10 @@
 `recipe("sdxl")`, `recipe("sdxl", "tiny")`, or `detect_recipe(folder)` for a diffusers folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vqdm.errors import ConfigError
-from vqdm.models import detect_family
+from vqdm.models import SingleFileOptions, detect_family, read_unet_config
 from vqdm.quantizer.distill.config import DistillConfig
 from vqdm.quantizer.recipes import check_family
 from vqdm.quantizer.sampling import SamplingConfig
@@ -57,8 +56,8 @@ def recipe(family: str, scale: str = "full") -> DistillConfig:
     return base.replace(**DISTILL_LRS[scale])
 
 
-def detect_recipe(model_dir: str | Path, family: str | None = None) -> DistillConfig:
-    """The recipe of a diffusers folder: its family (from the scheduler unless given) and its U-Net's scale."""
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "unet" / "config.json").read_text())
-    return recipe(family or detect_family(model_dir), model_scale(config))
+def detect_recipe(model_dir: str | Path, family: str | None = None,
+                  single_file: SingleFileOptions | None = None) -> DistillConfig:
+    """The recipe of a diffusers folder or single file: its family (detected unless given) and its U-Net's scale."""
+    config = read_unet_config(model_dir, single_file)
+    return recipe(family or detect_family(model_dir, single_file), model_scale(config))

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError, VQDMError
-from vqdm.models import detect_family, load_pipeline, vq_modules
-from vqdm.models.artifact import WEIGHTS_FILE, load_vq_unet, save_artifact, unet_fingerprint
+from vqdm.models import SingleFileOptions, base_unet_sha256, detect_family, load_pipeline, vq_modules
+from vqdm.models.artifact import WEIGHTS_FILE, components_dir, load_vq_unet, save_artifact
 from vqdm.quantizer.checkpoint import json_normalise
 from vqdm.quantizer.distill import engine
 from vqdm.quantizer.distill.checkpoint import DistillCheckpoint
@@ -243,8 +243,10 @@ class _Progress:
 
 def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: DistillConfig | None = None, *,
             device: str | None = None, teacher_dtype: torch.dtype | None = None, resume: bool = False,
-            force: bool = False, stop_after_step: int | None = None, progress: bool = True) -> DistillResult:
-    """Distill the VQ U-Net of artifact `student` toward the dense U-Net of folder `teacher`; write `out`.
+            force: bool = False, stop_after_step: int | None = None, progress: bool = True,
+            single_file: SingleFileOptions | None = None) -> DistillResult:
+    """Distill the VQ U-Net of artifact `student` toward the dense U-Net of folder (or single file: `single_file`)
+    `teacher`; write `out`.
 
     `cfg` defaults to the recipe of the teacher's family. The student is validated every
     `cfg.validate_every` steps on unseen prompts/seeds; the best one is kept and training stops
@@ -258,15 +260,15 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
     start = time.perf_counter()
     teacher, student, out = Path(teacher), Path(student), Path(out)
     ckpt = DistillCheckpoint.for_output(out)
-    manifest = check_inputs(teacher, student, out, ckpt, resume, force)
-    family = detect_family(teacher)
-    cfg = cfg or detect_recipe(teacher, family)
+    manifest = check_inputs(teacher, student, out, ckpt, resume, force, single_file)
+    family = detect_family(teacher, single_file)
+    cfg = cfg or detect_recipe(teacher, family, single_file)
     prompts = load_prompts(cfg.teacher.prompts_file)
 
     dev = torch.device(default_device(device))
     precision = resolve_precision(cfg.precision, dev)
     tdtype = default_dtype(teacher_dtype, dev)
-    pipe, unet = _load_models(teacher, student, dev, tdtype)
+    pipe, unet = _load_models(teacher, student, dev, tdtype, single_file)
     codes_before = codes_snapshot(unet)
     identity = _identity(teacher, manifest, cfg, prompts)
     params = prepare_student(unet, cfg)
@@ -294,7 +296,7 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
         "seconds": {"trajectories": done.seconds("trajectory"), "training": done.seconds("training"),
                     "total_this_process": time.perf_counter() - start},
     }
-    _save_student(unet, manifest, distillation, out, teacher, force)
+    _save_student(unet, manifest, distillation, out, teacher, student, force)
     ckpt.remove()
     sel, ex = done.selection, done.extra
     return DistillResult(out, done.loss_curve, sel.before, sel.best_error, ex["test_error_before"],
@@ -302,9 +304,10 @@ def distill(teacher: str | Path, student: str | Path, out: str | Path, cfg: Dist
                          time.perf_counter() - start, done.resumed_from, ex.get("lr_scale", 1.0))
 
 
-def _load_models(teacher: Path, student: Path, dev: torch.device, tdtype: torch.dtype) -> tuple:
+def _load_models(teacher: Path, student: Path, dev: torch.device, tdtype: torch.dtype,
+                 single_file: SingleFileOptions | None = None) -> tuple:
     """(the teacher pipeline in `tdtype`, the student's VQ U-Net in fp32), both on `dev`, same U-Net config."""
-    pipe = load_pipeline(teacher, dtype=tdtype, device=str(dev))
+    pipe = load_pipeline(teacher, dtype=tdtype, device=str(dev), single_file=single_file)
     unet, _ = load_vq_unet(student, dtype=torch.float32, device=dev)
     if _public(unet.config) != _public(pipe.unet.config):
         raise ConfigError(f"--student {student} and --teacher {teacher} have different U-Net configs")
@@ -314,7 +317,7 @@ def _load_models(teacher: Path, student: Path, dev: torch.device, tdtype: torch.
 def _identity(teacher: Path, manifest: dict, cfg: DistillConfig, prompts: list[str]) -> dict:
     """What a checkpoint must match to be resumed: the inputs, the settings that shape training, the prompts."""
     return json_normalise({
-        "teacher_unet_sha256": unet_fingerprint(source_dir=teacher),
+        "teacher_unet_sha256": base_unet_sha256(teacher),
         "student_weights_sha256": manifest["files"][WEIGHTS_FILE],
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "allow_worse", "min_improvement")},
         "prompts_sha256": prompts_digest(prompts),
@@ -339,15 +342,18 @@ def _check_accepted(cfg: DistillConfig, done: _Progress, ckpt: DistillCheckpoint
                 100 * cfg.min_improvement, figures)
 
 
-def _save_student(unet: nn.Module, manifest: dict, distillation: dict, out: Path, teacher: Path, force: bool) -> None:
+def _save_student(unet: nn.Module, manifest: dict, distillation: dict, out: Path, teacher: Path, student: Path,
+                  force: bool) -> None:
     """The artifact: the trained U-Net, the teacher's other components, the student's manifest + "distillation"."""
     fields = {
         "quantization": manifest["quantization"], "layers": _layer_stats(manifest),
         "base_model": manifest.get("base_model", {}), "calibration": manifest.get("calibration"),
         "distillation": distillation,
     }
-    # save_artifact reads only `.unet` when the components are copied from source_dir (the teacher's).
-    save_artifact(SimpleNamespace(unet=unet), out, fields, source_dir=teacher, overwrite=force)
+    # save_artifact reads only `.unet` when the components are copied from source_dir: the teacher's, or for a
+    # single-file teacher the student's (written from that same file: check_inputs matched its sha256).
+    source = teacher if teacher.is_dir() else components_dir(student, manifest)
+    save_artifact(SimpleNamespace(unet=unet), out, fields, source_dir=source, overwrite=force)
 
 
 def _fmt(x: float | None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqdm.models import detect_family
+from vqdm.models import add_single_file_flags, detect_family, single_file_options
 from vqdm.quantizer.evaluate.config import NUM_PROMPTS, EvalConfig
 from vqdm.quantizer.evaluate.run import check_args, evaluate
 from vqdm.quantizer.runtime import DEVICE_HELP, DTYPE_HELP, DTYPES
@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="compare artifacts with a reference model: U-Net error, PSNR/SSIM, CLIP, FID, image grid",
         description="Sample the same prompts and seeds with the reference and each candidate (only the U-Net "
                     "differs) and write DIR/eval.json, DIR/eval_meta.json, DIR/eval.md and DIR/grid.png.")
-    e.add_argument("--reference", required=True, metavar="DIR", help="dense diffusers folder (the original model)")
+    e.add_argument("--reference", required=True, metavar="DIR_OR_FILE",
+                   help="dense diffusers folder or single-file checkpoint (the original model)")
     e.add_argument("--candidate", required=True, action="append", metavar="DIR",
                    help="artifact, folder or single file (or a dense folder), to compare; repeat for several")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", help=DEVICE_HELP)
     e.add_argument("--dtype", choices=list(DTYPES), help=f"U-Net dtype {DTYPE_HELP}")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_single_file_flags(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -48,11 +50,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_args([Path(c) for c in args.candidate], args.fid_stats, args.inception)  # before the reference is read
     # --steps 0 / --resolution 0: the family's default, as unset
     cfg = EvalConfig.for_family(
-        detect_family(args.reference), num_prompts=args.num_prompts, steps=args.steps or None, guidance=args.guidance,
+        detect_family(args.reference, single_file_options(args)), num_prompts=args.num_prompts, steps=args.steps or None, guidance=args.guidance,
         resolution=args.resolution or None, seed=args.seed, prompts_file=args.prompts, batch_size=args.batch_size,
         grid_rows=args.grid_rows, chunk_prompts=args.chunk_prompts, unet_mse_prompts=args.unet_mse_prompts)
     evaluate(args.reference, args.candidate, args.out, cfg, clip_model=args.clip_model,
              pickscore_model=args.pickscore_model, fid_stats=args.fid_stats, inception=args.inception,
-             device=args.device, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
+             device=args.device, dtype=DTYPES.get(args.dtype), progress=not args.no_progress,
+             single_file=single_file_options(args))
     print(Path(args.out, "eval.md").read_text())
     return 0

@@ -33,8 +33,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError
-from vqdm.models import detect_family, load_pipeline
-from vqdm.models.artifact import is_artifact, load_vq_unet, unet_fingerprint
+from vqdm.models import SingleFileOptions, base_unet_sha256, detect_family, is_checkpoint_file, load_pipeline
+from vqdm.models.artifact import is_artifact, load_vq_unet
 from vqdm.models.vae import vae_decode
 from vqdm.quantizer.evaluate.config import EvalConfig, default_sampling
 from vqdm.quantizer.evaluate.fid import (features_to_statistics_distance, inception_features, load_inception,
@@ -165,7 +165,8 @@ class Tally:
 def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Path, cfg: EvalConfig | None = None, *,
              clip_model: str | Path | None = None, pickscore_model: str | Path | None = None,
              fid_stats: str | Path | None = None, inception: str | Path | None = None,
-             device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+             device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True,
+             single_file: SingleFileOptions | None = None) -> dict:
     """Compare `candidates` with `reference` (see module docstring); returns the eval.json dict.
 
     Prompts are processed in chunks of `cfg.chunk_prompts`: every model samples the chunk, metrics
@@ -185,12 +186,12 @@ def evaluate(reference: str | Path, candidates: list[str | Path], out: str | Pat
     scorers = {key: ImageScorer(d, device) for key, d in (("clip_score", clip_model), ("pickscore", pickscore_model))
                if d is not None}
 
-    family = detect_family(reference)
+    family = detect_family(reference, single_file)
     cfg = cfg or EvalConfig(default_sampling(family))
     batches = plan_batches(cfg.sampling, load_prompts(cfg.sampling.prompts_file))
     prompts = [p for b in batches for p in b.prompts]
 
-    pipe = load_pipeline(reference, dtype=dtype, device=device)
+    pipe = load_pipeline(reference, dtype=dtype, device=device, single_file=single_file)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # decode in fp32 (the SDXL VAE overflows in fp16)
     unets, infos, notes = _load_candidates(reference, cands, dtype, device)
@@ -233,7 +234,8 @@ def check_args(cands: list[Path], fid_stats, inception) -> None:
 def _load_candidates(reference: Path, cands: list[Path], dtype: torch.dtype, device: str
                      ) -> tuple[dict[str, nn.Module], dict[str, dict], list[str]]:
     """(U-Nets by label, their info by label, notes); all loaded at once: each samples every chunk."""
-    ref_sha = unet_fingerprint(source_dir=reference) if list((reference / "unet").glob("*.safetensors")) else None
+    dense = is_checkpoint_file(reference) or list((reference / "unet").glob("*.safetensors"))
+    ref_sha = base_unet_sha256(reference) if dense else None
     unets, infos, notes = {}, {}, []
     for label, path in zip(labels_for(cands), cands):
         unets[label], info = load_candidate_unet(path, dtype, device)

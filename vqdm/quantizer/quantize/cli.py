@@ -1,11 +1,11 @@
-"""`vqdm quantize`: a local SDXL / SDXL-Turbo folder to a VQ artifact (SPEC §7)."""
+"""`vqdm quantize`: a local SDXL / SDXL-Turbo folder or single-file checkpoint to a VQ artifact (SPEC §7)."""
 from __future__ import annotations
 
 import argparse
 import statistics
 
 from vqdm.errors import ConfigError
-from vqdm.models import SUBSETS
+from vqdm.models import SUBSETS, add_single_file_flags, single_file_options
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
 from vqdm.quantizer.recipes import recipe
 from vqdm.quantizer.runtime import add_runtime_flags
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Calibrate on real sampling trajectories and quantize the U-Net with additive vector "
                     "quantization, seven subsets in order, checkpointing after each. Launch with torchrun "
                     "to spread prompts and layers over several GPUs.")
-    p.add_argument("--model", required=True, metavar="DIR", help="local diffusers SDXL or SDXL-Turbo folder")
+    p.add_argument("--model", required=True, metavar="DIR_OR_FILE",
+                   help="local diffusers SDXL or SDXL-Turbo folder, or a single-file .safetensors checkpoint")
     p.add_argument("--preset", required=True, metavar="{sdxl,sdxl-turbo}",
                    help="calibration recipe: sdxl = 256 prompts x 50 DDIM steps, guidance 5, 1024^2; "
                         "sdxl-turbo = 10,240 prompts x 1-4 steps, guidance 0, 512^2")
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_calibration_flags(p.add_argument_group("calibration (defaults from --preset)"))
     _add_aq_flags(p.add_argument_group("additive quantization"))
     add_runtime_flags(p, "--dtype", "pipeline dtype while sampling", stop_flag="--stop-after-subset")
+    add_single_file_flags(p)
     p.set_defaults(func=cmd_quantize)
 
 
@@ -96,7 +98,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         group_size=args.group_size, resume=args.resume, force=args.force, device=args.device, dtype=args.dtype,
         max_stats_bytes=None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30),
         stop_after_subset=args.stop_after_subset, subsets=args.subsets, calibrate_skipped=args.calibrate_skipped,
-        progress=not args.no_progress)
+        progress=not args.no_progress,
+        single_file=single_file_options(args, fallback_family=args.preset, fallback_source="from --preset"))
     if rank == 0:
         print_summary(result)
     return 0

@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vqdm.errors import ConfigError, ModelFolderError, VQDMError
-from vqdm.models import SUBSETS, detect_family, layer_bits, load_pipeline, quantize_layers, read_model_index
+from vqdm.models import (SUBSETS, SingleFileOptions, base_unet_sha256, detect_family, layer_bits, load_pipeline,
+                         quantize_layers, read_model_index)
 from vqdm.models import layers_in_subsets, parse_subsets, select_layers, weight_matrix
-from vqdm.models.artifact import is_artifact, save_artifact, unet_fingerprint
+from vqdm.models.artifact import is_artifact, save_artifact
 from vqdm.quantizer.layer.aq import quantize_weight
 from vqdm.quantizer.layer.error import relative_error
 from vqdm.quantizer.checkpoint import json_normalise
@@ -94,8 +95,8 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
                    force: bool = False, device: str | None = None, dtype: str | torch.dtype | None = None,
                    max_stats_bytes: int | None = None, stop_after_subset: int | None = None,
                    subsets: str | Iterable[str] | None = None, calibrate_skipped: bool = False,
-                   progress: bool = True) -> QuantizeResult:
-    """Quantize the U-Net of the diffusers folder `model_dir` to K=`bits` codebooks; write the artifact `out`.
+                   progress: bool = True, single_file: SingleFileOptions | None = None) -> QuantizeResult:
+    """Quantize the U-Net of the diffusers folder (or single-file checkpoint: `single_file`) `model_dir` to K=`bits` codebooks; write the artifact `out`.
 
     `preset` ('sdxl' / 'sdxl-turbo') picks the calibration recipe; `calibration` replaces it whole
     (build it with `recipe(preset).replace(steps=..., ...)`). `aq_options` are AQConfig
@@ -115,17 +116,17 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     chosen = parse_subsets(subsets)
     VQFormat(bits, nbits, group_size).check_artifact()
     aq = make_aq_config(bits, nbits, group_size, **(aq_options or {}))
-    family = _check_model(model_dir, preset)
+    family = _check_model(model_dir, preset, single_file)
     prompts = load_prompts(calib.prompts_file)
     ckpt = QuantizeCheckpoint.for_output(out)
     check_paths(model_dir, out, ckpt, resume, force)
 
     rank, world = dist_info()
     torch_dtype = default_dtype(dtype, default_device(device))
-    pipe = _load_checked_pipeline(model_dir, calib, group_size, default_device(device), torch_dtype)
+    pipe = _load_checked_pipeline(model_dir, calib, group_size, default_device(device), torch_dtype, single_file)
 
     identity = json_normalise({
-        "unet_sha256": unet_fingerprint(source_dir=model_dir), "preset": preset,
+        "unet_sha256": base_unet_sha256(model_dir), "preset": preset,
         "format": {"num_codebooks": bits, "nbits": nbits, "group_size": group_size},
         "aq": _aq_dict(aq), "seed": calib.seed, "calibration": calib.to_dict(), "prompts_sha256": prompts_digest(prompts),
         # only when not the default, so checkpoints of full runs keep their identity
@@ -144,16 +145,17 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
                            "unet_sha256": identity["unet_sha256"]},
             "calibration": _calibration_record(run, preset, identity["prompts_sha256"], torch_dtype),
         }
-        save_artifact(pipe, out, manifest, source_dir=model_dir, overwrite=force)
+        # a single file's components are written from the loaded pipeline; a folder's are copied
+        save_artifact(pipe, out, manifest, source_dir=model_dir if model_dir.is_dir() else None, overwrite=force)
         ckpt.remove()
     _barrier(world)
     return QuantizeResult(out, run.layer_stats, run.subsets_info, time.perf_counter() - start)
 
 
 def _load_checked_pipeline(model_dir: Path, calib: SamplingConfig, group_size: int, device: str,
-                           dtype: torch.dtype):
+                           dtype: torch.dtype, single_file: SingleFileOptions | None = None):
     """The dense pipeline, refused when the resolution or the group size does not fit its U-Net."""
-    pipe = load_pipeline(model_dir, dtype=dtype, device=device)
+    pipe = load_pipeline(model_dir, dtype=dtype, device=device, single_file=single_file)
     check_resolution(pipe, calib.resolution)
     indivisible = [n for n, m in select_layers(pipe.unet) if weight_matrix(m).shape[1] % group_size]
     if indivisible:
@@ -161,12 +163,12 @@ def _load_checked_pipeline(model_dir: Path, calib: SamplingConfig, group_size: i
     return pipe
 
 
-def _check_model(model_dir: Path, preset: str) -> str:
-    """The family of the dense diffusers folder `model_dir` (warned about when it is not `preset`'s)."""
-    read_model_index(model_dir)
+def _check_model(model_dir: Path, preset: str, single_file: SingleFileOptions | None = None) -> str:
+    """The family of the dense diffusers folder or single file `model_dir` (warned about when it is not `preset`'s)."""
+    read_model_index(model_dir, single_file)
     if is_artifact(model_dir):
         raise ModelFolderError(f"{model_dir} is already a vqdm artifact: quantize the original diffusers folder")
-    family = detect_family(model_dir)
+    family = detect_family(model_dir, single_file)
     if family != preset:
         log.warning("%s looks like %s but --preset %s was given: calibrating with the %s recipe",
                     model_dir, family, preset, preset)

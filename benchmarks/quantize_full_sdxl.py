@@ -36,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_commit  # noqa: E402  (sibling module)
+
 VQDM = [sys.executable, "-m", "vqdm.cli"]
 SUBSETS_QUANTIZED = "down_blocks.0,mid_block"
 # Cheap settings for a loaded 2-core CPU (state them: they are the run's, not the SPEC's).
@@ -94,6 +97,12 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _bytes(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else None
+
+
 def subset_rows(manifest: dict) -> list[dict]:
     """Per subset: quantized or statistics only, passes, H bytes, seconds, median rel. error."""
     rows = []
@@ -115,6 +124,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-calibrate-skipped", action="store_true",
                     help="calibrate only the quantized subsets (default: all seven, the others' H discarded)")
     ap.add_argument("--artifact-name", default="sdxl-vq3-partial", help="artifact folder inside --workdir")
+    ap.add_argument("--model", type=Path, help="quantize this model (a diffusers folder or a single-file checkpoint, "
+                                               "e.g. from `vqdm make-model sdxl --single-file F --dtype fp16`) "
+                                               "instead of WORKDIR/sdxl, made by `vqdm make-model sdxl` when absent")
+    ap.add_argument("--export", action="store_true",
+                    help="also `vqdm export --single-file` the artifact, and generate from that file")
     ap.add_argument("--skip-quantize", action="store_true",
                     help="the artifact exists: only inspect, generate and plan (its quantize figures come from "
                          "the manifest, and no quantize RSS is measured)")
@@ -134,7 +148,7 @@ class Phases:
 def run_phases(args: argparse.Namespace, work: Path, model: Path, art: Path) -> Phases:
     """make-model (when absent), quantize (unless --skip-quantize), inspect, generate, then plan twice."""
     phases = {}
-    if not model.exists():
+    if not model.exists() and args.model is None:
         phases["make_model"] = run([*VQDM, "make-model", "sdxl", "--out", str(model), "--seed", "0"], work / "make_model.log")
     quantize_cmd = [*VQDM, "quantize", "--model", str(model), "--preset", "sdxl", "--bits", "3", "--out", str(art),
                     "--subsets", args.subsets, *([] if args.no_calibrate_skipped else ["--calibrate-skipped"]),
@@ -147,7 +161,16 @@ def run_phases(args: argparse.Namespace, work: Path, model: Path, art: Path) -> 
     phases["inspect"] = run([*VQDM, "inspect", str(art)], work / f"{args.artifact_name}.inspect.log")
     inspect = json.loads(subprocess.run([*VQDM, "inspect", str(art), "--json"], check=True, capture_output=True,
                                         text=True).stdout)
-    phases["generate"] = run([*VQDM, "generate", "a lighthouse at dusk, oil painting", "--model", str(art),
+    served = art
+    if args.export:
+        served = art.with_name(art.name + ".safetensors")
+        phases["export"] = run([*VQDM, "export", str(art), "--single-file", str(served), "--force"],
+                               work / f"{args.artifact_name}.export.log")
+        phases["inspect_file"] = run([*VQDM, "inspect", str(served)], work / f"{args.artifact_name}.inspect_file.log")
+    if model.is_file():  # `vqdm plan` reads the checkpoint file itself (its header: architecture and family)
+        phases["plan_model"] = run([*VQDM, "plan", "--model", str(model), "--bits", "3", "--subsets", args.subsets],
+                                   work / f"{args.artifact_name}.plan_model.log")
+    phases["generate"] = run([*VQDM, "generate", "a lighthouse at dusk, oil painting", "--model", str(served),
                               "-o", str(work / f"{args.artifact_name}.png"), "--steps", "1", "--size", "256x256", "--guidance", "1",
                               "--seed", "0", "--device", "cpu", "--dtype", "float32"], work / f"{args.artifact_name}.generate.log")
     plan_all = json.loads(subprocess.run([*VQDM, "plan", "--preset", "sdxl", "--bits", "3", "--json"], check=True,
@@ -205,6 +228,14 @@ def record_checks(record: dict, ph: Phases, png: Path) -> None:
                          "bits_per_weight_unet": inspect["bits_per_weight_unet"], "unet_bytes": inspect["unet_bytes"],
                          "median_rel_error": inspect["median_rel_error"], "output": ph.runs["inspect"]["output"]}
     gen = ph.runs["generate"]
+    if "export" in ph.runs:
+        f = Path(ph.runs["generate"]["command"].split("--model ")[1].split(" ")[0])
+        record["export"] = {"file": str(f), "file_bytes": f.stat().st_size, "seconds": ph.runs["export"]["seconds"],
+                            "peak_rss_bytes": ph.runs["export"]["peak_rss_bytes"],
+                            "output": ph.runs["export"]["output"][-2000:],
+                            "inspect_output": ph.runs["inspect_file"]["output"][-3000:]}
+    if "plan_model" in ph.runs:
+        record["plan_model"] = {"command": ph.runs["plan_model"]["command"], "output": ph.runs["plan_model"]["output"][-3000:]}
     record["generate"] = {"seconds": gen["seconds"], "peak_rss_bytes": gen["peak_rss_bytes"],
                           "png_bytes": png.stat().st_size, "output": gen["output"][-2000:]}
     if "quantize" in ph.runs:
@@ -215,11 +246,12 @@ def main() -> int:
     args = parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model, art = work / "sdxl", work / args.artifact_name
+    model, art = args.model.resolve() if args.model else work / "sdxl", work / args.artifact_name
     load = LoadSampler()
     load.start()
     started = time.time()
-    record: dict = {"device": "cpu", "machine": machine(), "phase_seconds": {}, "phase_peak_rss_bytes": {}}
+    record: dict = {"device": "cpu", "machine": machine(), "commit": git_commit(), "model": str(model),
+                    "model_bytes": _bytes(model), "phase_seconds": {}, "phase_peak_rss_bytes": {}}
     ph = run_phases(args, work, model, art)
 
     manifest = json.loads((art / "unet" / "manifest.json").read_text())

@@ -129,8 +129,12 @@ class CompiledUNet:
         self.unet.__dict__.pop("forward", None)
 
     # -- start-up ---------------------------------------------------------------------------------
-    def compile_bucket(self, pipe, bucket: Bucket) -> None:
-        """Compile (and run once) the graph for `bucket`, on inputs shaped as the pipeline sends them."""
+    def compile_bucket(self, pipe, bucket: Bucket) -> bool:
+        """Compile the graph for `bucket` on inputs shaped as the pipeline sends them, run it until it
+        settles, then check that a call as served runs it without recompiling. False (logged, and
+        the shape served eagerly, counted as `error`) when it does not: a first call that changed
+        state the graph was traced on (a buffer cache in Python, say) recompiles once here, but a
+        graph whose guards fail on every call can never serve."""
         f = pipe.vae_scale_factor
         if bucket.width % f or bucket.height % f:
             raise ValueError(f"compile shape {bucket}: width and height must be multiples of {f}")
@@ -145,9 +149,13 @@ class CompiledUNet:
                                       "time_ids": torch.randn(r, 6, **like)},
                 "return_dict": False}
             t = torch.tensor(999.0, device=self.device)
-            for _ in range(2 if self.cuda_graphs else 1):  # cudagraph trees record on the second call
+            # CUDA-graph trees run a graph's first call eagerly, record the second and replay from
+            # the third: all here, so that no request pays for a recording either.
+            for _ in range(3 if self.cuda_graphs else 2):
                 self._run(sample, t, kwargs)
-        self.compiled.add(_inputs_key(sample, t, kwargs))
+            key = _inputs_key(sample, t, kwargs)
+            self.compiled.add(key)
+            return self._run_refusable(key, sample, t, kwargs) is not None
 
     # -- serving ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -179,20 +187,29 @@ class CompiledUNet:
             key = _inputs_key(sample, timestep, kwargs)
             reason = "shape" if key not in self.compiled else "error" if key in self.refused else None
         if reason is None:
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    out = self._run(sample, timestep, kwargs)
+            out = self._run_refusable(key, sample, timestep, kwargs)
+            if out is not None:
                 batch.counts["none"] += 1
                 return out
-            except Exception as e:
-                if not is_recompile_refused(e):
-                    raise
-                self.refused.add(key)
-                log.warning("compiled U-Net refused shape %s (%s); that shape runs eagerly from now on",
-                            tuple(sample.shape), str(e)[:3000])
-                reason = "error"
+            reason = "error"
         batch.counts[reason] += 1
         return self.eager(sample, timestep, **kwargs)
+
+    def _run_refusable(self, key: tuple, sample, timestep, kwargs: dict):
+        """The compiled graph's output, or None (and `key` refused from now on) if it would recompile."""
+        try:
+            # The stance is process-wide; every worker sets the same one around its calls, and
+            # nothing compiles once the workers have started (warm-up comes first).
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._run(sample, timestep, kwargs)
+        except Exception as e:
+            if not is_recompile_refused(e):
+                raise
+            why = str(e)[:2000]
+        self.refused.add(key)
+        log.warning("compiled U-Net refused shape %s (%s); that shape runs eagerly from now on",
+                    tuple(sample.shape), why)
+        return None
 
 
 def batch_fallback(replica: "Replica", loras: Any) -> str | None:
@@ -214,7 +231,7 @@ def compile_replica(replica: "Replica", mode: str, backend: str, buckets: list[B
     compiled = CompiledUNet(replica.pipe.unet, mode, backend, skipped)
     replica.compiled = compiled
     if not skipped:
-        allow_graphs(len(buckets))
+        allow_graphs(2 * len(buckets))  # a bucket may recompile once while it settles
         for bucket in buckets:
             compiled.compile_bucket(replica.pipe, bucket)
     return compiled

@@ -67,6 +67,10 @@ async def compile_models(dispatcher: "Dispatcher") -> None:
             else:
                 log.info("compiled %s on %s (mode %s, backend %s) for %s in %.1fs", model.id, device, mode,
                          s.compile_backend, shapes, time.perf_counter() - t0)
+            if compiled.refused:
+                log.warning("%d of %d compiled shapes of %s on %s would recompile on every call: they run "
+                            "eagerly (vqdm_compiled_steps_total fallback=error; the warning above says why)",
+                            len(compiled.refused), len(buckets), model.id, device)
 
 
 async def warm_up(dispatcher: "Dispatcher", steps: int) -> None:

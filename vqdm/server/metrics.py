@@ -13,7 +13,7 @@ What counts as what:
   that were not cancelled (rejections like 400/429 would pull the percentiles down to zero).
 - vqdm_queue_wait_seconds{model}: admission to the start of the job's batch.
 - vqdm_denoise_step_duration_seconds{model}: one observation per denoising step of a batch
-  (U-Net call + scheduler step, device synchronised).
+  (U-Net call + scheduler step; on CUDA timed by events on the device stream, read after the batch).
 - vqdm_vae_decode_duration_seconds{model}: the batch's VAE decode.
 - vqdm_weight_decode_duration_seconds{model}: seconds spent decoding VQ weights into dense ones
   during a request, measured by the weight cache (vqdm.models.weight_cache); observed only when

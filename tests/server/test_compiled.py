@@ -42,8 +42,9 @@ def compiled_app(turbo_folder, lora_file, tools):
     from vqdm.server.loader import load_model
     from vqdm.server.settings import ModelSpec, Settings
 
+    # Warm-up generation off: the buckets compile all the same before /readyz turns 200.
     settings = Settings(devices=["cpu"], compile="default", compile_backend="eager", compile_shapes=SHAPES,
-                        loras=[f"pixel={lora_file}"], max_batch_size=2)
+                        loras=[f"pixel={lora_file}"], max_batch_size=2, warmup=False)
     models = [load_model(ModelSpec("turbo", turbo_folder), settings, ["cpu"])]
     compiling, release, done = threading.Event(), threading.Event(), threading.Event()
     real = warmup.compile_replica
@@ -168,3 +169,20 @@ def test_settings_flags_and_buckets(monkeypatch, served_models):
                                                             Bucket(6, 128, 128)]
     assert buckets_for(Settings(max_batch_size=2), turbo) == [Bucket(1, 128, 128), Bucket(2, 128, 128)]
     assert buckets_for(Settings(compile_shapes=["1x64x64", "1x64x64"]), turbo) == [Bucket(1, 64, 64)]
+
+
+def test_a_call_that_would_recompile_runs_eagerly_and_is_counted(compiled_app, caplog):
+    """A module constant the graph was specialised on changes after start-up: the call is refused
+    (nothing compiles during a request), runs eagerly, and counts as `error` from then on."""
+    _, replica, _, _ = compiled_app
+    time_proj = replica.pipe.unet.time_proj
+    shift = time_proj.downscale_freq_shift
+    time_proj.downscale_freq_shift = shift + 0.5
+    try:
+        out = run_batch(replica, [Member(params(steps=2))])
+    finally:
+        time_proj.downscale_freq_shift = shift
+        refused, replica.compiled.refused = set(replica.compiled.refused), set()
+    assert out.compiled_steps == {"error": 2} and len(refused) == 1
+    assert any("refused shape (1, 4, 16, 16)" in r.getMessage() and "downscale_freq_shift" in r.getMessage()
+               for r in caplog.records)

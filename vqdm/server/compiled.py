@@ -17,6 +17,8 @@ eagerly and counts why (metric `vqdm_compiled_steps_total{mode,fallback}`, the r
 
 After start-up nothing compiles: a call that would recompile fails fast under torch's
 `fail_on_recompile` stance and runs eagerly instead (`error`), so no request pays for a compile.
+Torch does not guard on module hooks: a hook added to a U-Net submodule after start-up is not seen
+by the graphs. The LoRA runtime's hooks are attached before warm-up, and its batches run eagerly.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ def test_auto_rule_on_cpu():
     assert choose_backend("linear", small, codes, cb, s, b) == "cpu_lut"
     assert choose_backend("linear", large, codes, cb, s, b) == "cpu_decode"
     assert choose_backend("conv2d", torch.randn(1, 8, 4, 4), codes, cb, s, b) == "cpu_decode"
-    # A gradient for x rules out the LUT path (it is not differentiable in x) ...
+    # A gradient for x keeps to the decode path (the LUT is an inference path for tiny M) ...
     assert choose_backend("linear", small.requires_grad_(), codes, cb, s, b) == "cpu_decode"
-    # ... and a gradient for codebooks/scales/bias needs the differentiable reference.
+    # ... and a gradient for codebooks/scales/bias trains on the reference (see choose_backend).
     assert choose_backend("linear", large, codes, cb.requires_grad_(), s, b) == "reference"
     with torch.no_grad():
         assert choose_backend("linear", large, codes, cb, s, b) == "cpu_decode"

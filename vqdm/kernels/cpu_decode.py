@@ -72,7 +72,8 @@ def decode_cpu(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tenso
                dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense Ŵ [n, d] in `dtype`, written into `out` ([n, d], contiguous) when given.
 
-    Not differentiable (runs under no_grad): dispatch sends autograd work to the reference.
+    Not differentiable itself (runs under no_grad): the `vqdm::` ops' registered autograd (kernels.ops)
+    carries gradients past it.
     """
     check_format(codes, codebooks, scales)
     n, groups, k = codes.shape

@@ -1,12 +1,15 @@
 """The one place that picks a decode-and-multiply path. Backends register here by name.
 
 Paths (each tested against `reference` in tests/kernels):
-    reference      plain-torch decode + F.linear/F.conv2d; differentiable in codebooks and scales
+    reference      plain-torch decode + F.linear/F.conv2d
     cpu_decode     CPU: chunked FBGEMM decode into a reused scratch buffer, then MKL / oneDNN
     cpu_lut        CPU, Linear only: x·codebooksᵀ lookup tables + gathered sums (tiny M)
     triton_fused   CUDA, Linear only: fused dequant-GEMM (few rows)
     triton_decode  CUDA: Triton decode into a dense weight, then cuBLAS / cuDNN (many rows, convs)
 The Triton backends also run on CPU tensors under TRITON_INTERPRET=1 (how CI tests them).
+`vq_linear` / `vq_conv2d` / `decode_weight` resolve the backend here and call the `vqdm::` custom
+ops (`kernels.ops`), whose registered autograd makes every path differentiable in x, codebooks,
+scales and bias.
 
 `choose_backend` holds the auto rule; every threshold below is a named constant with the machine
 it was measured on (benchmarks/bench_layers.py; tables in docs/kernels.md).
@@ -24,7 +27,7 @@ import torch
 from vqdm.kernels.cpu_decode import decode_cpu, vq_conv2d_cpu_decode, vq_linear_cpu_decode
 from vqdm.kernels.cpu_lut import vq_linear_cpu_lut
 from vqdm.kernels.decoded import conv_weight_view
-from vqdm.kernels.reference import dequantize, vq_conv2d_reference, vq_linear_reference
+from vqdm.kernels.reference import vq_conv2d_reference, vq_linear_reference
 
 # CPU: the LUT path only while the GEMM has at most this many rows. bench_layers on AMD EPYC
 # (Zen4, 2 cores, torch 2.13, fp32): LUT beats decode + MKL only for M <= 4 on SDXL shapes
@@ -45,7 +48,6 @@ class Backend:
     linear: Callable[..., torch.Tensor] | None
     conv2d: Callable[..., torch.Tensor] | None
     devices: tuple[str, ...]  # torch device types it accepts
-    differentiable: bool  # in codebooks and scales (all paths are differentiable in x except noted)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,12 +75,12 @@ def _triton_fn(name: str) -> Callable[..., torch.Tensor]:
 
 _BACKENDS: dict[str, Backend] = {
     b.name: b for b in (
-        Backend("reference", vq_linear_reference, vq_conv2d_reference, ("cpu", "cuda", "mps", "xpu"), True),
-        Backend("cpu_decode", vq_linear_cpu_decode, vq_conv2d_cpu_decode, ("cpu",), False),
-        Backend("cpu_lut", vq_linear_cpu_lut, None, ("cpu",), False),
-        Backend("triton_fused", _triton_fn("vq_linear_triton_fused"), None, ("cuda",), False),
+        Backend("reference", vq_linear_reference, vq_conv2d_reference, ("cpu", "cuda", "mps", "xpu")),
+        Backend("cpu_decode", vq_linear_cpu_decode, vq_conv2d_cpu_decode, ("cpu",)),
+        Backend("cpu_lut", vq_linear_cpu_lut, None, ("cpu",)),
+        Backend("triton_fused", _triton_fn("vq_linear_triton_fused"), None, ("cuda",)),
         Backend("triton_decode", _triton_fn("vq_linear_triton_decode"), _triton_fn("vq_conv2d_triton_decode"),
-                ("cuda",), False),
+                ("cuda",)),
     )
 }
 
@@ -108,7 +110,9 @@ def _needs_weight_grad(*tensors: torch.Tensor | None) -> bool:
 def choose_backend(op: str, x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
                    scales: torch.Tensor, bias: torch.Tensor | None = None) -> str:
     """The auto rule, per (device, dtype, rows M, n, d). op is "linear" or "conv2d"."""
-    # Distillation trains codebooks/scales (and biases): only the reference carries their gradients.
+    # Distillation trains codebooks/scales (and biases). Every path carries their gradients (the ops'
+    # autograd), but the reference's forward is the exact function that backward differentiates
+    # (decode in the codebooks' dtype, then cast), so a training step's loss and gradient agree.
     if _needs_weight_grad(codebooks, scales, bias):
         return "reference"
     grad_x = torch.is_grad_enabled() and x.requires_grad
@@ -123,6 +127,17 @@ def choose_backend(op: str, x: torch.Tensor, codes: torch.Tensor, codebooks: tor
             return "triton_fused"
         return "triton_decode"
     return "reference"
+
+
+def backend_function(name: str, op: str) -> Callable[..., torch.Tensor]:
+    """The named backend's linear / conv2d function, unchecked (the custom ops call it; `_get` checks)."""
+    b = _BACKENDS[name]
+    return b.linear if op == "linear" else b.conv2d
+
+
+def triton_decodes(codebooks: torch.Tensor) -> bool:
+    """Whether the Triton decoder handles this codeword length on CUDA (it needs a power of 2 <= 32)."""
+    return _triton_available() and codebooks.shape[2] in (2, 4, 8, 16, 32)
 
 
 def _get(name: str, op: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -152,7 +167,8 @@ def vq_linear(
     """y = x Ŵᵀ + bias for x [..., d] -> [..., n]."""
     if backend == "auto":
         backend = choose_backend("linear", x, codes, codebooks, scales, bias)
-    return _get(backend, "linear", x)(x, codes, codebooks, scales, bias)
+    _get(backend, "linear", x)  # an unknown name or a wrong device fails here, naming the fix
+    return torch.ops.vqdm.vq_linear(x, codes, codebooks, scales, bias, backend)
 
 
 def vq_conv2d(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -162,9 +178,9 @@ def vq_conv2d(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     """Conv2d of NCHW x with the VQ weight (stored as [C_out, k_h·k_w·C_in/groups])."""
     if backend == "auto":
         backend = choose_backend("conv2d", x, codes, codebooks, scales, bias)
-    fn = _get(backend, "conv2d", x)
-    return fn(x, codes, codebooks, scales, bias, in_channels, tuple(kernel_size), tuple(stride), tuple(padding),
-              tuple(dilation), groups)
+    _get(backend, "conv2d", x)
+    return torch.ops.vqdm.vq_conv2d(x, codes, codebooks, scales, bias, in_channels, tuple(kernel_size),
+                                    tuple(stride), tuple(padding), tuple(dilation), groups, backend)
 
 
 @torch.no_grad()
@@ -173,13 +189,13 @@ def decode_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Te
     """A fresh dense weight for F.linear ([n, d]) or, with conv=(C_in, (k_h, k_w)), F.conv2d
     ([C_out, C_in, k_h, k_w]; channels_last strides on CPU), by the fastest decoder on codes' device.
 
-    For weight caches: the result owns its memory (unlike the per-call scratch). Not differentiable.
+    For weight caches: the result owns its memory (unlike the per-call scratch). Not differentiable
+    here (the `vqdm::decode` op it calls is).
     """
-    dev = codes.device.type
-    if dev == "cuda" and _triton_available() and codebooks.shape[2] in (2, 4, 8, 16, 32):
-        return _triton_fn("decode_triton")(codes, codebooks, scales, dtype, conv=conv)
-    if dev == "cpu":
-        w = decode_cpu(codes, codebooks, scales, dtype)
-    else:
-        w = dequantize(codes, codebooks.detach(), scales.detach()).to(dtype)
-    return w if conv is None else conv_weight_view(w, conv[0], conv[1])
+    w = torch.ops.vqdm.decode(codes, codebooks, scales, dtype)
+    if conv is None:
+        return w
+    w4 = conv_weight_view(w, conv[0], conv[1])
+    # CUDA: an NCHW weight, one coalesced permute-copy (cuDNN's layout for the NCHW U-Net); CPU:
+    # the channels_last view, at the same speed in oneDNN and no copy.
+    return w4.contiguous() if codes.device.type == "cuda" else w4

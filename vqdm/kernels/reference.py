@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdm.vq_format import decode as dequantize
+from vqdm.vq_format import decode_groups
 
 
 def vq_linear_reference(
@@ -22,6 +23,25 @@ def vq_linear_reference(
     """y = x Ŵᵀ + bias for x [..., d] -> y [..., n], computed in x's dtype."""
     w = dequantize(codes, codebooks, scales).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def decode_backward(grad_w: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                    scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dcodebooks, dL/dscales) from dL/dŴ [n, d]: the gradient of `dequantize` in closed form.
+
+    Ŵ[i, g·j + t] = s_i · Σ_m C_m[b[i, j, m], t], so dL/ds_i = Σ_cols dL/dŴ · U (U: Ŵ before the
+    scales) and dL/dC_m[c] sums s_i · dL/dŴ over every group whose code m is c. Plain torch ops,
+    so AOT autograd traces it into a compiled backward; results in the codebooks'/scales' dtypes.
+    """
+    n, groups, k = codes.shape
+    cb_size, g = codebooks.shape[1], codebooks.shape[2]
+    gw = grad_w.to(codebooks.dtype).reshape(n, groups, g)
+    unscaled = decode_groups(codes, codebooks)  # [n, d/g, g]
+    grad_scales = (gw * unscaled).sum((1, 2)).to(scales.dtype)
+    grad_u = (gw * scales.to(gw.dtype)[:, None, None]).reshape(n * groups, g)
+    idx = codes.long().reshape(n * groups, k)
+    grad_cb = torch.stack([grad_u.new_zeros(cb_size, g).index_add(0, idx[:, m], grad_u) for m in range(k)])
+    return grad_cb, grad_scales
 
 
 def conv_weight_from_matrix(w: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]) -> torch.Tensor:

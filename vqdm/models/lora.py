@@ -223,7 +223,12 @@ class LoraRuntime:
 
     A forward hook on every adapted layer adds the active branch to the layer's output; with no set
     active the hook returns at once. Activation is not thread-safe: one pipeline runs one batch at
-    a time (the server's device worker, or `vqdm generate`)."""
+    a time (the server's device worker, or `vqdm generate`).
+
+    Under torch.compile(fullgraph=True) the hooks trace into the graph, the branch factors as graph
+    inputs. Dynamo guards on the active-branch dict: the first activation recompiles once, other
+    scales of the same adapters do not, a new total rank recompiles once and then the rank is
+    dynamic; deactivating reuses the no-LoRA graph (tests/models/test_compile.py)."""
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe

@@ -1,7 +1,8 @@
 """VQLinear / VQConv2d: drop-in replacements for nn.Linear / nn.Conv2d holding a VQ weight.
 
 The quantized tensors live on the module (codes as a buffer; codebooks and scales as parameters
-so distillation can train them), and forward is one call into `vqdm.kernels`.
+so distillation can train them), and forward is one call into `vqdm.kernels`: a `vqdm::` custom
+op, one node to torch.compile (or, with a weight cache hit, F.linear / F.conv2d on its weight).
 """
 from __future__ import annotations
 

@@ -15,6 +15,14 @@ denoising step the resident set is the best-scoring set that fits.
 
 Use: `cache = install_weight_cache(unet, "budget=2GB")`; with `request`, wrap each request in
 `with cache.request(): ...`. `cache.stats()` gives counters for metrics.
+
+Under torch.compile: `none` compiles (each layer decodes inside its `vqdm::` op). `budget` compiles
+once frozen: run a step eagerly so the resident set fills, then `cache.freeze()`; a lookup is then
+a dict read that Dynamo traces into the graph (the resident weights become graph inputs), and
+admission, eviction, timing, stats and stale checks stop until `thaw()` (thaw after changing
+weights). `request` decodes and frees per request, and an unfrozen `budget` admits layers as it
+goes: both are host logic that a graph cannot hold, so tracing them raises `NotCompilableError`.
+`compile_blocker(model)` says so before compiling, so a caller can run such a model eagerly.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from vqdm.errors import VQDMError
 from vqdm.kernels import choose_backend, decode_weight
 from vqdm.models.vq_layers import VQ_MODULES, VQConv2d
 
@@ -40,6 +49,10 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a byte count; write e.g. 2000000000, 512MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class NotCompilableError(VQDMError):
+    """A weight-cache policy whose lookups need host logic was traced by torch.compile."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ class WeightCache:
         self._scores: dict[tuple[int, torch.dtype], float] = {}  # measured once per layer
         self._lock = threading.Lock()
         self._stats = CacheStats(budget_bytes=self.policy.budget_bytes, mode=self.policy.mode)
+        self._frozen: dict[tuple[int, torch.dtype], torch.Tensor] | None = None  # set by freeze()
 
     # -- what the VQ modules call -------------------------------------------------------------
     def lookup(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -128,6 +142,12 @@ class WeightCache:
         if self.policy.mode == "none" or _needs_weight_grad(module):
             return None
         key = (id(module), x.dtype)
+        if torch.compiler.is_compiling():
+            if self._frozen is None:
+                raise NotCompilableError(self.compile_blocker())
+            return self._frozen.get(key)  # traced: no stats, locks or version checks in a graph
+        if self._frozen is not None:
+            return self._frozen_lookup(key)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.versions == _versions(module):
@@ -148,6 +168,45 @@ class WeightCache:
                 self._stats.entries = len(self._entries)
         return w
 
+    # -- torch.compile -------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Fix the resident set (budget policy): lookups only read it from now on, and compile."""
+        if self.policy.mode != "budget":
+            raise NotCompilableError(f"weight-cache policy {self.policy} cannot be frozen: only budget=BYTES keeps "
+                                     "a resident set across requests")
+        with self._lock:
+            self._frozen = {k: e.weight for k, e in self._entries.items()}
+
+    def thaw(self) -> None:
+        """Back to online admission (after the weights change, or to let the resident set adapt)."""
+        with self._lock:
+            self._frozen = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen is not None
+
+    def compile_blocker(self) -> str | None:
+        """Why a model using this cache cannot run under torch.compile, or None when it can."""
+        if self.policy.mode == "none" or self._frozen is not None:
+            return None
+        if self.policy.mode == "budget":
+            return (f"weight-cache policy {self.policy} admits and evicts layers at run time (timing, stats, "
+                    "locks), which a compiled graph cannot hold: call cache.freeze() after an eager warm-up "
+                    "step, or run this model eagerly")
+        return (f"weight-cache policy {self.policy} decodes and frees weights per request, which a compiled "
+                "graph cannot hold: use none or a frozen budget=BYTES to compile, or run this model eagerly")
+
+    def _frozen_lookup(self, key) -> torch.Tensor | None:
+        # Frozen means fixed: no version check, so eager and compiled runs use the same weights.
+        w = self._frozen.get(key)
+        with self._lock:
+            if w is None:
+                self._stats.misses += 1
+            else:
+                self._stats.hits += 1
+        return w
+
     # -- request scope -------------------------------------------------------------------------
     @contextlib.contextmanager
     def request(self):
@@ -159,8 +218,9 @@ class WeightCache:
                 self.clear()
 
     def clear(self) -> None:
-        """Free every cached weight (scores are kept)."""
+        """Free every cached weight (scores are kept) and thaw."""
         with self._lock:
+            self._frozen = None
             for key in list(self._entries):
                 self._drop(key)
 
@@ -240,3 +300,14 @@ def install_weight_cache(model: nn.Module, policy: "str | CachePolicy" = "none")
         if isinstance(m, VQ_MODULES):
             m.weight_cache = cache
     return cache
+
+
+def compile_blocker(model: nn.Module) -> str | None:
+    """Why `model`'s VQ modules cannot run under torch.compile (their weight cache), or None when they can.
+
+    Check before `torch.compile(model, fullgraph=True)`: a blocked model run compiled raises
+    NotCompilableError (inside Dynamo's error) at its first cached layer.
+    """
+    caches = {id(m.weight_cache): m.weight_cache for m in model.modules()
+              if isinstance(m, VQ_MODULES) and isinstance(m.weight_cache, WeightCache)}
+    return next((r for r in (c.compile_blocker() for c in caches.values()) if r), None)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from vqdm.models.compile import allow_graphs, compile_unet, is_recompile_refused
+from vqdm.models.weight_cache import compile_blocker
 
 if TYPE_CHECKING:
     from vqdm.server.loader import Replica, ServedModel
@@ -121,6 +122,7 @@ class CompiledUNet:
         self.device = next(unet.parameters()).device
         # CUDA graphs replay into buffers the next replay overwrites: mark each step, copy the output.
         self.cuda_graphs = self.device.type == "cuda" and backend == "inductor" and mode != "default"
+        self.blocker: str | None = None  # why nothing was compiled, in words (with `skipped`)
         self.compiled: set[tuple] = set()
         self.refused: set[tuple] = set()
         self._batch: _Batch | None = None
@@ -214,23 +216,21 @@ class CompiledUNet:
         return None
 
 
-def batch_fallback(replica: "Replica", loras: Any) -> str | None:
-    """Why a whole batch runs eagerly, before any shape is looked at."""
-    if loras:
-        return "lora"
-    if replica.weight_cache is not None:
-        return "cache"
-    return None
+def batch_fallback(loras: Any) -> str | None:
+    """Why a whole batch runs eagerly, before any shape is looked at (a replica that could not
+    compile at all says so itself: `CompiledUNet.skipped`)."""
+    return "lora" if loras else None
 
 
 def compile_replica(replica: "Replica", mode: str, backend: str, buckets: list[Bucket]) -> CompiledUNet:
     """Compile the replica's U-Net for every bucket (in the device's thread: CUDA graphs belong to
     the thread that records them) and install it; skipped, with every step then counted as a
-    `cache` fallback, when a weight-cache policy is on."""
+    `cache` fallback, when its weight-cache policy needs host logic (`compile_blocker`)."""
     if replica.compiled is not None:
         replica.compiled.remove()
-    skipped = "cache" if replica.weight_cache is not None else None
-    compiled = CompiledUNet(replica.pipe.unet, mode, backend, skipped)
+    blocker = compile_blocker(replica.pipe.unet)
+    compiled = CompiledUNet(replica.pipe.unet, mode, backend, "cache" if blocker else None)
+    compiled.blocker = blocker
     replica.compiled = compiled
     if not skipped:
         allow_graphs(2 * len(buckets))  # a bucket may recompile once while it settles

@@ -227,7 +227,7 @@ def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> Batch
     try:
         with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()), \
                 (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()), \
-                (compiled.batch(batch_fallback(replica, first.loras)) if compiled is not None
+                (compiled.batch(batch_fallback(first.loras)) if compiled is not None
                  else contextlib.nullcontext()) as compiled_batch:
             if compiled_batch is not None:
                 rows.on_shrink = compiled_batch.shrunk

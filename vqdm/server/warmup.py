@@ -61,9 +61,9 @@ async def compile_models(dispatcher: "Dispatcher") -> None:
                                    "buckets, or --compile off to serve eagerly") from e
             dispatcher.metrics.compiled_serving(mode)
             if compiled.skipped:
-                log.warning("compiled serving skipped for %s on %s: the weight cache (%s) decides in Python on every "
-                            "call; every step runs eagerly (vqdm_compiled_steps_total fallback=%s)", model.id, device,
-                            s.weight_cache, compiled.skipped)
+                log.warning("compiled serving skipped for %s on %s: %s; every step runs eagerly "
+                            "(vqdm_compiled_steps_total fallback=%s)", model.id, device, compiled.blocker,
+                            compiled.skipped)
             else:
                 log.info("compiled %s on %s (mode %s, backend %s) for %s in %.1fs", model.id, device, mode,
                          s.compile_backend, shapes, time.perf_counter() - t0)

@@ -8,6 +8,7 @@ tests/models/test_compile.py."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def lora_file(tmp_path_factory, tools):
 
 
 @pytest.fixture(scope="module")
-def compiled_app(turbo_folder, lora_file, tools):
+def compiled_app(turbo_folder, lora_file):
     """A started app serving its own copy of the dense tiny Turbo, compiled for SHAPES; compiling
     waits until the test has seen /readyz while it runs (`seen_503`)."""
     from fastapi.testclient import TestClient
@@ -63,7 +64,11 @@ def compiled_app(turbo_folder, lora_file, tools):
             assert compiling.wait(120), "compiling never started"
             seen_503 = client.get("/readyz")
             release.set()
-            tools.wait_ready(client.get, timeout=300)
+            deadline = time.monotonic() + 300
+            while client.get("/readyz").status_code != 200:
+                assert client.app.state.vqdm.load_error is None, client.app.state.vqdm.load_error
+                assert time.monotonic() < deadline, "not ready after 300 s"
+                time.sleep(0.05)
             yield client, models[0].replicas["cpu"], seen_503, done.is_set()
 
 

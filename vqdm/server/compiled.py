@@ -232,7 +232,7 @@ def compile_replica(replica: "Replica", mode: str, backend: str, buckets: list[B
     compiled = CompiledUNet(replica.pipe.unet, mode, backend, "cache" if blocker else None)
     compiled.blocker = blocker
     replica.compiled = compiled
-    if not skipped:
+    if not blocker:
         allow_graphs(2 * len(buckets))  # a bucket may recompile once while it settles
         for bucket in buckets:
             compiled.compile_bucket(replica.pipe, bucket)

@@ -92,13 +92,36 @@ def delta(before: dict, after: dict, name: str, **labels) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+def make_lora_file(path, seed: int, rank: int, alpha: float) -> None:
+    """A real PEFT LoRA on the tiny U-Net (B made non-zero), saved in the diffusers layout."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from vqdm.models import build_unet
+
+    unet = build_unet("tiny-sdxl", seed=0)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v", "to_out.0", "conv1", "proj_out"],
+                     init_lora_weights="gaussian")
+    inject_adapter_in_model(cfg, unet)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3 if "lora_B" in n else 1.0 / rank**0.5)
+    StableDiffusionXLPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                weight_name=path.name)
+
+
 @pytest.fixture(scope="session")
 def tools():
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
     import types
 
     return types.SimpleNamespace(decode_png=decode_png, metric_samples=metric_samples, delta=delta,
-                                 wait_ready=wait_ready, free_port=free_port)
+                                 wait_ready=wait_ready, free_port=free_port,
+                                 make_lora_file=make_lora_file)
 
 
 class LiveServer:

@@ -46,7 +46,7 @@ async def _load_and_warm(state: ServerState, loader: ModelLoader, on_fatal: Call
         state.dispatcher.install(state.models)
         for m in models:
             state.metrics.set_model(m.id, m.weight_bytes)
-        if state.settings.warmup:
+        if state.settings.warmup or state.settings.compile != "off":
             state.phase = "warming up"
             await warm_up(state.dispatcher, state.settings.warmup_steps)
         state.dispatcher.start()

@@ -21,6 +21,7 @@ _SERVE_FLAGS = {
     "stall_timeout": "stall_timeout_s", "cpu_threads": "cpu_threads", "advertise_url": "advertise_url", "peer": "peers",
     "peer_timeout": "peer_timeout_s",
     "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
+    "compile": "compile", "compile_shape": "compile_shapes", "compile_backend": "compile_backend",
 }
 
 
@@ -56,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the sha256 of artifact files at start-up (the layout is still checked)")
     p.add_argument("--warmup-size", choices=("auto", "max", "default"),
                    help="max: the worst case the limits admit; default: the model's size; auto (default): max on GPU")
+    p.add_argument("--compile", choices=("off", "auto", "default", "max-autotune", "reduce-overhead"),
+                   help="torch.compile the U-Nets at start-up for the --compile-shape buckets (default off; auto: "
+                        "per device type; reduce-overhead: CUDA graphs on GPUs)")
+    p.add_argument("--compile-shape", action="append", metavar="ROWSxWIDTHxHEIGHT",
+                   help="a shape to compile, rows as they reach the U-Net (2x1024x1024: one image with guidance; "
+                        "repeatable; default: the model's size at 1..max-batch-size images)")
+    p.add_argument("--compile-backend", metavar="NAME", help="torch.compile backend (default inductor)")
     p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                    help="no progress this long marks the server unhealthy (default 300; 0: off)")
     p.add_argument("--cpu-threads", type=int, help="torch threads (default: CPU quota and affinity, less one)")

@@ -48,6 +48,7 @@ class Replica:
     scheduler_config: dict
     weight_cache: Any = None  # vqdm.models.weight_cache.WeightCache or None
     loras: Any = None  # vqdm.models.lora.LoraRuntime, set by vqdm.server.loras.attach_loras
+    compiled: Any = None  # vqdm.server.compiled.CompiledUNet, set at warm-up when compiled serving is on
 
 
 @dataclass

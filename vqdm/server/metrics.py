@@ -27,6 +27,9 @@ What counts as what:
   count in vqdm_requests_total and the duration histograms, like generations.
 - vqdm_peer_errors_total{reason}: peer replicas skipped while looking for a job held elsewhere
   (server.replicas), `reason` one of PEER_ERROR_REASONS; never a peer's address.
+- vqdm_compiled_steps_total{mode,fallback}: U-Net calls of served batches on replicas with compiled
+  serving on (vqdm.server.compiled), `mode` the compile mode, `fallback` "none" when the compiled
+  graph ran, else why the eager U-Net ran instead (one of COMPILE_FALLBACKS). Warm-up is not counted.
 - vqdm_event_loop_lag_seconds: how late the event loop ran a 100 ms metronome (vqdm.server.loop_lag),
   one observation per tick of a fixed schedule: how long anything on the loop waited behind whatever
   held it (a long stall is every tick it delayed).
@@ -51,6 +54,9 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Why a peer replica gave no usable answer (server.replicas): timed out, connection failed, a 5xx
 # or redirect, a body that is no vqdm reply, a dns: peer entry that did not resolve.
 PEER_ERROR_REASONS = ("timeout", "unreachable", "bad_status", "malformed", "unresolved")
+# Why a served U-Net call ran eagerly on a replica with compiled graphs ("none": it did not):
+# vqdm.server.compiled says what each means.
+COMPILE_FALLBACKS = ("none", "lora", "cache", "shrink", "shape", "error")
 # A quiet loop is late by well under 1 ms; 250 ms is the /healthz p99 the server promises under load.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -116,6 +122,9 @@ class Metrics:
                                    ["reason"], registry=r)
         for reason in PEER_ERROR_REASONS:  # every series exists from the start: rate() sees the first error
             self.peer_errors.labels(reason)
+        self.compiled_steps = Counter("vqdm_compiled_steps_total",
+                                      "U-Net calls with compiled serving on, by mode and fallback (none: compiled)",
+                                      ["mode", "fallback"], registry=r)
         self.loop_lag = Histogram("vqdm_event_loop_lag_seconds",
                                   "How late the event loop ran each tick of a 100 ms metronome",
                                   buckets=LAG_BUCKETS, registry=r)
@@ -133,6 +142,13 @@ class Metrics:
             self.step_duration.labels(model_id).observe(s)
         if outcome.images and any(imgs is not None for imgs in outcome.images):
             self.vae_duration.labels(model_id).observe(outcome.vae_decode_s)
+        for fallback, calls in outcome.compiled_steps.items():
+            self.compiled_steps.labels(outcome.compile_mode, fallback).inc(calls)
+
+    def compiled_serving(self, mode: str) -> None:
+        """A replica serves with compiled graphs in `mode`: every series exists from the start."""
+        for fallback in COMPILE_FALLBACKS:
+            self.compiled_steps.labels(mode, fallback)
 
     def job_succeeded(self, model_id: str, params: "GenerationParams", images: int,
                       weight_decode_s: float | None) -> None:

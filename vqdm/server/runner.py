@@ -1,9 +1,14 @@
 """Run one batch of compatible jobs through a diffusers SDXL pipeline (blocking; the server calls it
 in the device's worker thread, `vqdm generate` calls it directly).
 
-Determinism: every image row gets its own CPU `torch.Generator` seeded with its job's seed + i, so
-initial latents and ancestral noise depend only on that seed, never on the batch it ran in.
+Determinism: every image row gets its own `torch.Generator` on the replica's device, seeded with
+its job's seed + i, so initial latents and ancestral noise depend only on that seed and the device,
+never on the batch it ran in; the noise is drawn where it is used, never copied over each step.
 (Batched GEMMs may round differently from unbatched ones: pixels can differ by one level of 255.)
+
+Compiled serving (`vqdm.server.compiled`): when the replica has compiled graphs, each batch tells
+them whether it may use them (not with an adapter set or a weight cache; not after it shrank), and
+the outcome carries how many steps ran compiled and why the others did not.
 
 Cancellation: a member whose `is_cancelled()` turns true is noticed at the next denoising step.
 With a stateless sampler its rows are removed from the batch there (latents, both CFG halves of
@@ -24,6 +29,7 @@ import torch
 from vqdm.models.schedulers import swapped_scheduler
 from vqdm.models.vae import vae_decode  # the decode evaluation uses too
 from vqdm.server import samplers
+from vqdm.server.compiled import batch_fallback
 from vqdm.server.edit_pipeline import edit_call, paste_back
 from vqdm.server.jobs import GenerationParams
 
@@ -53,6 +59,8 @@ class BatchOutcome:
     vae_decode_s: float = 0.0
     weight_decode_s: float | None = None  # None: no weight cache, decode time is not separable
     total_s: float = 0.0
+    compile_mode: str | None = None  # None: no compiled graphs on this replica
+    compiled_steps: dict[str, int] = field(default_factory=dict)  # fallback reason ("none": compiled) -> U-Net calls
 
     def timings(self) -> dict[str, float]:
         t = {"text_encode_s": self.text_encode_s, "denoise_s": self.denoise_s,
@@ -63,14 +71,25 @@ class BatchOutcome:
 
 
 class _Clock:
-    """Wall time with the device drained first, so GPU work is charged to the step that queued it."""
+    """Marks on the device's own timeline: on CUDA, events recorded in stream order (the host never
+    waits for them while the batch runs; they are read once it is done), so GPU work is charged to
+    the step that queued it; on CPU, perf_counter."""
 
     def __init__(self, device) -> None:
-        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.device, self.cuda = device, device.type == "cuda"
 
-    def __call__(self) -> float:
-        self._sync()
-        return time.perf_counter()
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
 
 
 def revised_prompt(tokenizer, prompt: str) -> str | None:
@@ -121,6 +140,7 @@ class _Rows:
 
     def __init__(self, members: list[Member], can_shrink: bool, clock: _Clock) -> None:
         self.members, self.can_shrink, self.clock = members, can_shrink, clock
+        self.on_shrink: Callable[[], None] = lambda: None
         self.owner: list[int] = []  # member index of each image row
         self.prompts: list[str] = []
         self.negatives: list[str] = []
@@ -130,11 +150,11 @@ class _Rows:
                 self.owner.append(mi)
                 self.prompts.append(m.params.prompt)
                 self.negatives.append(m.params.negative_prompt or "")
-                self.generators.append(torch.Generator("cpu").manual_seed(seed))
+                self.generators.append(torch.Generator(clock.device).manual_seed(seed))
         self.alive = [not m.is_cancelled() for m in members]
         self.cancelled_at: list[int | None] = [None if a else 0 for a in self.alive]
-        self.step_seconds: list[float] = []
-        self.marks: dict[str, float] = {}
+        self.step_marks: list[tuple] = []  # (start, end) of each step, as _Clock marks
+        self.marks: dict[str, Any] = {}
 
     def notice_cancelled(self, step: int) -> None:
         for mi, m in enumerate(self.members):
@@ -146,13 +166,13 @@ class _Rows:
 
     def step_started(self, _module, _args) -> None:
         """U-Net forward pre-hook: the first call ends text encoding; each call starts a step."""
-        self.marks.setdefault("first_step", time.perf_counter())
-        self.marks["step"] = self.clock()
+        self.marks["step"] = mark = self.clock.mark()
+        self.marks.setdefault("first_step", mark)
 
     def step_ended(self, p, i: int, _t, kw: dict) -> dict:
         """diffusers' `callback_on_step_end`: progress, cancellation, and the batch shrunk to the rows
         still wanted where the sampler allows."""
-        self.step_seconds.append(self.clock() - self.marks["step"])
+        self.step_marks.append((self.marks["step"], self.clock.mark()))
         self.notice_cancelled(i + 1)
         if not any(self.alive):
             p._interrupt = True  # diffusers' documented way to stop the loop
@@ -166,6 +186,7 @@ class _Rows:
         self.owner[:] = [self.owner[r] for r in keep]
         # The pipeline hands this same list object to every scheduler.step: edit it in place.
         self.generators[:] = [self.generators[r] for r in keep]
+        self.on_shrink()
         return _shrink(kw, keep, p.do_classifier_free_guidance)
 
     def images_per_member(self, images: list, wanted: list[int]) -> list[list[Any] | None]:
@@ -200,11 +221,16 @@ def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> Batch
     pipe, cache, clock = replica.pipe, replica.weight_cache, rows.clock
     n_rows = len(rows.owner)
     decode_before = cache.stats()["decode_seconds"] if cache is not None else 0.0
+    compiled = replica.compiled
     hook = pipe.unet.register_forward_pre_hook(rows.step_started)
-    t0 = clock()
+    t0 = clock.mark()
     try:
         with torch.inference_mode(), (cache.request() if cache is not None else contextlib.nullcontext()), \
-                (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()):
+                (replica.loras.activate(first.loras) if first.loras else contextlib.nullcontext()), \
+                (compiled.batch(batch_fallback(replica, first.loras)) if compiled is not None
+                 else contextlib.nullcontext()) as compiled_batch:
+            if compiled_batch is not None:
+                rows.on_shrink = compiled_batch.shrunk
             call = dict(
                 prompt=rows.prompts, negative_prompt=rows.negatives if first.negative_prompt is not None else None,
                 height=first.height, width=first.width, num_inference_steps=first.steps,
@@ -215,19 +241,22 @@ def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> Batch
             if first.edit is not None:  # img2img / inpainting on the same components (vqdm.server.edits)
                 call_pipe, call = edit_call(pipe, call, [rows.members[mi].params.edit for mi in rows.owner])
             latents = call_pipe(**call).images
-            t_denoised = clock()
+            t_denoised = clock.mark()
             rows.notice_cancelled(first.steps)  # cancelled during the last step
             wanted = rows.wanted()
             images = decode_latents(pipe, latents[wanted]) if wanted else []
             if first.edit is not None:
                 images = [paste_back(im, rows.members[rows.owner[r]].params.edit) for im, r in zip(images, wanted)]
-            t_decoded = clock()
+            t_decoded = clock.mark()
     finally:
         hook.remove()
     first_step = rows.marks.get("first_step", t_denoised)
+    seconds = clock.seconds
     return BatchOutcome(
         images=rows.images_per_member(images, wanted), revised_prompts=[None] * len(rows.members),
-        cancelled_at_step=rows.cancelled_at, rows=n_rows, step_seconds=rows.step_seconds,
-        text_encode_s=first_step - t0, denoise_s=t_denoised - first_step, vae_decode_s=t_decoded - t_denoised,
+        cancelled_at_step=rows.cancelled_at, rows=n_rows, step_seconds=[seconds(a, b) for a, b in rows.step_marks],
+        text_encode_s=seconds(t0, first_step), denoise_s=seconds(first_step, t_denoised),
+        vae_decode_s=seconds(t_denoised, t_decoded),
         weight_decode_s=cache.stats()["decode_seconds"] - decode_before if cache is not None else None,
-        total_s=t_decoded - t0)
+        total_s=seconds(t0, t_decoded), compile_mode=compiled.mode if compiled is not None else None,
+        compiled_steps=dict(compiled_batch.counts) if compiled_batch is not None else {})

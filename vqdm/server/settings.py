@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vqdm.errors import ConfigError
 from vqdm.models.weight_cache import CachePolicy, parse_bytes
+from vqdm.server.compiled import parse_bucket
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMBEDDED_MODEL_ID = "vqdm-tiny-sdxl"
@@ -112,6 +113,19 @@ class Settings(BaseSettings):
     warmup_size: Literal["auto", "max", "default"] = Field(
         "auto", description="max: warm up the worst case (max_batch_size images at the largest size the limits "
                             "admit); default: one image at the model's size; auto: max on GPUs, default on CPU")
+    compile: Literal["off", "auto", "default", "max-autotune", "reduce-overhead"] = Field(
+        "off", description="compiled serving (vqdm.server.compiled): torch.compile each U-Net at start-up, inside "
+                           "warm-up, for the compile_shapes, in this torch.compile mode; reduce-overhead and "
+                           "max-autotune replay CUDA graphs on GPUs; other shapes run eagerly; auto: per device "
+                           "type (compiled.AUTO_MODE)")
+    compile_shapes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ROWSxWIDTHxHEIGHT shapes to compile, rows as they reach the U-Net (images, doubled under "
+                    "guidance), e.g. 2x1024x1024; none: each model's size at 1..max_batch_size images with the "
+                    "rows its default guidance sends")
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend for compiled serving; aot_eager traces the same graph "
+                                "without generating code (start-up in seconds, no speed-up: for tests)")
     stall_timeout_s: float = Field(
         300.0, ge=0, description="a running batch with no forward pass for this long marks the server unhealthy "
                                  "(/healthz 503, restart); 0 turns the watchdog off")
@@ -139,7 +153,7 @@ class Settings(BaseSettings):
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 
-    @field_validator("models", "api_keys", "devices", "peers", "loras", mode="before")
+    @field_validator("models", "api_keys", "devices", "peers", "loras", "compile_shapes", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_commas(value)
@@ -164,6 +178,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_cache(cls, value: str) -> str:
         CachePolicy.parse(value)  # raises with a message naming the accepted forms
+        return value
+
+    @field_validator("compile_shapes")
+    @classmethod
+    def _check_compile_shapes(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_bucket(text)
         return value
 
     @field_validator("lora_memory_budget")

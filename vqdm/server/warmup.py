@@ -1,6 +1,7 @@
-"""Warm-up: before /readyz turns 200, one generation per model and device through the same runner
-as real requests, at the configured worst case, so that a limit the device cannot hold fails
-start-up (with the limits to lower) instead of the first large request."""
+"""Warm-up: before /readyz turns 200, each U-Net compiled for its shape buckets when compiled serving
+is on (vqdm.server.compiled), so no request pays for a compile; then one generation per model and
+device through the same runner as real requests, at the configured worst case, so that a limit the
+device cannot hold fails start-up (with the limits to lower) instead of the first large request."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vqdm.server import failures
+from vqdm.server.compiled import buckets_for, compile_replica, resolve_mode
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.runner import Member, run_batch
 from vqdm.server.settings import Settings
@@ -38,9 +40,42 @@ def warmup_params(settings: Settings, model: "ServedModel", device: str, steps: 
                             height=height, steps=steps, guidance=model.default_guidance, scheduler="default", seed=0)
 
 
+async def compile_models(dispatcher: "Dispatcher") -> None:
+    """Compile every replica whose device's compile mode is not off, for its model's buckets, in the
+    device's own thread. A failure fails start-up, naming the model, device and shapes."""
+    s = dispatcher.settings
+    for model in dispatcher.models.values():
+        buckets = buckets_for(s, model)
+        for device in dispatcher.devices:
+            mode = resolve_mode(s.compile, device)
+            if mode == "off":
+                continue
+            shapes = ", ".join(map(str, buckets))
+            t0 = time.perf_counter()
+            try:
+                compiled = await dispatcher.run_on(device, compile_replica, model.replicas[device], mode,
+                                                   s.compile_backend, buckets)
+            except Exception as e:
+                raise WarmUpFailed(f"compiling {model.id} on {device} (mode {mode}, backend {s.compile_backend}, "
+                                   f"shapes {shapes}) failed: {type(e).__name__}: {e}; fewer --compile-shape "
+                                   "buckets, or --compile off to serve eagerly") from e
+            dispatcher.metrics.compiled_serving(mode)
+            if compiled.skipped:
+                log.warning("compiled serving skipped for %s on %s: the weight cache (%s) decides in Python on every "
+                            "call; every step runs eagerly (vqdm_compiled_steps_total fallback=%s)", model.id, device,
+                            s.weight_cache, compiled.skipped)
+            else:
+                log.info("compiled %s on %s (mode %s, backend %s) for %s in %.1fs", model.id, device, mode,
+                         s.compile_backend, shapes, time.perf_counter() - t0)
+
+
 async def warm_up(dispatcher: "Dispatcher", steps: int) -> None:
-    """One generation per model and device, in the device's own thread. An out-of-memory error here
-    fails start-up with the limits to lower."""
+    """Compiled serving's graphs first (compile_models), then, unless warm-up is off, one generation
+    per model and device, in the device's own thread. An out-of-memory error here fails start-up
+    with the limits to lower."""
+    await compile_models(dispatcher)
+    if not dispatcher.settings.warmup:
+        return
     for model in dispatcher.models.values():
         for device in dispatcher.devices:
             params = warmup_params(dispatcher.settings, model, device, steps)

@@ -43,6 +43,9 @@ from provenance import machine  # noqa: E402  (sibling module)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +132,7 @@ async def closed_loop(server: Server, concurrency: int, total: int, body: dict) 
 
 
 def run(args) -> dict:
-    body = {"prompt": "a lighthouse at dusk, oil painting", "num_inference_steps": args.steps, "size": args.size}
+    body = {"prompt": PROMPT, "num_inference_steps": args.steps, "size": args.size}
     if args.guidance is not None:
         body["guidance_scale"] = args.guidance
     results: dict = {}
@@ -206,8 +209,8 @@ def compare_compile(args) -> dict:
         try:
             for label, pair in pairs.items():
                 for kind in ("vq", "dense"):
-                    entry[f"{label}-{kind}"] = sequential_latency(server, {**pair["body"], "model": f"{label}-{kind}"},
-                                                                  args.warmup, args.requests)
+                    body = {"prompt": PROMPT, **pair["body"], "model": f"{label}-{kind}"}
+                    entry[f"{label}-{kind}"] = sequential_latency(server, body, args.warmup, args.requests)
                     print(f"{mode:16s} {label}-{kind:5s} p50 {entry[f'{label}-{kind}'].get('p50_s')}s", flush=True)
             entry["compiled_steps"] = {",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
                                        for s in server.metric_samples("vqdm_compiled_steps_total")}

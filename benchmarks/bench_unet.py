@@ -117,7 +117,7 @@ def _own_cpu_s() -> float:
 
 
 # On a shared CPU a step counts only if other processes used < 5% of its wall time on the machine;
-# up to EXTRA_TRIES more steps are run to collect undisturbed ones.
+# up to EXTRA_TRIES (--busy-retries) more steps are run to collect undisturbed ones.
 FOREIGN_CPU_FRACTION = 0.05
 EXTRA_TRIES = 4
 STEP_LOG: list[dict] = []
@@ -202,6 +202,8 @@ def time_compiled(unet, kw, a) -> dict:
 
 
 def worker(a) -> dict:
+    global EXTRA_TRIES
+    EXTRA_TRIES = a.busy_retries
     dtype = DTYPES[a.dtype]
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
@@ -253,7 +255,8 @@ def worker(a) -> dict:
 def run_worker(args, variant: str, dtype: str, budgets: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dtype", dtype, "--preset", args.preset,
            "--resolution", str(args.resolution), "--bits", str(args.bits), "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy,
+           "--busy-retries", str(args.busy_retries)]
     if budgets:
         cmd += ["--budgets", budgets]
     if args.threads:
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--dense-from", default=None, metavar="JSON",
                     help="reuse the dense runs of an earlier result (same preset, resolution, machine)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--busy-retries", type=int, default=EXTRA_TRIES,
+                    help="CPU: extra steps run, at most, when other processes disturbed a timed one (0: none)")
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="before each subprocess, wait up to this many seconds for the CPU load to drop")
     ap.add_argument("--cuda-graph", action="store_true", help="GPU: also time the step as a captured CUDA graph")

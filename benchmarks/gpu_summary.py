@@ -76,10 +76,11 @@ def served_figure(out: Path, steps: dict, label: str, key: str) -> tuple[float |
     value = r.get("pairs", {}).get(label, {}).get(key)
     if value is not None:
         return value, HOW[key].format(mode=mode), None
-    errors = [f"{m}: {e['error']}" for m, e in r["servers"].items() if "error" in e]
-    errors += [f"{m} {name}: {v['errors'][0]}" for m, e in r["servers"].items() for name, v in e.items()
+    errors = [f"--compile {m}: {e['error']}" for m, e in r["servers"].items() if "error" in e]
+    errors += [f"--compile {m} {name}: {v['errors'][0]}" for m, e in r["servers"].items() for name, v in e.items()
                if isinstance(v, dict) and v.get("errors")]
-    why = "; ".join(errors) or (_step_reason(steps, SERVED_STEP) if SERVED_STEP in steps and steps[SERVED_STEP]["status"] != "ok"
+    # The first error says why; the rest are in the file and gpu_run.log.
+    why = (errors[0][:300] + (f" (+{len(errors) - 1} more in {SERVED_FILE})" if len(errors) > 1 else "")) if errors else (_step_reason(steps, SERVED_STEP) if SERVED_STEP in steps and steps[SERVED_STEP]["status"] != "ok"
                                 else "the run stopped before this pair was measured")
     return None, "", f"{SERVED_FILE}: no {key} for {label} ({why})"
 

@@ -60,9 +60,10 @@ def test_dry_run_went_through_compiled_serving(dry_run):
     served = json.loads((out / "gpu_served.json").read_text())
     compiled = served["servers"][served["config"]["compile"]]
     assert compiled["mode"] != "off"
-    # Every timed request of the compiled server ran the compiled U-Net: no fallback.
+    # The compiled server's requests ran the compiled U-Nets: none fell back to eager.
     steps = {k: v for k, v in compiled["compiled_steps"].items() if v}
     assert steps and all("fallback=none" in k for k in steps), compiled["compiled_steps"]
+    assert all(not v["errors"] for k, v in compiled.items() if k.endswith(("-vq", "-dense")))
     unet = json.loads((out / "gpu_unet_sdxl_1024.json").read_text())
     ratios = unet["compile"]["fp32"]["ratios"]
     assert all(v is not None for v in ratios.values()), unet["compile"]["fp32"]

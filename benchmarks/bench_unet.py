@@ -11,9 +11,9 @@ latency_ratio_bf16, weight_memory_ratio_fp32, peak_rss_ratio; GPU runs add laten
 `--budgets` (fractions of the dense weight bytes) adds the cache-budget sweep for the plot
 (`--plot JSON... --out PNG` draws it). VQ codes are random: speed does not depend on their values.
 
-`--compile [MODE]` (torch.compile mode: default, reduce-overhead, max-autotune, ...) times, in the
+`--compile [MODE]` (torch.compile mode: default, reduce-overhead, max-autotune) times, in the
 same run, eager dense, compiled dense, eager VQ and compiled VQ: each worker times its model eagerly,
-then compiles it. The first compiled call (compile + one step) is `compile_s`; warm-up steps then
+then compiles it the way `vqdm serve --compile` does (vqdm.models.compile.compile_unet). The first compiled call (compile + one step) is `compile_s`; warm-up steps then
 absorb recompiles and CUDA-graph recording before the timed steps. The JSON's "compile" section
 holds every variant's step, compile seconds and graph breaks, and the ratios compiled VQ / eager
 dense, compiled VQ / compiled dense, eager VQ / eager dense and compiled / eager. With
@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import machine  # noqa: E402  (sibling module)
 from vqdm.models import build_unet, replace_with_vq, resident_weight_bytes, vq_modules  # noqa: E402
+from vqdm.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from vqdm.models.weight_cache import install_weight_cache  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,15 +173,16 @@ def _graph_counts() -> tuple[int, int]:
 
 
 def time_compiled(unet, kw, a) -> dict:
-    """torch.compile(unet, mode): seconds of the first call (compile + one step), then warm-up steps
-    (recompiles, CUDA-graph recording, autotuning) and the timed steps; graph breaks counted."""
+    """The U-Net compiled as `vqdm serve --compile` compiles it (vqdm.models.compile: whole graph,
+    static shapes): seconds of the first call (compile + one step), then warm-up steps (CUDA-graph
+    recording, autotuning) and the timed steps; graph breaks counted."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     res: dict = {"mode": a.compile, "backend": a.compile_backend}
     try:
-        compiled = torch.compile(unet, mode=None if a.compile == "default" else a.compile, backend=a.compile_backend)
+        compiled = compile_unet(unet, a.compile, a.compile_backend)
         _sync(a.device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -368,8 +370,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="before each subprocess, wait up to this many seconds for the CPU load to drop")
     ap.add_argument("--cuda-graph", action="store_true", help="GPU: also time the step as a captured CUDA graph")
-    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                    help="also time each model under torch.compile(mode=MODE) (default: 'default')")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                    help="also time each model compiled in this torch.compile mode, as `vqdm serve --compile` "
+                         "compiles it (default: 'default')")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend (aot_eager: traces the same graph without generating code, for dry runs)")
     ap.add_argument("--json", default=None)

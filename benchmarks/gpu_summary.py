@@ -32,7 +32,7 @@ HOW = {"served_ratio": "served latency p50 (client side, one request at a time),
 # In order of preference: on a GPU the step replayed as one CUDA graph, compiled then eager; on CPU
 # (the dry run) there is no graph, and the compiled step stands in.
 UNET_RATIOS = {"cuda": [("graph_compiled_vq_over_compiled_dense",
-                         "VQ / dense U-Net step, both torch.compile(mode={mode}) and replayed as one CUDA graph, {dtype}"),
+                         "VQ / dense U-Net step, both compiled (mode {mode}) and replayed from CUDA graphs, {dtype}"),
                         ("graph_eager_vq_over_eager_dense",
                          "VQ / dense U-Net step, eager modules replayed as one CUDA graph (the compiled ones failed), "
                          "{dtype}")],

@@ -1,7 +1,7 @@
 """Per-layer latency: dense vs every VQ path, on the main SDXL layer shapes at the rows they see.
 
     python benchmarks/bench_layers.py [--device cpu|cuda] [--dtypes fp32,bf16] [--bits 4,3]
-                                      [--sweep] [--quick] [--json FILE]
+                                      [--sweep] [--quick] [--max-rows M] [--json FILE]
 
 Rows (M): cross-attention k/v see 154 text tokens (77 x CFG batch 2); spatial layers see 1024,
 4096 or 16384 rows (one image at 1024²: 32², 64², 128² latents). Each VQ path is timed against the
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="also sweep M on a few shapes")
     ap.add_argument("--quick", action="store_true", help="three shapes only")
+    ap.add_argument("--max-rows", type=int, default=None, help="cap every M (dry runs: the same paths, tiny rows)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = args.device
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(sh, sh.m) for sh in (QUICK_SHAPES if args.quick else SDXL_SHAPES)]
     if args.sweep:
         jobs += [(sh, m) for sh in SWEEP_SHAPES for m in SWEEP_ROWS["cuda" if dev == "cuda" else "cpu"]]
+    if args.max_rows:
+        jobs = list(dict.fromkeys((sh.name, min(m, args.max_rows)) for sh, m in jobs))
+        jobs = [(next(sh for sh in SDXL_SHAPES + SWEEP_SHAPES if sh.name == name), m) for name, m in jobs]
     print(f"{'dtype':5} {'layer':32} {'M':>6} {'K':>2} {'path':14} {'ms':>9} {'dense ms':>9} {'ratio':>6}  auto")
     for dt in dtypes:
         for k in bits:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_unet.py --resolution 1024 --bits 3 --json FILE
         [--device cpu|cuda] [--preset sdxl|sdxl-turbo] [--dtypes fp32,bf16] [--steps 1]
-        [--budgets 0,0.25,0.5,1] [--policy none]
+        [--budgets 0,0.25,0.5,1] [--policy none] [--compile [MODE]] [--cuda-graph]
 
 Each (variant, dtype) runs in its own subprocess, so peak RSS (and CUDA peak memory) is honest:
 the VQ U-Net is built on the meta device and materialised as VQ directly, never as dense first.
@@ -10,6 +10,15 @@ Batch: CFG batch 2 for SDXL, 1 for Turbo (guidance 0). Keys (SPEC §7): latency_
 latency_ratio_bf16, weight_memory_ratio_fp32, peak_rss_ratio; GPU runs add latency_ratio_fp16.
 `--budgets` (fractions of the dense weight bytes) adds the cache-budget sweep for the plot
 (`--plot JSON... --out PNG` draws it). VQ codes are random: speed does not depend on their values.
+
+`--compile [MODE]` (torch.compile mode: default, reduce-overhead, max-autotune) times, in the
+same run, eager dense, compiled dense, eager VQ and compiled VQ: each worker times its model eagerly,
+then compiles it the way `vqdm serve --compile` does (vqdm.models.compile.compile_unet). The first compiled call (compile + one step) is `compile_s`; warm-up steps then
+absorb recompiles and CUDA-graph recording before the timed steps. The JSON's "compile" section
+holds every variant's step, compile seconds and graph breaks, and the ratios compiled VQ / eager
+dense, compiled VQ / compiled dense, eager VQ / eager dense and compiled / eager. With
+`--cuda-graph` on CUDA each step is also captured as one CUDA graph, compiled too (reduce-overhead
+records its own graphs: its compiled step is its graph step).
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import machine  # noqa: E402  (sibling module)
 from vqdm.models import build_unet, replace_with_vq, resident_weight_bytes, vq_modules  # noqa: E402
+from vqdm.models.compile import COMPILE_MODES, compile_unet  # noqa: E402
 from vqdm.models.weight_cache import install_weight_cache  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,15 +60,9 @@ def build(preset: str, variant: str, bits: int, dtype: torch.dtype, device: str,
     vq_params = {id(p) for m in unet.modules() if id(m) in vq for p in m.parameters()}
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
+        randomize_vq(unet, gen)
         for m in unet.modules():
-            if id(m) in vq:
-                # Ŵ entries ~ the dense default init's spread (std 1/sqrt(3d)) so activations match.
-                m.codes.copy_(torch.randint(0, 256, m.codes.shape, device=device, generator=gen, dtype=torch.uint8))
-                m.codebooks.normal_(0.0, m.num_codebooks ** -0.5, generator=gen)
-                m.scales.fill_((3 * m.d) ** -0.5)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif hasattr(m, "reset_parameters") and not list(m.children()):
+            if id(m) not in vq and hasattr(m, "reset_parameters") and not list(m.children()):
                 m.reset_parameters()
                 vq_params.update(id(p) for p in m.parameters(recurse=False))
         for p in unet.parameters():  # parameters held by modules without reset_parameters
@@ -68,6 +72,18 @@ def build(preset: str, variant: str, bits: int, dtype: torch.dtype, device: str,
         if bad:
             raise RuntimeError(f"uninitialised parameters after materialising: {bad[:5]}")
     return unet.eval()
+
+
+@torch.no_grad()
+def randomize_vq(unet, gen: torch.Generator) -> None:
+    """Random codes in every VQ layer, Ŵ entries at the dense default init's spread (std 1/sqrt(3d))
+    so activations match a dense U-Net's; biases zero."""
+    for _, m in vq_modules(unet):
+        m.codes.copy_(torch.randint(0, 256, m.codes.shape, device=m.codes.device, generator=gen, dtype=torch.uint8))
+        m.codebooks.normal_(0.0, m.num_codebooks ** -0.5, generator=gen)
+        m.scales.fill_((3 * m.d) ** -0.5)
+        if m.bias is not None:
+            m.bias.zero_()
 
 
 def inputs(unet, resolution: int, batch: int, dtype: torch.dtype, device: str):
@@ -102,7 +118,7 @@ def _own_cpu_s() -> float:
 
 
 # On a shared CPU a step counts only if other processes used < 5% of its wall time on the machine;
-# up to EXTRA_TRIES more steps are run to collect undisturbed ones.
+# up to EXTRA_TRIES (--busy-retries) more steps are run to collect undisturbed ones.
 FOREIGN_CPU_FRACTION = 0.05
 EXTRA_TRIES = 4
 STEP_LOG: list[dict] = []
@@ -149,7 +165,47 @@ def time_graph(unet, kw, steps: int) -> float:
     return min(ts)
 
 
+def _graph_counts() -> tuple[int, int]:
+    """(graph breaks, graphs compiled) that Dynamo counted since its counters were last cleared."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+def time_compiled(unet, kw, a) -> dict:
+    """The U-Net compiled as `vqdm serve --compile` compiles it (vqdm.models.compile: whole graph,
+    static shapes): seconds of the first call (compile + one step), then warm-up steps (CUDA-graph
+    recording, autotuning) and the timed steps; graph breaks counted."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    res: dict = {"mode": a.compile, "backend": a.compile_backend}
+    try:
+        compiled = compile_unet(unet, a.compile, a.compile_backend)
+        _sync(a.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(**kw)
+        _sync(a.device)
+        res["compile_s"] = time.perf_counter() - t0
+        res["warmup_s"] = time_steps(compiled, kw, max(a.warmup, 2), a.device)
+        ts = time_steps(compiled, kw, a.steps, a.device)
+        res.update(step_s=min(ts), steps_s=ts)
+        if a.device == "cuda" and a.cuda_graph:
+            # reduce-overhead replays its own CUDA graphs; another capture around them is not allowed.
+            res["graph_step_s"] = res["step_s"] if a.compile == "reduce-overhead" else time_graph(compiled, kw, max(a.steps, 3))
+    except Exception as e:  # noqa: BLE001 - report it beside the eager figures, which stay valid
+        res["error"] = f"{type(e).__name__}: {e}"[:500]
+    res["graph_breaks"], res["graphs"] = _graph_counts()
+    print(f"  [{a.variant} {a.dtype} compiled {a.compile}] " + (f"step {res['step_s']:.3f}s (compile {res['compile_s']:.1f}s, "
+          f"{res['graph_breaks']} graph breaks)" if "step_s" in res else res["error"]), file=sys.stderr, flush=True)
+    return res
+
+
 def worker(a) -> dict:
+    global EXTRA_TRIES
+    EXTRA_TRIES = a.busy_retries
     dtype = DTYPES[a.dtype]
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
@@ -185,6 +241,9 @@ def worker(a) -> dict:
             res["graph_step_s"] = time_graph(unet, kw, max(a.steps, 3))
         except Exception as e:  # noqa: BLE001 - report, do not lose the eager figures
             res["graph_error"] = f"{type(e).__name__}: {e}"[:500]
+    if a.compile:
+        install_weight_cache(unet, a.policy if a.variant == "vq" else "none")
+        res["compiled"] = time_compiled(unet, kw, a)
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["step_log"] = STEP_LOG  # every step run, with the CPU time other processes used meanwhile
     if a.device == "cuda":
@@ -198,13 +257,16 @@ def worker(a) -> dict:
 def run_worker(args, variant: str, dtype: str, budgets: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--dtype", dtype, "--preset", args.preset,
            "--resolution", str(args.resolution), "--bits", str(args.bits), "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy,
+           "--busy-retries", str(args.busy_retries)]
     if budgets:
         cmd += ["--budgets", budgets]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.cuda_graph:
         cmd += ["--cuda-graph"]
+    if args.compile and not budgets:
+        cmd += ["--compile", args.compile, "--compile-backend", args.compile_backend]
     waited = _wait_quiet(args.wait_quiet)
     print(f"$ {variant} {dtype}{' budgets ' + budgets if budgets else ''}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
@@ -222,6 +284,36 @@ def _wait_quiet(max_s: float, threshold: float = 0.6) -> float:
     while max_s > 0 and os.getloadavg()[0] > threshold and time.time() - t0 < max_s:
         time.sleep(10)
     return time.time() - t0
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None else round(num / den, 4)
+
+
+def compile_summary(dense: dict, vq: dict) -> dict:
+    """Eager and compiled steps of dense and VQ side by side, with their ratios (None where a compile
+    failed: its error is in the variant's "compiled" entry)."""
+    dc, vc = dense.get("compiled", {}), vq.get("compiled", {})
+    step = {"eager_dense": dense["step_s"], "compiled_dense": dc.get("step_s"),
+            "eager_vq": vq["step_s"], "compiled_vq": vc.get("step_s")}
+    out = {"step_s": step,
+           "compile_s": {"dense": dc.get("compile_s"), "vq": vc.get("compile_s")},
+           "graph_breaks": {"dense": dc.get("graph_breaks"), "vq": vc.get("graph_breaks")},
+           "errors": {k: c["error"] for k, c in (("dense", dc), ("vq", vc)) if "error" in c},
+           "ratios": {"compiled_vq_over_eager_dense": _ratio(step["compiled_vq"], step["eager_dense"]),
+                      "compiled_vq_over_compiled_dense": _ratio(step["compiled_vq"], step["compiled_dense"]),
+                      "eager_vq_over_eager_dense": _ratio(step["eager_vq"], step["eager_dense"]),
+                      "compiled_over_eager_vq": _ratio(step["compiled_vq"], step["eager_vq"]),
+                      "compiled_over_eager_dense": _ratio(step["compiled_dense"], step["eager_dense"])}}
+    if "graph_step_s" in dc or "graph_step_s" in vc or "graph_step_s" in dense:
+        graph = {"eager_dense": dense.get("graph_step_s"), "compiled_dense": dc.get("graph_step_s"),
+                 "eager_vq": vq.get("graph_step_s"), "compiled_vq": vc.get("graph_step_s")}
+        out["graph_step_s"] = graph
+        out["ratios"].update(
+            graph_compiled_vq_over_compiled_dense=_ratio(graph["compiled_vq"], graph["compiled_dense"]),
+            graph_eager_vq_over_eager_dense=_ratio(graph["eager_vq"], graph["eager_dense"]),
+            graph_compiled_vq_over_eager_dense=_ratio(graph["compiled_vq"], graph["eager_dense"]))
+    return out
 
 
 def plot_cache_curve(paths: list[str], out_png: str) -> None:
@@ -273,9 +365,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--dense-from", default=None, metavar="JSON",
                     help="reuse the dense runs of an earlier result (same preset, resolution, machine)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--busy-retries", type=int, default=EXTRA_TRIES,
+                    help="CPU: extra steps run, at most, when other processes disturbed a timed one (0: none)")
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="before each subprocess, wait up to this many seconds for the CPU load to drop")
     ap.add_argument("--cuda-graph", action="store_true", help="GPU: also time the step as a captured CUDA graph")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                    help="also time each model compiled in this torch.compile mode, as `vqdm serve --compile` "
+                         "compiles it (default: 'default')")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend (aot_eager: traces the same graph without generating code, for dry runs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
@@ -307,10 +406,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             result[f"cuda_peak_memory_ratio_{dt}"] = dense["cuda_peak_allocated_bytes"] / vq["cuda_peak_allocated_bytes"]
         print(f"{dt}: dense {dense['step_s']:.3f}s  vq {vq['step_s']:.3f}s  ratio {result[f'latency_ratio_{dt}']:.3f}",
               file=sys.stderr, flush=True)
+        if a.compile:
+            result.setdefault("compile", {"mode": a.compile, "backend": a.compile_backend})[dt] = compile_summary(dense, vq)
         if a.budgets and dt in a.budget_dtypes.split(","):
             result["runs"][dt]["budget_sweep"] = run_worker(a, "vq", dt, a.budgets)
     keys = [k for k in result if k.startswith(("latency_ratio", "weight_memory", "peak_rss", "cuda_peak"))]
     print(json.dumps({k: round(result[k], 4) for k in keys}, indent=1))
+    if a.compile:
+        print(json.dumps({dt: c["ratios"] for dt, c in result["compile"].items() if dt not in ("mode", "backend")}, indent=1))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

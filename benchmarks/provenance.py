@@ -7,9 +7,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-import psutil
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +28,9 @@ def cpu_model() -> str:
 def machine(device: str | None = None) -> dict:
     """The commit, the processor, and on CUDA the GPU with its CUDA and Triton versions (device None:
     CUDA where torch sees a GPU)."""
+    import psutil  # deferred: git_commit alone (gpu_summary.py, after each GPU step) needs neither
+    import torch
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = {"commit": git_commit(), "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),

@@ -219,7 +219,7 @@ def test_truncated_and_corrupt_files_are_refused(fp32_file, tmp_path):
 
 def test_a_vqdm_artifact_file_is_not_read_as_a_dense_checkpoint(tmp_path):
     path = tmp_path / "artifact.safetensors"
-    save_file({"x": torch.zeros(1)}, str(path), metadata={"vqdm_manifest": "{}"})
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"vqdm.manifest": "{}"})
     with pytest.raises(ModelFolderError, match="a compressed vqdm artifact, not a dense checkpoint"):
         describe(path)
     assert not is_checkpoint_file(path)  # left to the artifact loader, whichever branch of loading.py runs first

@@ -44,7 +44,7 @@ PREFIXES = {"unet": UNET_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2"
 # Tensors real SDXL files carry that no diffusers component has: skipped on read, not written.
 IGNORED_KEYS = (CLIP_L_PREFIX + "text_model.embeddings.position_ids", CLIP_G_PREFIX + "logit_scale")
 FAMILY_KEY = "vqdm.family"  # metadata key this writer sets and the reader trusts first
-ARTIFACT_KEYS = ("vqdm_manifest", "vqdm.manifest")  # a compressed vqdm artifact file (vqdm export --single-file)
+ARTIFACT_KEY = "vqdm.manifest"  # in a compressed vqdm artifact file's metadata (vqdm export --single-file)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 << 20
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -149,7 +149,7 @@ def read_header(path: str | Path) -> Header:
 
 def is_vqdm_artifact_file(header: Header) -> bool:
     """A compressed vqdm artifact written as one file (its manifest in the header metadata)."""
-    return any(k in header.metadata for k in ARTIFACT_KEYS)
+    return ARTIFACT_KEY in header.metadata
 
 
 def is_vqdm_artifact_path(path: str | Path) -> bool:

@@ -102,3 +102,13 @@ def test_duplicate_names_are_refused(plain):
     _rewrite(plain, lambda raw: raw.replace(b'"b":', b'"a":', 1))
     with pytest.raises(SafetensorsFormatError, match="corrupt safetensors header \\(name 'a' appears twice"):
         read_safetensors_header(plain)
+
+
+def test_writers_refuse_a_name_the_reader_takes_for_a_pickle(tmp_path):
+    from vqdm.models.digits import DIGITS_ARTIFACT_DIR
+
+    with pytest.raises(ArtifactError, match=r"model\.ckpt: a \.ckpt name, which vqdm takes for a pickle"):
+        artifact_file.export_single_file(DIGITS_ARTIFACT_DIR, tmp_path / "model.ckpt")
+    with pytest.raises(ValueError, match=r"model\.pt: a \.pt name, which vqdm takes for a pickle"):
+        single_file.write_single_file(None, tmp_path / "model.pt")  # refused before the pipeline is looked at
+    assert not list(tmp_path.iterdir())

@@ -49,7 +49,7 @@ from vqdm.models.artifact import (COMPONENTS, CONFIG_FILE, WEIGHTS_FILE, _HASH_C
                                   check_manifest, check_tensors, components_dir, fill_vq_unet, inspect_summary,
                                   quantized_subsets, read_manifest, verify_files, vq_unet_skeleton)
 from vqdm.models.safetensors_header import (DTYPE_BYTES, FLOAT_DTYPES, SafetensorsFormatError, SafetensorsHeader,
-                                            TensorEntry, encode_header, nbytes)
+                                            TensorEntry, encode_header, is_pickle_name, nbytes)
 from vqdm.models.safetensors_header import read_safetensors_header as read_header
 from vqdm.vq_format import CODE_DTYPE
 
@@ -170,6 +170,9 @@ def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = 
     artifact, out = Path(artifact), Path(out)
     if artifact.is_file():
         raise ArtifactError(artifact, "already a file; `vqdm export` takes an artifact folder")
+    if is_pickle_name(out):
+        raise ArtifactError(out, f"a {out.suffix} name, which vqdm takes for a pickle and refuses to read: name "
+                                 "the file .safetensors")
     manifest = read_manifest(artifact)  # refuses what is not an artifact folder
     if artifact.resolve() in out.resolve().parents:
         raise ArtifactError(out, "inside the artifact folder (a file it does not list would make it fail its "

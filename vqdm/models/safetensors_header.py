@@ -64,10 +64,15 @@ def nbytes(dtype: str, shape: Iterable[int]) -> int:
     return DTYPE_BYTES[dtype] * math.prod(shape)
 
 
+def is_pickle_name(path: str | Path) -> bool:
+    """A .ckpt/.pt/.bin... name: read as a pickle and refused, so never one to write safetensors under."""
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
 def is_pickle_file(path: str | Path) -> bool:
     """A .ckpt/.pt/.bin name, or a zip (torch.save) or pickle (protocol 2+) signature."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if is_pickle_name(path):
         return True
     with open(path, "rb") as f:
         head = f.read(4)

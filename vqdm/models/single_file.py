@@ -31,7 +31,8 @@ import torch
 from vqdm.errors import ModelFolderError
 from vqdm.models.artifact_file import MANIFEST_KEY
 from vqdm.models.configs import PRESETS, Preset
-from vqdm.models.safetensors_header import SafetensorsFormatError, SafetensorsHeader, encode_header, read_safetensors_header
+from vqdm.models.safetensors_header import (SafetensorsFormatError, SafetensorsHeader, encode_header, is_pickle_name,
+                                            read_safetensors_header)
 from vqdm.single_file_flags import FAMILIES, add_single_file_flags  # noqa: F401 - the flags, re-exported
 
 log = logging.getLogger(__name__)
@@ -549,6 +550,9 @@ def write_single_file(pipe, out: str | Path, dtype: torch.dtype = torch.float16,
     from vqdm.models.quantized_unet import vq_modules
 
     out = Path(out)
+    if is_pickle_name(out):
+        raise ValueError(f"{out}: a {out.suffix} name, which vqdm takes for a pickle and refuses to read: name the "
+                         "file .safetensors")
     if vq_modules(pipe.unet):
         raise ValueError(f"{out}: the pipeline's U-Net holds VQ layers; a dense checkpoint holds dense weights "
                          "(a compressed model is written by `vqdm export --single-file`)")

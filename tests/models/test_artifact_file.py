@@ -116,7 +116,7 @@ def test_tampered_tensor_is_refused_unless_verify_is_off(exported, tmp_path):
 def test_truncated_file_is_refused(exported, tmp_path):
     path = _copy(exported, tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ArtifactError, match=r"copy\.safetensors: truncated: its tensors need [\d,]+ bytes, "
+    with pytest.raises(ArtifactError, match=r"copy\.safetensors: truncated: its header declares [\d,]+ bytes, "
                                             r"the file has [\d,]+"):
         load_artifact(path, verify=False)
     path.write_bytes(b"\x00" * 4)

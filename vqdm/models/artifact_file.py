@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -47,6 +48,9 @@ from vqdm.errors import ArtifactError
 from vqdm.models.artifact import (COMPONENTS, CONFIG_FILE, WEIGHTS_FILE, _HASH_CHUNK, _make_readable, _plan_from_config,
                                   check_manifest, check_tensors, components_dir, fill_vq_unet, inspect_summary,
                                   quantized_subsets, read_manifest, verify_files, vq_unet_skeleton)
+from vqdm.models.safetensors_header import (DTYPE_BYTES, FLOAT_DTYPES, SafetensorsFormatError, SafetensorsHeader,
+                                            TensorEntry, encode_header, is_pickle_name, nbytes)
+from vqdm.models.safetensors_header import read_safetensors_header as read_header
 from vqdm.vq_format import CODE_DTYPE
 
 FILE_FORMAT = "vqdm-artifact-file"
@@ -69,71 +73,15 @@ REQUIRED_FILES = ("model_index.json", CONFIG_FILE, "scheduler/scheduler_config.j
                   *(f"{c}/config.json" for c in MODEL_COMPONENTS))
 # An embedded file's path: model_index.json, or one plain file name inside a component folder.
 _FILE_PATH = re.compile(r"^(model_index\.json|(unet|%s)/[A-Za-z0-9_][A-Za-z0-9._-]*)$" % "|".join(COMPONENTS))
-_MAX_HEADER = 100_000_000  # safetensors' own limit
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                "U16": 2, "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
-# -- the safetensors container, read and written by its header (no tensor is materialised) ---------
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    tensors: dict[str, TensorEntry]
-    metadata: dict[str, str]
-    size: int  # the file's length
-
-
+# -- the safetensors container (vqdm.models.safetensors_header), its errors as ArtifactError --------
 def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
-    """The header of a .safetensors file, checked: JSON, well-formed entries, and a file exactly as
-    long as its tensors need (a truncated file is named as such)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > _MAX_HEADER or 8 + n > size:
-            raise ArtifactError(path, f"not a safetensors file, or truncated inside its header ({size:,} bytes)")
-        raw = f.read(n)
+    """The checked header of a .safetensors file (vqdm.models.safetensors_header), refused as ArtifactError."""
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(path, "not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(path, "not a safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ArtifactError(path, "safetensors __metadata__ must map names to strings")
-    tensors, end = {}, 0
-    for name, e in header.items():
-        try:
-            dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            ok = dtype in _DTYPE_BYTES and all(isinstance(x, int) and x >= 0 for x in (*shape, a, b))
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok or b - a != _DTYPE_BYTES[dtype] * _numel(shape):
-            raise ArtifactError(path, f"tensor {name!r}: malformed safetensors header entry {e!r}")
-        tensors[name] = TensorEntry(dtype, shape, 8 + n + a, 8 + n + b)
-        end = max(end, 8 + n + b)
-    if end > size:
-        raise ArtifactError(path, f"truncated: its tensors need {end:,} bytes, the file has {size:,}")
-    if end < size:
-        raise ArtifactError(path, f"{size - end:,} bytes after the last tensor: not a file vqdm wrote, or altered")
-    return SafetensorsHeader(tensors, metadata, size)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        return read_header(path)
+    except SafetensorsFormatError as e:
+        raise ArtifactError(e.path, e.reason) from None
 
 
 def _file_chunks(f, entry: TensorEntry) -> Iterator[bytes]:
@@ -176,7 +124,7 @@ class _Source:
 
     @property
     def nbytes(self) -> int:
-        return _DTYPE_BYTES[self.dtype] * _numel(self.entry.shape)
+        return nbytes(self.dtype, self.entry.shape)
 
     def chunks(self, handles: dict) -> Iterator[bytes]:
         if not self.half:
@@ -190,17 +138,11 @@ class _Source:
 def _write_safetensors(out: Path, sources: list[_Source], metadata: dict[str, str]) -> None:
     """A .safetensors file of `sources`, streamed one tensor at a time. Widest dtypes first, so every
     tensor starts aligned to its element size (as safetensors itself writes)."""
-    order = sorted(sources, key=lambda s: -_DTYPE_BYTES[s.dtype])
-    header, offset = {}, 0
-    for s in order:
-        header[s.key] = {"dtype": s.dtype, "shape": list(s.entry.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    order = sorted(sources, key=lambda s: -DTYPE_BYTES[s.dtype])
+    raw = encode_header([(s.key, s.dtype, s.entry.shape) for s in order], metadata)
     handles: dict[Path, BinaryIO] = {}
     try:
         with open(out, "wb") as dst:
-            dst.write(len(raw).to_bytes(8, "little"))
             dst.write(raw)
             for s in order:
                 for chunk in s.chunks(handles):
@@ -228,6 +170,9 @@ def export_single_file(artifact: str | Path, out: str | Path, overwrite: bool = 
     artifact, out = Path(artifact), Path(out)
     if artifact.is_file():
         raise ArtifactError(artifact, "already a file; `vqdm export` takes an artifact folder")
+    if is_pickle_name(out):
+        raise ArtifactError(out, f"a {out.suffix} name, which vqdm takes for a pickle and refuses to read: name "
+                                 "the file .safetensors")
     manifest = read_manifest(artifact)  # refuses what is not an artifact folder
     if artifact.resolve() in out.resolve().parents:
         raise ArtifactError(out, "inside the artifact folder (a file it does not list would make it fail its "
@@ -317,7 +262,7 @@ def dense_fp16_bytes(manifest: dict, header: SafetensorsHeader, files: dict[str,
     q = manifest["quantization"]
     unet = _plan_from_config(json.loads(files[CONFIG_FILE]), q["num_codebooks"], q["group_size"],
                              quantized_subsets(manifest)).dense_fp16_bytes
-    rest = sum(2 * _numel(e.shape) if e.dtype in _FLOAT_DTYPES else e.end - e.start
+    rest = sum(2 * math.prod(e.shape) if e.dtype in FLOAT_DTYPES else e.end - e.start
                for key, e in header.tensors.items() if not key.startswith(UNET_PREFIX + "."))
     return unet + rest
 

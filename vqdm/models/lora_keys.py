@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vqdm.errors import VQDMError
+from vqdm.models.safetensors_header import SafetensorsFormatError, is_pickle_file, read_safetensors_header
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                    "lora_te2_": "text_encoder_2"}
 # (regex on a diffusers/PEFT key) -> which half it is; group 1 is the module path.
@@ -72,15 +72,12 @@ class LoraKeys:
 def _check_lora_file(path: Path) -> None:
     if not path.is_file():
         raise LoraError(f"{path}: no such LoRA file")
-    with path.open("rb") as f:
-        head = f.read(8)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04",
-                                                               b"\x80\x05"):
+    if is_pickle_file(path):
         raise LoraError(f"{path}: looks like a pickled PyTorch file; vqdm loads LoRAs only from .safetensors "
                         "(pickles can run code when loaded). Convert it with safetensors.torch.save_file.")
 
 
-def _unreadable(path: Path, e: Exception) -> LoraError:
+def _unreadable(path: Path, e: object) -> LoraError:
     return LoraError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}")
 
 
@@ -105,11 +102,10 @@ def lora_file_weights(path: str | Path) -> int:
     path = Path(path)
     _check_lora_file(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _unreadable(path, e) from None
-    return sum(math.prod(shape) for shape in shapes if len(shape) >= 2)
+        header = read_safetensors_header(path)
+    except SafetensorsFormatError as e:
+        raise _unreadable(path, e.reason) from None
+    return sum(math.prod(e.shape) for e in header.tensors.values() if len(e.shape) >= 2)
 
 
 # -- the two dialects ---------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ vqdm does not support (SD 1.x/2.x, the SDXL refiner, inpainting U-Nets) are refu
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import torch
 from vqdm.errors import ModelFolderError
 from vqdm.models.artifact_file import MANIFEST_KEY
 from vqdm.models.configs import PRESETS, Preset
+from vqdm.models.safetensors_header import (SafetensorsFormatError, SafetensorsHeader, encode_header, is_pickle_name,
+                                            read_safetensors_header)
 from vqdm.single_file_flags import FAMILIES, add_single_file_flags  # noqa: F401 - the flags, re-exported
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,11 @@ PREFIXES = {"unet": UNET_PREFIX, "text_encoder": CLIP_L_PREFIX, "text_encoder_2"
 # Tensors real SDXL files carry that no diffusers component has: skipped on read, not written.
 IGNORED_KEYS = (CLIP_L_PREFIX + "text_model.embeddings.position_ids", CLIP_G_PREFIX + "logit_scale")
 FAMILY_KEY = "vqdm.family"  # metadata key this writer sets and the reader trusts first
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-_MAX_HEADER = 100 << 20
+# Every dtype the header reader accepts (safetensors_header.DTYPE_BYTES), as torch reads it.
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+           "U8": torch.uint8, "BOOL": torch.bool}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -79,81 +80,23 @@ def single_file_options(args, fallback_family: str | None = None, fallback_sourc
                              fallback_source=fallback_source)
 
 
-# --- the header -------------------------------------------------------------------------------
+# --- the header (vqdm.models.safetensors_header), its errors as ModelFolderError ------------------
 
-@dataclass(frozen=True)
-class Header:
-    """A safetensors header: name -> (dtype, shape), the string metadata, and where each tensor's bytes lie."""
-
-    path: Path
-    tensors: dict[str, tuple[str, tuple[int, ...]]]
-    metadata: dict[str, str]
-    offsets: dict[str, tuple[int, int]]  # name -> (begin, end) in the file
-
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        entry = self.tensors.get(key)
-        return None if entry is None else entry[1]
-
-    def keys(self, prefix: str) -> list[str]:
-        return [k for k in self.tensors if k.startswith(prefix)]
-
-
-def is_pickle_file(path: str | Path) -> bool:
-    """A .ckpt/.pt/.bin name, or a zip (torch.save) or pickle (protocol 2+) signature."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return True
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6))
-
-
-def read_header(path: str | Path) -> Header:
-    """The header of a .safetensors file, checked against the file's size; nothing else is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: no such file")
-    if is_pickle_file(path):
-        raise ModelFolderError(f"{path}: a pickle checkpoint (.ckpt/.pt), which vqdm never loads (unpickling can "
-                               "run code); convert it to .safetensors with a tool you trust")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelFolderError(f"{path}: truncated or not a safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, _MAX_HEADER):
-            raise ModelFolderError(f"{path}: not a safetensors file, or truncated (header of {n:,} bytes declared, "
-                                   f"file is {size:,} bytes)")
-        raw = f.read(n)
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """The checked header of a .safetensors file; pickles are refused unread, nothing else is read."""
     try:
-        header = json.loads(raw)
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in header.items()}
-        offsets = {k: (8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1])) for k, v in header.items()}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ModelFolderError(f"{path}: corrupt safetensors header ({e})") from None
-    end = max((e for _, e in offsets.values()), default=8 + n)
-    if end > size:
-        raise ModelFolderError(f"{path}: truncated: its header declares {end:,} bytes, the file has {size:,} "
-                               "(an interrupted download or copy?)")
-    for k, (dtype, shape) in tensors.items():
-        numel = 1
-        for d in shape:
-            numel *= d
-        if dtype not in _DTYPES or offsets[k][1] - offsets[k][0] != numel * _DTYPES[dtype].itemsize:
-            raise ModelFolderError(f"{path}: corrupt safetensors header ({k}: dtype {dtype} shape {list(shape)} "
-                                   f"does not fit its {offsets[k][1] - offsets[k][0]} bytes)")
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, offsets)
+        return read_safetensors_header(path)
+    except SafetensorsFormatError as e:
+        raise ModelFolderError(str(e)) from None
 
 
-def is_vqdm_artifact_file(header: Header) -> bool:
+def is_vqdm_artifact_file(header: SafetensorsHeader) -> bool:
     """A compressed vqdm artifact written as one file (its manifest in the header metadata)."""
     return MANIFEST_KEY in header.metadata
 
 
 
-def refuse_unsupported(header: Header) -> None:
+def refuse_unsupported(header: SafetensorsHeader) -> None:
     """One line naming what the file is, for every kind vqdm does not read; silent for an SDXL base file."""
     path, shape = header.path, header.shape
     conv_in = shape(UNET_PREFIX + "input_blocks.0.0.weight")
@@ -372,10 +315,10 @@ def _preset_layout(name: str) -> tuple[tuple[Entry, ...], dict[str, tuple[int, .
     return tuple(entries), shapes
 
 
-def _mismatch(header: Header, shapes: dict[str, tuple[int, ...]], with_vae: bool) -> str | None:
+def _mismatch(header: SafetensorsHeader, shapes: dict[str, tuple[int, ...]], with_vae: bool) -> str | None:
     """Why the file is not this layout (the first difference), or None when every key and shape agree."""
     want = {k: s for k, s in shapes.items() if with_vae or not k.startswith(VAE_PREFIX)}
-    have = {k: header.tensors[k][1] for p in PREFIXES.values() for k in header.keys(p) if k not in IGNORED_KEYS}
+    have = {k: header.tensors[k].shape for p in PREFIXES.values() for k in header.keys(p) if k not in IGNORED_KEYS}
     if not with_vae:
         have = {k: s for k, s in have.items() if not k.startswith(VAE_PREFIX)}
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
@@ -401,7 +344,7 @@ class SingleFileInfo:
     dtype: str
 
 
-def _family(header: Header, options: SingleFileOptions) -> tuple[str, str]:
+def _family(header: SafetensorsHeader, options: SingleFileOptions) -> tuple[str, str]:
     if options.family:
         return options.family, "from --family"
     meta = header.metadata
@@ -441,7 +384,7 @@ def describe(path: str | Path, options: SingleFileOptions | None = None) -> Sing
         raise ModelFolderError(f"{path}: an SDXL-like checkpoint whose shapes match no packaged architecture "
                                f"({shown})")
     known = tuple(PREFIXES.values()) + (EMA_PREFIX,)
-    unet_dtypes = [header.tensors[k][0] for k in header.keys(UNET_PREFIX)]
+    unet_dtypes = [header.tensors[k].dtype for k in header.keys(UNET_PREFIX)]
     return SingleFileInfo(Path(path), name, family, source, has_vae, len(header.keys(EMA_PREFIX)),
                           sum(not k.startswith(known) for k in header.tensors),
                           max(set(unet_dtypes), key=unet_dtypes.count))
@@ -480,15 +423,16 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str
         raise RuntimeError(f"{what}: {left[0]} was not loaded")
 
 
-def _read_tensors(header: Header, entries: list[Entry], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+def _read_tensors(header: SafetensorsHeader, entries: list[Entry], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """The entries' tensors by component and diffusers name, floats cast to `dtype`. Plain reads, not a
     memory map: the file's pages are not held (nor counted) in the process while the model fills."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     with open(header.path, "rb") as f:
         for e in entries:
-            (begin, end), (stored, shape) = header.offsets[e.key], header.tensors[e.key]
-            buf = bytearray(end - begin)
-            f.seek(begin)
+            entry = header.tensors[e.key]
+            stored, shape = entry.dtype, entry.shape
+            buf = bytearray(entry.end - entry.start)
+            f.seek(entry.start)
             if f.readinto(buf) != len(buf):
                 raise ModelFolderError(f"{header.path}: truncated while reading {e.key}")
             t = torch.frombuffer(buf, dtype=_DTYPES[stored]).reshape(shape) if buf else \
@@ -581,20 +525,10 @@ def load_single_file(path: str | Path, options: SingleFileOptions | None = None,
 def _write_streaming(out: Path, items: list[tuple[str, Callable[[], torch.Tensor], torch.dtype, tuple]],
                      metadata: dict[str, str]) -> None:
     """A safetensors file written one tensor at a time: never more than one converted tensor in memory."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for key, _, dtype, shape in items:
-        size = dtype.itemsize
-        for d in shape:
-            size *= d
-        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    raw = encode_header([(key, _DTYPE_NAMES[dtype], shape) for key, _, dtype, shape in items], metadata)
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for key, get, dtype, shape in items:
                 t = get().detach().to("cpu", dtype).contiguous()
@@ -616,6 +550,9 @@ def write_single_file(pipe, out: str | Path, dtype: torch.dtype = torch.float16,
     from vqdm.models.quantized_unet import vq_modules
 
     out = Path(out)
+    if is_pickle_name(out):
+        raise ValueError(f"{out}: a {out.suffix} name, which vqdm takes for a pickle and refuses to read: name the "
+                         "file .safetensors")
     if vq_modules(pipe.unet):
         raise ValueError(f"{out}: the pipeline's U-Net holds VQ layers; a dense checkpoint holds dense weights "
                          "(a compressed model is written by `vqdm export --single-file`)")

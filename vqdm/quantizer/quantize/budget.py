@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from vqdm.errors import ConfigError
-
-# The AQ flags a budget sets (CLI flag names, as `vqdm quantize --help` lists them).
-BUDGET_FLAGS = ("beam", "max_rounds", "init_passes", "kmeans_iters", "cg_iters", "adam_steps", "tolerance")
 
 
 @dataclass(frozen=True)
@@ -25,10 +23,6 @@ class Rung:
     knobs: dict = field(default_factory=dict)
     error_ratio: float = 1.0  # median relative error / the default's (measured, see the module docstring)
 
-    def describe(self) -> str:
-        flags = " ".join(f"--{k.replace('_size', '').replace('_', '-')} {v}" for k, v in self.knobs.items())
-        return f"{self.name} ({flags or 'the defaults'})"
-
 
 # Most expensive first. error_ratio: benchmarks/results/aq_budget_ladder.json ("ladder").
 LADDER: tuple[Rung, ...] = (
@@ -38,6 +32,33 @@ LADDER: tuple[Rung, ...] = (
     Rung("1 greedy round", {"init_passes": 0, "max_rounds": 1, "beam_size": 1}, 1.0),
     Rung("k-means start only", {"init_passes": 0, "max_rounds": 0, "kmeans_iters": 20}, 1.0),
 )
+
+# AQConfig fields some rung sets: a run with --time-budget leaves them to the budget.
+BUDGET_FIELDS = tuple(dict.fromkeys(k for rung in LADDER for k in rung.knobs))
+
+
+class BudgetError(ConfigError):
+    """No search setting fits the time budget."""
+
+
+def choose_rung(project: Callable[[dict], float], budget_seconds: float) -> tuple[Rung, float]:
+    """The most thorough rung whose projected seconds (`project(rung.knobs)`) fit the budget.
+
+    The cheapest rung is projected first (BudgetError with its time when even it does not fit),
+    then the others from the default down until one fits.
+    """
+    cheapest = project(LADDER[-1].knobs)
+    if cheapest > budget_seconds:
+        raise BudgetError(f"no search setting fits the time budget of {format_duration(budget_seconds)}: the "
+                          f"cheapest ({LADDER[-1].name}) is projected at {format_duration(cheapest)} "
+                          f"({cheapest:.0f} s); give more time, or calibrate on less (--num-prompts, --steps, "
+                          "--resolution) or fewer --subsets")
+    for rung in LADDER[:-1]:
+        seconds = project(rung.knobs)
+        if seconds <= budget_seconds:
+            return rung, seconds
+    return LADDER[-1], cheapest
+
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -80,9 +80,9 @@ def budget_runs(tiny_sdxl_dir, tmp_path_factory):
     a budget between that and the default's projection, progress bar on."""
     base = ["quantize", "--model", str(tiny_sdxl_dir), "--preset", "sdxl", "--bits", "3", *CALIBRATION]
     runs = tmp_path_factory.mktemp("budget")
-    rc, out, err, _ = _run([*base, "--out", str(runs / "none"), "--time-budget", "1s", "--no-progress"])
-    assert rc == 1, err
-    cheapest = float(re.search(r"is projected at .* \((\d+) s\)", err).group(1))
+    rc, _, none_err, _ = _run([*base, "--out", str(runs / "none"), "--time-budget", "1s", "--no-progress"])
+    assert rc == 1, none_err
+    cheapest = float(re.search(r"is projected at .* \((\d+) s\)", none_err).group(1))
     rc, out_plan, err_plan, _ = _run(["plan", "--preset", "tiny-sdxl", "--bits", "3", "--time", "--json", *CALIBRATION])
     assert rc == 0, err_plan
     import json
@@ -90,7 +90,7 @@ def budget_runs(tiny_sdxl_dir, tmp_path_factory):
     default = json.loads(out_plan)["time"]["seconds"]
     budget = (cheapest * default) ** 0.5  # between the two
     rc, out, err, wall = _run([*base, "--out", str(runs / "tight"), "--time-budget", f"{budget:.0f}s"])
-    return {"none_dir": runs / "none", "none_err": err, "cheapest": cheapest, "default": default, "budget": budget,
+    return {"none_dir": runs / "none", "none_err": none_err, "cheapest": cheapest, "default": default, "budget": budget,
             "rc": rc, "out": out, "err": err, "wall": wall, "plan": out_plan}
 
 

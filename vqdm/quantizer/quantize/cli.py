@@ -11,6 +11,8 @@ import torch
 
 from vqdm.errors import ConfigError
 from vqdm.models import SUBSETS, parse_subsets, read_model_index, read_unet_config
+from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
+from vqdm.quantizer.quantize.checks import check_paths
 from vqdm.quantizer.quantize.budget import BUDGET_FIELDS, LADDER, choose_rung, format_duration, parse_duration
 from vqdm.quantizer.quantize.config import make_aq_config
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
@@ -164,6 +166,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()
     tp = None
     if rank == 0 and (args.time_budget or not args.no_progress):  # the budget's choice, or the bar's ETA
+        out = Path(args.out)  # the cheap refusals first, not after a minute of probing
+        check_paths(Path(args.model), out, QuantizeCheckpoint.for_output(out), args.resume, args.force)
         unet, factor = meta_unet(args.model)
         if args.time_budget:
             aq, tp = pick_budget_settings(args, unet, factor, calib, aq)

@@ -42,7 +42,7 @@ from vqdm.quantizer.quantize.hessians import plan_passes
 from vqdm.quantizer.sampling import SamplingConfig, plan_batches
 
 CALIBRATION_ROWS = 2048  # activation rows behind a synthetic H
-PROBE_MAX_N = 128  # reference shapes are cut to at most this many outputs ...
+PROBE_MAX_N = 256  # reference shapes are cut to at most this many outputs ...
 PROBE_MAX_D = 1280  # ... and inputs (larger d is extrapolated as n·d² and d³)
 PROBE_SHAPES = 2
 PROBE_PASSES = 1  # the probe runs at most this many sequential passes ...
@@ -74,22 +74,34 @@ def nearest_reference(n: int, d: int, refs: Sequence[dict]) -> dict:
     return min(refs, key=lambda r: (abs(math.log(r["d"] / d)), abs(math.log(r["n"] / n))))
 
 
+# How each phase of `quantize_weight` grows with the layer: n·d, n·d² (products with H) or d³.
+PHASE_GROWTH = {"kmeans": "nd", "pass_search": "nd", "beam": "nd", "pass_fit": "nd2", "lsq": "nd2", "adam": "nd2",
+                "loss": "nd2", "cholesky": "d3"}
+ROUND_PHASES = ("lsq", "adam", "beam", "loss")
+
+
 def layer_seconds(n: int, d: int, ref: dict) -> tuple[float, float]:
     """(init seconds, seconds per round) of an n×d layer, scaled from a measured reference row.
 
     A round's products with H (codebook fit, Adam, loss) cost n·d² and are scaled so; the beam
     search and the k-means init are scaled by n·d. The init's sequential passes: their codebook
     fits by n·d², their code choice (a beam step per group, plus the n·d²/2 error feedback, a small
-    share) by n·d, and the one inverse Cholesky of H by d³. Beyond the largest measured d the n·d²
-    and d³ parts are extrapolated, not measured.
+    share) by n·d, and the one inverse Cholesky of H by d³. A reference may carry
+    `fixed_seconds_by_phase`, the part of each phase that does not grow with n (per-call overhead,
+    measured from two probe sizes): it is scaled by d alone. Beyond the largest measured d the
+    n·d² and d³ parts are extrapolated, not measured.
     """
-    linear = (n * d) / (ref["n"] * ref["d"])
-    quadratic = linear * d / ref["d"]
-    phases, done = ref["seconds_by_phase"], max(ref["rounds"], 1)
-    h_products = (phases.get("lsq", 0.0) + phases["adam"] + phases["loss"]) / done
-    per_round = quadratic * h_products + linear * phases["beam"] / done
-    init = (linear * (phases["kmeans"] + phases.get("pass_search", 0.0)) + quadratic * phases.get("pass_fit", 0.0)
-            + (d / ref["d"]) ** 3 * phases.get("cholesky", 0.0))
+    n_scale, d_scale = n / ref["n"], d / ref["d"]
+    phases, fixed, done = ref["seconds_by_phase"], ref.get("fixed_seconds_by_phase", {}), max(ref["rounds"], 1)
+    init = per_round = 0.0
+    for phase, growth in PHASE_GROWTH.items():
+        in_d = {"nd": d_scale, "nd2": d_scale ** 2, "d3": d_scale ** 3}[growth]
+        constant = fixed.get(phase, 0.0)
+        seconds = in_d * (constant + (phases.get(phase, 0.0) - constant) * (1.0 if growth == "d3" else n_scale))
+        if phase in ROUND_PHASES:
+            per_round += seconds / done
+        else:
+            init += seconds
     return init, per_round
 
 
@@ -135,26 +147,41 @@ def probe_config(aq: AQConfig) -> AQConfig:
 def probe_aq(shapes: Sequence[tuple[int, int]], aq: AQConfig, seed: int = 0) -> list[dict]:
     """`quantize_weight` timed on the reference shapes of `shapes`; one reference row per shape.
 
-    The probe runs `probe_config(aq)`; its pass and round phases are scaled to `aq`'s passes and
-    to the rounds `aq` would run: the probe's own when it met the stop rule before its cap, else
-    ROUNDS_TO_CONVERGE (capped by `aq.max_rounds`).
+    Each reference runs `probe_config(aq)` at its n and at a quarter of it: per phase, what does
+    not grow with n (per-call overhead, large on a busy machine) is kept apart
+    (`fixed_seconds_by_phase`) so that it is not scaled up with the layer. The pass and round phases
+    are scaled to `aq`'s passes and to the rounds `aq` would run: the probe's own when it met the
+    stop rule before its cap, else ROUNDS_TO_CONVERGE (capped by `aq.max_rounds`).
     """
     probe = probe_config(aq)
     rows = []
     for n, d in reference_shapes(shapes, aq.group_size, aq.codebook_size):
-        w, h = synthetic_problem(n, d, seed)
-        qw = quantize_weight(w, h, dataclasses.replace(probe, seed=seed))
+        small = max(n // 4, math.ceil(aq.codebook_size * aq.group_size / d))
+        timed = {}
+        for size in (small, n) if small < n else (n,):
+            w, h = synthetic_problem(size, d, seed)
+            timed[size] = quantize_weight(w, h, dataclasses.replace(probe, seed=seed))
+        qw = timed[n]
         phases = dict(qw.stats["seconds_by_phase"])
+        fixed = {}
+        if small < n:  # t = a + b·n per phase, from the two sizes
+            low = timed[small].stats["seconds_by_phase"]
+            for key, t in phases.items():
+                slope = max((t - low[key]) / (n - small), 0.0)
+                fixed[key] = min(max(t - slope * n, 0.0), t)
+        scale = {key: 1.0 for key in phases}
         if probe.init_passes:
             for key in ("pass_fit", "pass_search"):
-                phases[key] *= aq.init_passes / probe.init_passes
+                scale[key] = aq.init_passes / probe.init_passes
         stopped = qw.rounds < probe.max_rounds
         rounds = qw.rounds if stopped or qw.rounds == aq.max_rounds else min(aq.max_rounds, ROUNDS_TO_CONVERGE)
         if qw.rounds:
-            for key in ("lsq", "adam", "beam", "loss"):
-                phases[key] *= rounds / qw.rounds
+            for key in ROUND_PHASES:
+                scale[key] = rounds / qw.rounds
         rows.append({"shape": f"{n}x{d}", "n": n, "d": d, "rounds": rounds, "probe_rounds": qw.rounds,
-                     "probe_seconds": qw.seconds, "seconds_by_phase": phases})
+                     "probe_seconds": sum(q.seconds for q in timed.values()),
+                     "seconds_by_phase": {k: v * scale[k] for k, v in phases.items()},
+                     "fixed_seconds_by_phase": {k: v * scale[k] for k, v in fixed.items()}})
     return rows
 
 

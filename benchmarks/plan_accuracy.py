@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(artifact, ignore_errors=True)
     out, quantize_wall = run([*VQDM, "quantize", "--model", str(model), "--preset", family, "--bits", str(args.bits),
                               "--out", str(artifact), *flags])
-    at_start = float(re.search(r"\(projected ([\d.]+) min of calibration and AQ\)", out).group(1)) * 60
+    at_start = float(re.search(r"calibration \+ AQ [\d.]+ s, projected ([\d.]+) s", out).group(1))
     manifest = json.loads((artifact / "unet" / "manifest.json").read_text())
     subsets = manifest["calibration"]["subsets"]
     real = {"calibration_seconds": sum(s["calibration_seconds"] for s in subsets),

@@ -27,10 +27,10 @@ class Rung:
 # Most expensive first. error_ratio: benchmarks/results/aq_budget_ladder.json ("ladder").
 LADDER: tuple[Rung, ...] = (
     Rung("default", {}, 1.0),
-    Rung("4 passes, 4 rounds", {"init_passes": 4, "max_rounds": 4}, 1.0),
-    Rung("1 pass, 2 rounds, beam 4", {"init_passes": 1, "max_rounds": 2, "beam_size": 4}, 1.0),
-    Rung("1 greedy round", {"init_passes": 0, "max_rounds": 1, "beam_size": 1}, 1.0),
-    Rung("k-means start only", {"init_passes": 0, "max_rounds": 0, "kmeans_iters": 20}, 1.0),
+    Rung("4 passes, 4 rounds", {"init_passes": 4, "max_rounds": 4}, 1.04),
+    Rung("1 pass, 2 rounds, beam 4", {"init_passes": 1, "max_rounds": 2, "beam_size": 4}, 1.183),
+    Rung("1 greedy round", {"init_passes": 0, "max_rounds": 1, "beam_size": 1}, 1.606),
+    Rung("k-means start only", {"init_passes": 0, "max_rounds": 0, "kmeans_iters": 20}, 4.448),
 )
 
 # AQConfig fields some rung sets: a run with --time-budget leaves them to the budget.
@@ -50,8 +50,7 @@ def choose_rung(project: Callable[[dict], float], budget_seconds: float) -> tupl
     cheapest = project(LADDER[-1].knobs)
     if cheapest > budget_seconds:
         raise BudgetError(f"no search setting fits the time budget of {format_duration(budget_seconds)}: the "
-                          f"cheapest ({LADDER[-1].name}) is projected at {format_duration(cheapest)} "
-                          f"({cheapest:.0f} s); give more time, or calibrate on less (--num-prompts, --steps, "
+                          f"cheapest ({LADDER[-1].name}) is projected at {format_duration(cheapest)}; give more time, or calibrate on less (--num-prompts, --steps, "
                           "--resolution) or fewer --subsets")
     for rung in LADDER[:-1]:
         seconds = project(rung.knobs)
@@ -72,10 +71,10 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """'2 h 05 min', '7.5 min' or '42 s'."""
+    """'2 h 05 min', '7.5 min', '42 s' or '0.35 s'."""
     if seconds >= 3600:
         h, rest = divmod(round(seconds / 60), 60)
         return f"{h} h {rest:02d} min"
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"

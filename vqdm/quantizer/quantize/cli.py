@@ -204,7 +204,8 @@ def print_summary(result) -> None:
     errors = [s["rel_error"] for s in layers.values()]
     weights = sum(s["n"] * s["d"] for s in layers.values())
     bits = sum(s["bits"] * s["n"] * s["d"] for s in layers.values()) / weights
-    projected = "" if result.projected_seconds is None else f" (projected {result.projected_seconds / 60:.1f} min " \
-        "of calibration and AQ)"
+    worked = sum(i["calibration_seconds"] + i["quantization_seconds"] for i in result.subsets if not i.get("resumed"))
+    projected = "" if result.projected_seconds is None else \
+        f" (calibration + AQ {worked:.1f} s, projected {result.projected_seconds:.1f} s)"
     print(f"\n{len(layers)} layers, median rel.error {statistics.median(errors):.4g}, max {max(errors):.4g}, "
           f"{bits:.2f} bits/weight on quantized layers, {result.seconds / 60:.1f} min{projected}; wrote {result.out}")

@@ -1,12 +1,15 @@
 """How close `vqdm plan --time` comes to a real `vqdm quantize` run, on whatever machine runs it.
 
-    .venv/bin/python benchmarks/plan_accuracy.py --case tiny-db0 --make-model tiny-sdxl --workdir /tmp/plan_acc \
-        --json benchmarks/results/plan_accuracy.json -- --subsets down_blocks.0 --num-prompts 2 --steps 2 \
-        --resolution 64 --batch-size 2 --beam 2 --max-rounds 1 --kmeans-iters 5 --init-passes 1
+    .venv/bin/python benchmarks/plan_accuracy.py --case tiny-sdxl-all --make-model tiny-sdxl \
+        --workdir /tmp/plan_acc --json benchmarks/results/plan_accuracy.json -- --num-prompts 2 --steps 2 \
+        --resolution 64 --batch-size 2 --beam 2 --adam-steps 2 --max-rounds 1 --kmeans-iters 5 --damping 0.1 \
+        --init-passes 1 --tolerance 0.01 --device cpu
     flock /work/wt/bigmem.lock .venv/bin/python benchmarks/plan_accuracy.py --case sdxl-mid_block \
         --make-model sdxl --workdir /tmp/plan_acc --json benchmarks/results/plan_accuracy.json -- \
         --subsets mid_block --max-stats-gb 5 --num-prompts 2 --batch-size 2 --steps 1 --resolution 256 \
-        --guidance 1 --beam 1 --kmeans-iters 1 --init-passes 1 --max-rounds 1 --cg-iters 2
+        --guidance 1 --beam 1 --kmeans-iters 1 --init-passes 1 --max-rounds 1 --cg-iters 2 --device cpu
+
+    .venv/bin/python benchmarks/plan_accuracy.py --markdown benchmarks/results/plan_accuracy.json  # README table
 
 The flags after `--` are `vqdm quantize`'s (and `vqdm plan --time`'s). Runs, as child processes:
   1. `vqdm make-model PRESET` into WORKDIR (skipped when the folder exists; full size: 10 GB fp32);
@@ -43,8 +46,25 @@ def run(cmd: list[str]) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - t0
 
 
+def markdown(path: str) -> str:
+    """The README table of every case in a results file."""
+    rows = ["| case | probe | projected: calibration + AQ = total | real: calibration + AQ = total | real ÷ projected "
+            "(total; calibration, AQ) | load before / after |", "|---|---|---|---|---|---|"]
+    for name, c in json.loads(Path(path).read_text())["cases"].items():
+        p, r, q = c["projected"], c["real"], c["ratio_real_over_projected"]
+        rows.append(f"| {name} (`{' '.join(c['flags'])}`) | {p['probe_seconds']:.0f} s | "
+                    f"{p['calibration_seconds']:.1f} + {p['aq_seconds']:.1f} = {p['seconds']:.1f} s | "
+                    f"{r['calibration_seconds']:.1f} + {r['aq_seconds']:.1f} = {r['seconds']:.1f} s | "
+                    f"{q['total']:.2f} ({q['calibration']:.2f}, {q['aq']:.2f}) | "
+                    f"{c['loadavg_1min']['before']:.1f} / {c['loadavg_1min']['after']:.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--markdown"]:  # print the README table of a results file
+        print(markdown(argv[1]))
+        return 0
     ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", required=True, help="name of this case in the results file")
@@ -58,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model.exists():
         run([*VQDM, "make-model", args.make_model, "--out", str(model)])
     family = "sdxl-turbo" if "turbo" in args.make_model else "sdxl"
-    load_before = os.getloadavg()[0]
+    load_before, origin = os.getloadavg()[0], machine("cpu")  # the commit that runs, before anything changes
     out, plan_wall = run([*VQDM, "plan", "--model", str(model), "--bits", str(args.bits), "--time", "--json", *flags])
     projection = json.loads(out)["time"]
     artifact = args.workdir / f"{args.case}-vq{args.bits}"
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "aq": real["aq_seconds"] / projection["aq_seconds"],
                                       "total_vs_quantize_start": real["seconds"] / at_start},
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "machine": machine("cpu"),
+        "machine": origin,
         "command": "benchmarks/plan_accuracy.py " + " ".join(argv),
     }
     print(json.dumps(case, indent=2))

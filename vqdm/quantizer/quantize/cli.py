@@ -13,7 +13,7 @@ from vqdm.errors import ConfigError
 from vqdm.models import SUBSETS, parse_subsets, read_model_index, read_unet_config
 from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
 from vqdm.quantizer.quantize.checks import check_paths
-from vqdm.quantizer.quantize.budget import BUDGET_FIELDS, LADDER, choose_rung, format_duration, parse_duration
+from vqdm.quantizer.quantize.budget import BUDGET_FIELDS, choose_rung, format_duration, parse_duration
 from vqdm.quantizer.quantize.config import make_aq_config
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
 from vqdm.quantizer.quantize.time_plan import TimePlan, measure_rates, plan_time

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=len(LAYERS), help=f"use the first N of the {len(LAYERS)} layers")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    origin = machine("cpu")  # the commit that runs, before anything changes
     tokenizer, model = load_model()  # one thread
     names = LAYERS[: args.layers]
     cal = calibrate(model, tokenizer, names, SENTENCES, None)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['rung']} | {r['error_ratio']:.3f}x | {r['time_ratio']:.3f}x |")
     result = {"benchmark": "aq_budget_ladder", "codebooks": args.codebooks, "layers": names,
               "calibration_tokens": cal.tokens, "aq_defaults": dataclasses.asdict(AQConfig()), "ladder": ladder,
-              "cells": cells, "machine": machine("cpu"),
+              "cells": cells, "machine": {**origin, "threads": torch.get_num_threads()},
               "command": "benchmarks/aq_budget_ladder.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -36,25 +35,12 @@ from provenance import machine  # noqa: E402  (sibling module)
 from vqdm.quantizer import AQConfig
 from vqdm.quantizer import quantize_weight
 from vqdm.models import build_unet, layer_dims, select_layers
+from vqdm.quantizer.quantize.time_plan import CALIBRATION_ROWS, project_layers, synthetic_problem
 
 AQ_DEFAULTS = AQConfig()
 
 SHAPES = {"attn 1280x1280": (1280, 1280), "ff.up 10240x1280": (10240, 1280), "ff.down 1280x5120": (1280, 5120),
           "conv3x3 1280x11520": (1280, 11520)}
-CALIBRATION_ROWS = 2048
-
-
-def synthetic_problem(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W ~ N(0, 1/d) and H = mean x xᵀ of activations with log-normal channel scales (float64)."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, d, generator=gen) / math.sqrt(d)
-    channel = torch.exp(torch.randn(d, generator=gen))
-    x = torch.randn(CALIBRATION_ROWS, d, generator=gen) * channel
-    h = (x.T @ x).double() / CALIBRATION_ROWS
-    h += torch.eye(d, dtype=torch.float64) * 1e-3 * h.diagonal().mean()  # full rank with few rows
-    return w, h
-
-
 def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, converge: bool, device: str = "cpu",
                knobs: dict | None = None, cpu_time: bool = False) -> dict:
     w, h = synthetic_problem(n, d, seed)
@@ -89,33 +75,12 @@ def time_layer(name: str, n: int, d: int, k: int, rounds: int, seed: int, conver
 
 
 def project_unet(rows: list[dict], rounds: float) -> dict:
-    """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d.
-
-    A round's products with H (codebook fit, Adam, loss) cost n·d² and are scaled so; the beam
-    search and the k-means init are scaled by n·d. The init's sequential passes: their codebook
-    fits by n·d², their code choice (a beam step per group, plus the n·d²/2 error feedback, a small
-    share) by n·d, and the one inverse Cholesky of H by d³. Beyond the largest measured d (the up
-    blocks' 1280×23040 convs) the n·d² and d³ parts are extrapolated, not measured.
-    """
-    unet = build_unet("sdxl", device="meta")
-    total = init = 0.0
-    by_shape: dict[str, float] = {}
-    for _, module in select_layers(unet):
-        n, d = layer_dims(module)
-        ref = min(rows, key=lambda r: (abs(math.log(r["d"] / d)), abs(math.log(r["n"] / n))))
-        linear = (n * d) / (ref["n"] * ref["d"])
-        quadratic = linear * d / ref["d"]
-        phases, done = ref["seconds_by_phase"], max(ref["rounds"], 1)
-        h_products = (phases.get("lsq", 0.0) + phases["adam"] + phases["loss"]) / done
-        per_round = quadratic * h_products + linear * phases["beam"] / done
-        layer_init = (linear * (phases["kmeans"] + phases.get("pass_search", 0.0)) + quadratic * phases.get("pass_fit", 0.0)
-                      + (d / ref["d"]) ** 3 * phases.get("cholesky", 0.0))
-        cost = layer_init + rounds * per_round
-        init += layer_init
-        total += cost
-        by_shape[ref["shape"]] = by_shape.get(ref["shape"], 0.0) + cost
-    return {"rounds_assumed": rounds, "seconds": total, "hours": total / 3600, "init_seconds": init,
-            "seconds_by_reference_shape": by_shape}
+    """Whole-U-Net seconds: each SDXL layer costed from the measured shape with the nearest d
+    (`vqdm.quantizer.quantize.time_plan.project_layers`, which `vqdm plan --time` uses too)."""
+    shapes = [layer_dims(m) for _, m in select_layers(build_unet("sdxl", device="meta"))]
+    p = project_layers(shapes, rows, rounds)
+    return {"rounds_assumed": rounds, "seconds": p["seconds"], "hours": p["seconds"] / 3600,
+            "init_seconds": p["init_seconds"], "seconds_by_reference_shape": p["seconds_by_reference_shape"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,6 +17,9 @@ COMMANDS = {"make-model": "vqdm.models.cli", "plan": "vqdm.models.cli", "inspect
             "export": "vqdm.models.cli",
             "quantize": "vqdm.quantizer.quantize.cli", "distill": "vqdm.quantizer.distill.cli",
             "eval": "vqdm.quantizer.evaluate.cli", "serve": "vqdm.server.cli", "generate": "vqdm.server.cli"}
+# Modules that add to another area's subcommand (`extend(parser)`): `vqdm plan --time` needs the
+# quantizer, which vqdm.models (the plan's home) may not import.
+EXTENSIONS = {"plan": "vqdm.quantizer.quantize.plan_cli"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -29,6 +32,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values()):
         importlib.import_module(mod).register(sub)
+    for name, mod in EXTENSIONS.items():
+        if name in sub.choices:
+            importlib.import_module(mod).extend(sub.choices[name])
     return parser
 
 

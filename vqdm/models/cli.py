@@ -91,7 +91,8 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB"
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def plan_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """(the U-Net on the meta device, the plan) of `vqdm plan`'s --preset / --model, --bits, --subsets."""
     from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads this module
 
     if args.preset:
@@ -103,10 +104,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             detect_family(args.model, opts)  # logs the family, architecture and how they were decided
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(read_unet_config(args.model, opts))
-    plan = plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict()
+    return unet, plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _, plan = plan_model(args)
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
+    print_plan(plan)
+    return 0
+
+
+def print_plan(plan: dict) -> None:
     print(f"layers to quantize: {plan['layers']} ({plan['linear_layers']} Linear, {plan['conv_layers']} Conv2d)")
     if len(plan["subsets"]) < len(SUBSETS):
         print(f"subsets quantized:  {', '.join(plan['subsets'])} (the others stay dense fp16)")
@@ -115,7 +125,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{plan['bits_per_weight_unet']:.2f} over the U-Net")
     print(f"U-Net bytes:        {_gb(plan['unet_bytes'])} vs {_gb(plan['dense_fp16_bytes'])} fp16 dense "
           f"({plan['compression_vs_fp16']:.2f}x smaller)")
-    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -2,13 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
+from pathlib import Path
+
+import torch
 
 from vqdm.errors import ConfigError
-from vqdm.models import SUBSETS, add_single_file_flags, single_file_options
+from vqdm.models import (SUBSETS, SingleFileOptions, add_single_file_flags, is_checkpoint_file, parse_subsets,
+                         read_model_index, read_unet_config, single_file_options)
+from vqdm.models.configs import PRESETS
+from vqdm.models.single_file import describe
+from vqdm.quantizer.quantize.checkpoint import QuantizeCheckpoint
+from vqdm.quantizer.quantize.checks import check_paths
+from vqdm.quantizer.quantize.budget import BUDGET_FIELDS, choose_rung, format_duration, parse_duration
+from vqdm.quantizer.quantize.config import make_aq_config
 from vqdm.quantizer.quantize.run import init_distributed, quantize_model
+from vqdm.quantizer.quantize.time_plan import TimePlan, measure_rates, plan_time
 from vqdm.quantizer.recipes import recipe
-from vqdm.quantizer.runtime import add_runtime_flags
+from vqdm.quantizer.sampling import SamplingConfig
+from vqdm.quantizer.runtime import add_runtime_flags, default_device
 from vqdm.vq_format import GROUP_SIZE, NBITS
 
 
@@ -39,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "costs, without its AQ)")
     _add_calibration_flags(p.add_argument_group("calibration (defaults from --preset)"))
     _add_aq_flags(p.add_argument_group("additive quantization"))
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="e.g. 90m, 2h, 3600s: pick the AQ search settings (passes, rounds, beam) whose projected "
+                        "wall time on this machine fits, from a short probe; prints the choice and its measured "
+                        "error cost against the defaults, or exits before any work when nothing fits")
     add_runtime_flags(p, "--dtype", "pipeline dtype while sampling", stop_flag="--stop-after-subset")
     add_single_file_flags(p)
     p.set_defaults(func=cmd_quantize)
@@ -85,21 +103,91 @@ AQ_FLAGS = {"beam": "beam_size", "cg_iters": "cg_iters", "adam_steps": "adam_ste
             "damping": "damping", "init_passes": "init_passes", "tolerance": "relative_tolerance"}
 
 
+def run_settings(args: argparse.Namespace, family: str) -> tuple[SamplingConfig, dict]:
+    """(calibration recipe, AQ options) of the calibration and AQ flags, over `family`'s recipe."""
+    calib = recipe(family).replace(
+        prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, resolution=args.resolution,
+        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
+    return calib, {field: getattr(args, flag) for flag, field in AQ_FLAGS.items()}
+
+
+def max_stats_bytes(args: argparse.Namespace) -> int | None:
+    return None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30)
+
+
+def project_run(args: argparse.Namespace, unet: torch.nn.Module, vae_scale_factor: int, calib: SamplingConfig,
+                aq_options: dict, rates=None) -> TimePlan:
+    """The time plan of a run of these flags on `unet` (meta device is enough), probed on this machine."""
+    aq = dataclasses.replace(make_aq_config(args.bits, args.codebook_bits, args.group_size, **aq_options),
+                             device=default_device(args.device))
+    return plan_time(unet, aq, calib, calib.resolution // vae_scale_factor, parse_subsets(args.subsets),
+                     args.calibrate_skipped, max_stats_bytes(args), rates)
+
+
+def meta_unet(model: str | Path, single_file: SingleFileOptions | None = None) -> tuple[torch.nn.Module, int]:
+    """(the U-Net of a diffusers folder or single-file checkpoint on the meta device, its VAE's scale
+    factor): shapes only."""
+    from diffusers import UNet2DConditionModel  # deferred: seconds to import
+
+    read_model_index(model, single_file)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_unet_config(model, single_file))
+    if is_checkpoint_file(model):  # the packaged preset whose every shape the file matches
+        return unet, PRESETS[describe(model, single_file).preset].vae_scale_factor
+    vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+    return unet, 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def print_time_plan(tp: TimePlan) -> None:
+    print(f"projected time:     {format_duration(tp.seconds)} on this machine (calibration "
+          f"{format_duration(tp.calibration_seconds)}, AQ {format_duration(tp.aq_seconds)}; "
+          f"probe took {tp.probe_seconds:.0f} s; loading and writing not counted)", flush=True)
+
+
+def pick_budget_settings(args: argparse.Namespace, unet, vae_scale_factor: int, calib: SamplingConfig,
+                         aq_options: dict) -> tuple[dict, TimePlan]:
+    """The AQ options of the most thorough LADDER rung that fits --time-budget, and its time plan."""
+    budget = parse_duration(args.time_budget)
+    given = [flag for flag, field in AQ_FLAGS.items() if field in BUDGET_FIELDS and aq_options[field] is not None]
+    if given:
+        raise ConfigError(f"--time-budget chooses {', '.join('--' + f.replace('_', '-') for f in given)}: "
+                          "drop one or the other")
+    rates, plans = measure_rates(), {}
+
+    def project(knobs: dict) -> float:
+        plans[id(knobs)] = project_run(args, unet, vae_scale_factor, calib, {**aq_options, **knobs}, rates)
+        return plans[id(knobs)].seconds
+
+    rung, seconds = choose_rung(project, budget)
+    flags = {field: flag for flag, field in AQ_FLAGS.items()}
+    picked = " ".join(f"--{flags[k].replace('_', '-')} {v}" for k, v in rung.knobs.items()) or "the defaults"
+    print(f"time budget {format_duration(budget)}: picked '{rung.name}' ({picked}), projected "
+          f"{format_duration(seconds)}; expected error {rung.error_ratio:.2f}x the default settings' "
+          f"(median over layers, benchmarks/results/aq_budget_ladder.json)", flush=True)
+    return {**aq_options, **rung.knobs}, plans[id(rung.knobs)]
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calibrate_skipped and not args.subsets:
         raise ConfigError("--calibrate-skipped needs --subsets: without it every subset is calibrated and quantized")
-    calib = recipe(args.preset).replace(
-        prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, resolution=args.resolution,
-        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, max_rows_per_call=args.max_tokens_per_call)
-    aq = {field: getattr(args, flag) for flag, field in AQ_FLAGS.items()}
+    calib, aq = run_settings(args, args.preset)
     rank, _ = init_distributed()
+    tp, sf_opts = None, single_file_options(args, fallback_family=args.preset, fallback_source="from --preset")
+    if rank == 0 and (args.time_budget or not args.no_progress):  # the budget's choice, or the bar's ETA
+        out = Path(args.out)  # the cheap refusals first, not after a minute of probing
+        check_paths(Path(args.model), out, QuantizeCheckpoint.for_output(out), args.resume, args.force)
+        unet, factor = meta_unet(args.model, sf_opts)
+        if args.time_budget:
+            aq, tp = pick_budget_settings(args, unet, factor, calib, aq)
+        else:
+            tp = project_run(args, unet, factor, calib, aq)
+        print_time_plan(tp)
     result = quantize_model(
         args.model, args.preset, args.bits, args.out, calibration=calib, aq_options=aq, nbits=args.codebook_bits,
         group_size=args.group_size, resume=args.resume, force=args.force, device=args.device, dtype=args.dtype,
-        max_stats_bytes=None if args.max_stats_gb is None else int(args.max_stats_gb * 2**30),
-        stop_after_subset=args.stop_after_subset, subsets=args.subsets, calibrate_skipped=args.calibrate_skipped,
-        progress=not args.no_progress,
-        single_file=single_file_options(args, fallback_family=args.preset, fallback_source="from --preset"))
+        max_stats_bytes=max_stats_bytes(args), stop_after_subset=args.stop_after_subset, subsets=args.subsets,
+        calibrate_skipped=args.calibrate_skipped, progress=not args.no_progress, time_plan=tp,
+        single_file=sf_opts)
     if rank == 0:
         print_summary(result)
     return 0
@@ -125,5 +213,8 @@ def print_summary(result) -> None:
     errors = [s["rel_error"] for s in layers.values()]
     weights = sum(s["n"] * s["d"] for s in layers.values())
     bits = sum(s["bits"] * s["n"] * s["d"] for s in layers.values()) / weights
+    worked = sum(i["calibration_seconds"] + i["quantization_seconds"] for i in result.subsets if not i.get("resumed"))
+    projected = "" if result.projected_seconds is None else \
+        f" (calibration + AQ {worked:.1f} s, projected {result.projected_seconds:.1f} s)"
     print(f"\n{len(layers)} layers, median rel.error {statistics.median(errors):.4g}, max {max(errors):.4g}, "
-          f"{bits:.2f} bits/weight on quantized layers, {result.seconds / 60:.1f} min; wrote {result.out}")
+          f"{bits:.2f} bits/weight on quantized layers, {result.seconds / 60:.1f} min{projected}; wrote {result.out}")

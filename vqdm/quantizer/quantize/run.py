@@ -54,6 +54,7 @@ class QuantizeResult:
     layers: dict[str, dict]  # name -> {subset, n, d, rel_error, bits, seconds, rows}
     subsets: list[dict]  # per subset: name, layers, quantized, passes, H bytes, calibration/quantization seconds, resumed
     seconds: float
+    projected_seconds: float | None = None  # the time plan's calibration + AQ seconds, when one was given
 
 
 @dataclass
@@ -71,8 +72,19 @@ class _Run:
     progress: bool
     subsets: tuple[str, ...]  # the subsets to quantize; the others stay dense
     calibrate_skipped: bool  # still collect (and discard) the H of the others
+    time_plan: Any = None  # a time_plan.TimePlan: the bar's ETA weighs each step by its projected seconds
+    bar: Any = None  # the run's progress bar (`_progress_bar`)
     layer_stats: dict[str, dict] = field(default_factory=dict)
     subsets_info: list[dict] = field(default_factory=list)
+
+    def advance(self, seconds: float, layers: int = 0) -> None:
+        """Move the bar by a step's projected seconds (without a time plan: by its layers)."""
+        if self.bar is None:
+            return
+        if layers:
+            self.bar.layers_done += layers
+            self.bar.set_postfix_str(f"{self.bar.layers_done}/{self.bar.layers_total} layers", refresh=False)
+        self.bar.update(seconds if self.time_plan is not None else layers)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -95,7 +107,7 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
                    force: bool = False, device: str | None = None, dtype: str | torch.dtype | None = None,
                    max_stats_bytes: int | None = None, stop_after_subset: int | None = None,
                    subsets: str | Iterable[str] | None = None, calibrate_skipped: bool = False,
-                   progress: bool = True, single_file: SingleFileOptions | None = None) -> QuantizeResult:
+                   progress: bool = True, time_plan=None, single_file: SingleFileOptions | None = None) -> QuantizeResult:
     """Quantize the U-Net of the diffusers folder (or single-file checkpoint: `single_file`) `model_dir` to K=`bits` codebooks; write the artifact `out`.
 
     `preset` ('sdxl' / 'sdxl-turbo') picks the calibration recipe; `calibration` replaces it whole
@@ -105,7 +117,9 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     raises QuantizeStopped once that subset (0-6) is checkpointed, as an interruption would.
     `subsets` (names or "a,b"; default all seven) picks the subsets to quantize: the layers of the
     others stay dense in the artifact. `calibrate_skipped` still collects the others' H (and then
-    discards it), to measure what calibrating them costs without paying for their AQ.
+    discards it), to measure what calibrating them costs without paying for their AQ. `time_plan`
+    (`time_plan.plan_time` of the same settings) makes the progress bar's ETA the projected seconds
+    left, scaled by the measured pace so far.
     Raises ConfigError / ModelFolderError / FileExistsError / CheckpointError before any output is
     written when the inputs are wrong.
     """
@@ -135,7 +149,8 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
     })  # not device, dtype or the memory budget: a run may resume elsewhere, or in more passes after an OOM
     state = _open_checkpoint(ckpt, identity, resume, rank, world)
     # one seed for latents, noise, row sampling and AQ
-    run = _Run(pipe, calib, prompts, aq, calib.seed, rank, world, max_stats_bytes, progress, chosen, calibrate_skipped)
+    run = _Run(pipe, calib, prompts, aq, calib.seed, rank, world, max_stats_bytes, progress, chosen, calibrate_skipped,
+               time_plan)
     _quantize_subsets(run, ckpt, state, stop_after_subset)
     if rank == 0:
         manifest = {
@@ -149,7 +164,8 @@ def quantize_model(model_dir: str | Path, preset: str, bits: int, out: str | Pat
         save_artifact(pipe, out, manifest, source_dir=model_dir if model_dir.is_dir() else None, overwrite=force)
         ckpt.remove()
     _barrier(world)
-    return QuantizeResult(out, run.layer_stats, run.subsets_info, time.perf_counter() - start)
+    return QuantizeResult(out, run.layer_stats, run.subsets_info, time.perf_counter() - start,
+                          None if time_plan is None else time_plan.seconds)
 
 
 def _load_checked_pipeline(model_dir: Path, calib: SamplingConfig, group_size: int, device: str,
@@ -200,8 +216,7 @@ def _quantize_subsets(run: _Run, ckpt: QuantizeCheckpoint, state: dict, stop_aft
         log.info("resuming: %d of %d subsets restored from %s", len(done), len(SUBSETS), ckpt.path)
 
     todo = [i for i, s in enumerate(SUBSETS) if s in run.subsets or run.calibrate_skipped]
-    bar = tqdm(total=len(todo), initial=len(done), desc="subsets", unit="subset",
-               disable=not run.progress or run.rank != 0)
+    run.bar = bar = _progress_bar(run, done)
     for index, subset in enumerate(SUBSETS):
         if index in done or index not in todo:
             continue
@@ -215,7 +230,6 @@ def _quantize_subsets(run: _Run, ckpt: QuantizeCheckpoint, state: dict, stop_aft
         if run.rank == 0:
             ckpt.save_subset(state, index, subset, tensors, stats, info)
         _barrier(run.world)
-        bar.update(1)
         log.info("subset %d/%d %s: %d layers, %s, calibration %.1f s in %d pass(es) (H %.2f GB), quantization %.1f s, "
                  "median rel. error %s", index + 1, len(SUBSETS), subset, info["layers"],
                  "quantized" if info["quantized"] else "statistics only, stays dense", info["calibration_seconds"],
@@ -225,6 +239,26 @@ def _quantize_subsets(run: _Run, ckpt: QuantizeCheckpoint, state: dict, stop_aft
             raise QuantizeStopped(f"stopped after subset {index} ({subset}) as asked; "
                                   f"continue with --resume (checkpoint {ckpt.path})")
     bar.close()
+
+
+def _progress_bar(run: _Run, done: set[int]):
+    """The run's bar: layers done, and an ETA. With a time plan the bar counts projected seconds
+    (each calibration pass and layer by its own), so tqdm's ETA (at the average pace, smoothing 0)
+    is the projected time left scaled by how the run has kept to the projection so far."""
+    todo = [s for i, s in enumerate(SUBSETS) if s in run.subsets and i not in done]
+    done_layers = len(run.layer_stats)  # restored from the checkpoint
+    total_layers = done_layers + len(layers_in_subsets(select_layers(run.pipe.unet), todo))
+    if run.time_plan is not None:
+        steps = {s["subset"]: s["calibration_seconds"] + s["aq_seconds"] for s in run.time_plan.subsets}
+        total, initial = sum(steps.values()), sum(steps.get(SUBSETS[i], 0.0) for i in done)
+    else:
+        total, initial = total_layers, done_layers
+    bar = tqdm(total=total, initial=initial, desc="quantize", smoothing=0,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+               disable=not run.progress or run.rank != 0)
+    bar.layers_done, bar.layers_total = done_layers, total_layers
+    bar.set_postfix_str(f"{done_layers}/{total_layers} layers", refresh=False)
+    return bar
 
 
 def _calibration_record(run: _Run, preset: str, prompts_sha256: str, dtype: torch.dtype) -> dict:
@@ -249,6 +283,7 @@ def _calibrate_pass(run: _Run, subset: str, p: int, passes: list[list[str]]):
     t0 = time.perf_counter()
     with tqdm(desc=f"{label} calibration", unit="batch", leave=False, disable=not run.progress or run.rank != 0) as bar:
         calibrated = collect_hessians(run.pipe, passes[p], run.calib, run.prompts, progress=bar)
+    run.advance(run.time_plan.pass_seconds(subset, p) if run.time_plan is not None else 0.0)
     return calibrated, time.perf_counter() - t0
 
 
@@ -296,6 +331,9 @@ def _quantize_subset(run: _Run, subset: str) -> tuple[dict, dict, dict]:
             _quantize_pass(run, names, modules, mine, calibrated, tensors, stats, bar)
         if run.world > 1:
             _share_results(names, modules, run, mine, tensors, stats)
+            others = [n for n in names if n not in mine]  # the other ranks' layers, now done too
+            run.advance(sum(run.time_plan.layer_seconds.get(n, 0.0) for n in others) if run.time_plan else 0.0,
+                        layers=len(others))
         for name in names:
             n, d = weight_matrix(modules[name]).shape
             owner = shared_with.get(name)
@@ -324,6 +362,7 @@ def _quantize_pass(run: _Run, names: list[str], modules: dict, mine: set[str], c
             stats[name] = {"rel_error": _rel_error(qw, w, hessians[name]), "seconds": seconds}
             bar.update(1)
             bar.set_postfix(rel_error=f"{stats[name]['rel_error']:.3g}")
+            run.advance(run.time_plan.layer_seconds.get(name, 0.0) if run.time_plan is not None else 0.0, layers=1)
         if name == last_user.get(shared_with.get(name)):
             for member in groups[shared_with[name]]:  # free a shared H once its last user is done
                 hessians.pop(member, None)

@@ -12,8 +12,9 @@ With no --model the server's embedded default (tiny SDXL, its prebuilt K=2 artif
 
 `--compare-compile MODE --models-json FILE` measures served latency instead: VQ against dense served
 the same way, and compiled against eager. FILE (written by `served_models.py`) names pairs of a VQ
-artifact and a dense folder with the request body for each pair. One server runs every model with
-`--compile off`, then one with `--compile MODE` (compiled at start-up, inside warm-up); each model
+artifact and a dense folder with the request body for each pair (`--pairs LABEL...`: only those).
+One server runs every model with `--compile MODE` (compiled at start-up, inside warm-up), then one
+with `--compile off`; each model
 gets warm-up requests, then sequential timed requests (concurrency 1, batching off). Ratios per pair:
 VQ / dense compiled (`served_ratio`), VQ / dense eager, eager / compiled for each. The JSON is
 rewritten after each server, so a run stopped midway keeps what it measured; each compiled
@@ -189,12 +190,18 @@ def _ratio(num: dict | None, den: dict | None) -> float | None:
 def compare_compile(args) -> dict:
     """Served latency of each pair's VQ and dense model, eager then compiled (module docstring)."""
     pairs = json.loads(Path(args.models_json).read_text())
+    if args.pairs:
+        unknown = sorted(set(args.pairs) - set(pairs))
+        if unknown:
+            raise SystemExit(f"--pairs {' '.join(unknown)}: not in {args.models_json} (it has {', '.join(pairs)})")
+        pairs = {label: pairs[label] for label in args.pairs}
     models = {f"{label}-{kind}": pair[kind] for label, pair in pairs.items() for kind in ("vq", "dense")}
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "config": {"device": args.device, "compile": args.compare_compile, "requests": args.requests,
                          "warmup": args.warmup, "pairs": pairs, "server_args": args.server_arg},
               "servers": {}, "pairs": {}}
-    for mode in ("off", args.compare_compile):
+    # Compiled first: its VQ / dense ratio is the figure a run stopped midway should still have.
+    for mode in (args.compare_compile, "off"):
         t0 = time.perf_counter()
         entry: dict = {"mode": mode}
         result["servers"][mode] = entry
@@ -270,6 +277,7 @@ def main() -> None:
     p.add_argument("--compare-compile", metavar="MODE",
                    help="served latency, VQ vs dense, eager vs `vqdm serve --compile MODE` (needs --models-json)")
     p.add_argument("--models-json", help="pairs to serve (benchmarks/served_models.py writes it)")
+    p.add_argument("--pairs", nargs="+", metavar="LABEL", help="serve only these pairs of --models-json (default: all)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="one more `vqdm serve` argument (repeatable), e.g. --server-arg=--no-verify-artifacts")
     args = p.parse_args()

@@ -5,7 +5,8 @@
         [--budgets 0,0.25,0.5,1] [--policy none] [--compile [MODE]] [--cuda-graph]
 
 Each (variant, dtype) runs in its own subprocess, so peak RSS (and CUDA peak memory) is honest:
-the VQ U-Net is built on the meta device and materialised as VQ directly, never as dense first.
+the VQ U-Net is built on the meta device and materialised as VQ directly, never as dense first
+(`--in-process`, for dry runs: all in this process, no process start each, no peak RSS).
 Batch: CFG batch 2 for SDXL, 1 for Turbo (guidance 0). Keys (SPEC §7): latency_ratio_fp32,
 latency_ratio_bf16, weight_memory_ratio_fp32, peak_rss_ratio; GPU runs add latency_ratio_fp16.
 `--budgets` (fractions of the dense weight bytes) adds the cache-budget sweep for the plot
@@ -204,8 +205,8 @@ def time_compiled(unet, kw, a) -> dict:
 
 
 def worker(a) -> dict:
-    global EXTRA_TRIES
-    EXTRA_TRIES = a.busy_retries
+    global EXTRA_TRIES, STEP_LOG
+    EXTRA_TRIES, STEP_LOG = a.busy_retries, []
     dtype = DTYPES[a.dtype]
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0 = time.perf_counter()
@@ -244,7 +245,8 @@ def worker(a) -> dict:
     if a.compile:
         install_weight_cache(unet, a.policy if a.variant == "vq" else "none")
         res["compiled"] = time_compiled(unet, kw, a)
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # In-process workers share one process: its peak is every variant's so far, no variant's own.
+    res["peak_rss_bytes"] = None if a.in_process else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["step_log"] = STEP_LOG  # every step run, with the CPU time other processes used meanwhile
     if a.device == "cuda":
         res["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -270,8 +272,12 @@ def run_worker(args, variant: str, dtype: str, budgets: str | None = None) -> di
     waited = _wait_quiet(args.wait_quiet)
     print(f"$ {variant} {dtype}{' budgets ' + budgets if budgets else ''}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    if args.in_process:
+        res = worker(argparse.Namespace(**{**vars(args), "variant": variant, "dtype": dtype, "budgets": budgets,
+                                           "compile": None if budgets else args.compile}))
+    else:
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        res = json.loads(out.strip().splitlines()[-1])
     # Other processes on a shared CPU skew one variant more than the other: keep the evidence.
     res["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
     res["waited_for_quiet_s"] = waited
@@ -376,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend (aot_eager: traces the same graph without generating code, for dry runs)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every variant in this process, not one subprocess each: no process start per "
+                         "variant, but no peak RSS either (peak_rss_ratio is left out; for dry runs)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     dtypes = (a.dtypes or ("fp32,bf16" if a.device == "cpu" else "fp16,bf16")).split(",")
     result = {"preset": a.preset, "resolution": a.resolution, "bits": a.bits, "device": a.device,
-              "dense_from": a.dense_from,
+              "dense_from": a.dense_from, "in_process": a.in_process,
               "policy": a.policy, "batch": 1 if a.preset.endswith("turbo") else 2,
               "command": "python " + " ".join(sys.argv), "machine": machine(a.device), "runs": {}}
     reuse = json.load(open(a.dense_from))["runs"] if a.dense_from else {}
@@ -399,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         result[f"latency_ratio_{dt}"] = vq["step_s"] / dense["step_s"]
         if dt == "fp32":
             result["weight_memory_ratio_fp32"] = dense["weight_bytes"] / vq["weight_bytes"]
-            result["peak_rss_ratio"] = dense["peak_rss_bytes"] / vq["peak_rss_bytes"]
+            if not a.in_process:
+                result["peak_rss_ratio"] = dense["peak_rss_bytes"] / vq["peak_rss_bytes"]
         if "graph_step_s" in dense and "graph_step_s" in vq:
             result[f"latency_ratio_{dt}_cuda_graph"] = vq["graph_step_s"] / dense["graph_step_s"]
         if a.device == "cuda":

@@ -91,3 +91,20 @@ def test_unknown_target_is_a_usage_error(tmp_path):
     assert proc.returncode == 2
     assert "unknown target 'unet-sdxl'" in proc.stderr and "usage: bash benchmarks/run_gpu.sh" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
+
+
+def test_sdxl_not_served_for_lack_of_time_is_null_with_the_reason(dry_run, tmp_path):
+    # What a GPU run writes when SDXL 1024² did not fit in the budget: gpu_served.json with Turbo only.
+    first, _, _ = dry_run
+    served = json.loads((first / "gpu_served.json").read_text())
+    for part in (served["config"]["pairs"], served["pairs"]):
+        part.pop("sdxl_1024")
+    (tmp_path / "gpu_served.json").write_text(json.dumps(served))
+    subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(tmp_path), "--device", "cpu-dry-run"], cwd=REPO,
+                   check=True)
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert summary["served_ratio_sdxl_1024"] is None
+    assert "SDXL 1024² not served: it did not fit in the time budget" in summary["served_ratio_sdxl_1024_reason"]
+    assert summary["served_ratio_turbo_512"] == served["pairs"]["turbo_512"]["served_ratio"]
+    assert summary["served_speedup_vs_eager"] == served["pairs"]["turbo_512"]["speedup_vs_eager_vq"]
+    assert summary["served_speedup_vs_eager_how"].endswith("(Turbo 512²)")

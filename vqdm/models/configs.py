@@ -2,7 +2,8 @@
 
 Each preset holds diffusers configs for every pipeline component; the tiny ones keep the SDXL
 block structure (DownBlock2D + 2 cross-attention down blocks, cross-attention mid block, mirrored
-up blocks, two text encoders) at widths that run a 4-step sampling in well under a second on CPU.
+up blocks, two text encoders) at widths that run a 4-step sampling in well under a second on CPU;
+the micro ones (benchmarks/run_gpu.sh's dry run) only the fewest blocks, for fast tracing.
 """
 from __future__ import annotations
 
@@ -78,6 +79,21 @@ TINY_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * _TINY_TIME_DIM + _TINY_TEXT["projection_dim"],
     "sample_size": 16,
 }
+# The dry run of benchmarks/run_gpu.sh (and its test): the fewest blocks the SDXL U-Net class takes
+# with both block kinds (one plain, one cross-attention, each one layer deep; the cross-attention mid
+# block), so that tracing it whole with torch.compile takes seconds, not the tens of seconds
+# tiny-sdxl's U-Net does on a loaded 2-core machine. Width 16: a single-file checkpoint of a tiny
+# model is never laid out against it.
+MICRO_UNET: dict[str, Any] = {
+    **TINY_UNET,
+    "block_out_channels": [16, 32],
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 1],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 8,
+}
 TINY_VAE: dict[str, Any] = {**SDXL_VAE, "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8,
                             "layers_per_block": 1, "sample_size": 128}
 
@@ -140,6 +156,12 @@ PRESETS: dict[str, Preset] = {
     "tiny-sdxl-turbo": Preset("tiny-sdxl-turbo", "sdxl-turbo", TINY_UNET, {**SDXL_TEXT_ENCODER, **_TINY_TEXT},
                               {**SDXL_TEXT_ENCODER_2, **_TINY_TEXT}, TINY_VAE, TURBO_SCHEDULER,
                               steps=2, guidance=0.0, resolution=128),
+    "micro-sdxl": Preset("micro-sdxl", "sdxl", MICRO_UNET, {**SDXL_TEXT_ENCODER, **_TINY_TEXT},
+                         {**SDXL_TEXT_ENCODER_2, **_TINY_TEXT}, TINY_VAE, SDXL_SCHEDULER,
+                         steps=2, guidance=5.0, resolution=64),
+    "micro-sdxl-turbo": Preset("micro-sdxl-turbo", "sdxl-turbo", MICRO_UNET, {**SDXL_TEXT_ENCODER, **_TINY_TEXT},
+                               {**SDXL_TEXT_ENCODER_2, **_TINY_TEXT}, TINY_VAE, TURBO_SCHEDULER,
+                               steps=1, guidance=0.0, resolution=64),
     "tiny-sdxl-digits": Preset("tiny-sdxl-digits", "sdxl", {**TINY_UNET, "sample_size": 8},
                                {**SDXL_TEXT_ENCODER, **_DIGITS_TEXT}, {**SDXL_TEXT_ENCODER_2, **_DIGITS_TEXT},
                                {**TINY_VAE, "block_out_channels": [8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,

@@ -68,38 +68,46 @@ def main(argv: list[str] | None = None) -> int:
     ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", required=True, help="name of this case in the results file")
-    ap.add_argument("--make-model", required=True, metavar="PRESET", help="architecture preset (tiny-sdxl, sdxl)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--make-model", metavar="PRESET", help="architecture preset (tiny-sdxl, sdxl), made in WORKDIR")
+    src.add_argument("--model", type=Path, help="an existing model: diffusers folder or single-file checkpoint")
+    ap.add_argument("--real-from", type=Path, metavar="ARTIFACT",
+                    help="an artifact quantized earlier from --model with the same flags (e.g. by "
+                         "quantize_full_sdxl.py): its manifest gives the real seconds, and no quantize runs")
     ap.add_argument("--workdir", required=True, type=Path)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--json", help="results file (the case is merged into it)")
     args = ap.parse_args(ours)
 
-    model = args.workdir / args.make_model
+    model = args.model or args.workdir / args.make_model
     if not model.exists():
         run([*VQDM, "make-model", args.make_model, "--out", str(model)])
-    family = "sdxl-turbo" if "turbo" in args.make_model else "sdxl"
+    family = "sdxl-turbo" if "turbo" in (args.make_model or "") else "sdxl"
     load_before, origin = os.getloadavg()[0], machine("cpu")  # the commit that runs, before anything changes
     out, plan_wall = run([*VQDM, "plan", "--model", str(model), "--bits", str(args.bits), "--time", "--json", *flags])
     projection = json.loads(out)["time"]
-    artifact = args.workdir / f"{args.case}-vq{args.bits}"
-    shutil.rmtree(artifact, ignore_errors=True)
-    out, quantize_wall = run([*VQDM, "quantize", "--model", str(model), "--preset", family, "--bits", str(args.bits),
-                              "--out", str(artifact), *flags])
-    at_start = float(re.search(r"calibration \+ AQ [\d.]+ s, projected ([\d.]+) s", out).group(1))
+    artifact, quantize_wall, at_start = args.real_from, None, None
+    if artifact is None:
+        artifact = args.workdir / f"{args.case}-vq{args.bits}"
+        shutil.rmtree(artifact, ignore_errors=True)
+        out, quantize_wall = run([*VQDM, "quantize", "--model", str(model), "--preset", family, "--bits",
+                                  str(args.bits), "--out", str(artifact), *flags])
+        at_start = float(re.search(r"calibration \+ AQ [\d.]+ s, projected ([\d.]+) s", out).group(1))
     manifest = json.loads((artifact / "unet" / "manifest.json").read_text())
     subsets = manifest["calibration"]["subsets"]
     real = {"calibration_seconds": sum(s["calibration_seconds"] for s in subsets),
             "aq_seconds": sum(s["quantization_seconds"] for s in subsets)}
     real["seconds"] = real["calibration_seconds"] + real["aq_seconds"]
     case = {
-        "model": args.make_model, "flags": flags, "bits": args.bits,
+        "model": str(args.model or args.make_model), "real_from": str(args.real_from) if args.real_from else None,
+        "flags": flags, "bits": args.bits,
         "projected": {k: projection[k] for k in ("seconds", "calibration_seconds", "aq_seconds", "probe_seconds")},
         "projected_at_quantize_start_seconds": at_start,
         "real": real, "quantize_wall_seconds": quantize_wall, "plan_wall_seconds": plan_wall,
         "ratio_real_over_projected": {"total": real["seconds"] / projection["seconds"],
                                       "calibration": real["calibration_seconds"] / projection["calibration_seconds"],
                                       "aq": real["aq_seconds"] / projection["aq_seconds"],
-                                      "total_vs_quantize_start": real["seconds"] / at_start},
+                                      "total_vs_quantize_start": real["seconds"] / at_start if at_start else None},
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "machine": origin,
         "command": "benchmarks/plan_accuracy.py " + " ".join(argv),
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(path.read_text()) if path.exists() else {"benchmark": "plan_accuracy", "cases": {}}
         result["cases"][args.case] = case
         path.write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(artifact, ignore_errors=True)
+    if args.real_from is None:
+        shutil.rmtree(artifact, ignore_errors=True)
     return 0
 
 

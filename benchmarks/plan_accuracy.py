@@ -4,6 +4,11 @@
         --workdir /tmp/plan_acc --json benchmarks/results/plan_accuracy.json -- --num-prompts 2 --steps 2 \
         --resolution 64 --batch-size 2 --beam 2 --adam-steps 2 --max-rounds 1 --kmeans-iters 5 --damping 0.1 \
         --init-passes 1 --tolerance 0.01 --device cpu
+    .venv/bin/python benchmarks/plan_accuracy.py --case sdxl-mid_block-single-file \
+        --model /tmp/i28/full/sdxl-fp16.safetensors --real-from /tmp/full28/sdxl-vq3-mid --workdir /tmp/plan_acc \
+        --json benchmarks/results/plan_accuracy.json -- --subsets mid_block --max-stats-gb 5.0 --num-prompts 2 \
+        --batch-size 2 --steps 1 --resolution 256 --guidance 1 --beam 1 --max-rounds 0 --kmeans-iters 1 \
+        --init-passes 0 --device cpu   # the artifact and file of benchmarks/quantize_full_sdxl.py --export
     flock /work/wt/bigmem.lock .venv/bin/python benchmarks/plan_accuracy.py --case sdxl-mid_block \
         --make-model sdxl --workdir /tmp/plan_acc --json benchmarks/results/plan_accuracy.json -- \
         --subsets mid_block --max-stats-gb 5 --num-prompts 2 --batch-size 2 --steps 1 --resolution 256 \

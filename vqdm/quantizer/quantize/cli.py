@@ -174,7 +174,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()
     tp, sf_opts = None, single_file_options(args, fallback_family=args.preset, fallback_source="from --preset")
     if rank == 0 and (args.time_budget or not args.no_progress):  # the budget's choice, or the bar's ETA
-        out = Path(args.out)  # the cheap refusals first, not after a minute of probing
+        out = Path(args.out)  # the cheap refusals first (the model, then the paths), not after a minute of probing
+        read_model_index(args.model, sf_opts)
         check_paths(Path(args.model), out, QuantizeCheckpoint.for_output(out), args.resume, args.force)
         unet, factor = meta_unet(args.model, sf_opts)
         if args.time_budget:

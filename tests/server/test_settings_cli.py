@@ -140,3 +140,29 @@ def test_drain_grace_period():
 
     assert grace_period_s(60) == 60 + FLUSH_S + MARGIN_S
     assert grace_period_s(0.5, pre_stop_s=5) == 5 + 1 + FLUSH_S + MARGIN_S  # rounded up, never "forever"
+
+
+def test_serve_reads_a_single_file_without_a_vae_through_its_flags(tmp_path):
+    """`vqdm serve --vae/--family/--config` (VQDM_SINGLE_FILE_*) reach every single-file model, as
+    generate's do: a checkpoint without a baked VAE loads with the one named."""
+    import torch
+
+    from vqdm.models import make_model
+    from vqdm.models.builders import make_single_file
+    from vqdm.cli import build_parser
+    from vqdm.server.cli import build_settings
+    from vqdm.server.loader import load_model
+
+    ckpt = make_single_file("tiny-sdxl-turbo", tmp_path / "t.safetensors", dtype=torch.float32, include_vae=False)
+    folder = make_model("tiny-sdxl-turbo", tmp_path / "folder")
+    args = build_parser("serve").parse_args(["serve", "--model", f"t={ckpt}", "--model", f"f={folder}",
+                                             "--vae", str(folder), "--family", "sdxl-turbo", "--device", "cpu"])
+    settings = build_settings(args)
+    file_spec, folder_spec = settings.model_specs()
+    assert file_spec.single_file.vae == str(folder) and file_spec.single_file.family == "sdxl-turbo"
+    assert folder_spec.single_file is None  # a folder says all this itself
+    model = load_model(file_spec, settings, ["cpu"])
+    assert model.family == "sdxl-turbo" and model.replicas["cpu"].pipe.vae is not None
+    with pytest.raises(Exception, match="--vae"):  # without it, the error names the flag
+        load_model(build_settings(build_parser("serve").parse_args(["serve", "--model", f"t={ckpt}"])).model_specs()[0],
+                   settings, ["cpu"])

@@ -24,6 +24,7 @@ _SERVE_FLAGS = {
     "peer_timeout": "peer_timeout_s",
     "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
     "compile": "compile", "compile_shape": "compile_shapes", "compile_backend": "compile_backend",
+    "family": "single_file_family", "vae": "single_file_vae", "config": "single_file_config",
 }
 
 
@@ -79,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
     p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA adapters per model and device, cached compute-dtype copies included (default 1GB)")
+    add_single_file_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")

@@ -8,8 +8,9 @@ Kubernetes secret holds naturally:
 """
 from __future__ import annotations
 
+
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -66,6 +67,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="bearer keys; none leaves the API open", repr=False)
     protect_metrics: bool = Field(False, description="require an API key on /metrics too")
+    # What a single-file checkpoint among `models` cannot say about itself (as generate's --family,
+    # --vae, --config); applied to every model given as a dense .safetensors file.
+    single_file_family: Literal["sdxl", "sdxl-turbo"] | None = Field(
+        None, description="family of single-file checkpoints whose metadata does not say: sdxl or sdxl-turbo")
+    single_file_vae: str | None = Field(
+        None, description="VAE file or folder for single-file checkpoints without one baked in")
+    single_file_config: str | None = Field(
+        None, description="architecture preset of single-file checkpoints (default: the one their shapes match)")
 
     # Admission and batching.
     max_queue_size: int = Field(32, ge=1, description="jobs waiting (not running); beyond it: 429")
@@ -220,7 +229,11 @@ class Settings(BaseSettings):
     def model_specs(self) -> list[ModelSpec]:
         if not self.models:
             return [ModelSpec(EMBEDDED_MODEL_ID, None)]
-        return [parse_model_spec(m) for m in self.models]
+        specs = [parse_model_spec(m) for m in self.models]
+        options = SingleFileOptions(self.single_file_family, self.single_file_vae, self.single_file_config)
+        if options == SingleFileOptions():
+            return specs
+        return [replace(m, single_file=options) if m.path.is_file() else m for m in specs]
 
 
 def settings_from(overrides: dict) -> Settings:

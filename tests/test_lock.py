@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def test_installers_use_the_lock():
 def test_this_environment_is_the_lock():
     """What `make test` runs in holds exactly the locked versions (vqdm itself aside)."""
     locked = read_lock("test.txt")
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # The environment's own site-packages, not sys.path: importing setuptools (torch's inductor does, to
+    # build C++) appends setuptools/_vendor, whose vendored dists are no installed packages.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     installed.pop("vqdm", None)
     assert {n: v for n, v in installed.items() if locked.get(n, (None,))[0] != v} == {}

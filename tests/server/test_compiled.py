@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.runner import Member, run_batch
@@ -149,7 +150,7 @@ def test_settings_flags_and_buckets(monkeypatch, served_models):
     from vqdm.cli import build_parser
     from vqdm.errors import ConfigError
     from vqdm.server import cli
-    from vqdm.server.compiled import Bucket, buckets_for, resolve_mode
+    from vqdm.server.compiled import Bucket, buckets_for, compile_plan, resolve_mode
     from vqdm.server.settings import Settings, settings_from
 
     args = build_parser("serve").parse_args(["serve", "--compile", "reduce-overhead", "--compile-shape", "2x1024x1024",
@@ -161,8 +162,17 @@ def test_settings_flags_and_buckets(monkeypatch, served_models):
     monkeypatch.setenv("VQDM_COMPILE_SHAPES", "1x64x64, 2x64x64")
     s = Settings()
     assert s.compile == "auto" and s.compile_shapes == ["1x64x64", "2x64x64"]
-    assert resolve_mode("auto", "cpu") == "off" and resolve_mode("auto", "cuda:1") == "reduce-overhead"
+    assert resolve_mode("auto", "cuda:1") == "reduce-overhead"
     assert resolve_mode("max-autotune", "cpu") == "max-autotune"
+    # auto on CPU: only fp32 shapes of at least SDXL's 1024² with guidance, where compiling measured faster
+    sdxl = [Bucket(2, 1024, 1024), Bucket(4, 1024, 1024)]
+    small = [Bucket(1, 512, 512), Bucket(2, 512, 512)]
+    assert compile_plan("auto", "cpu", torch.float32, small + sdxl) == ("default", sdxl)
+    assert compile_plan("auto", "cpu", torch.bfloat16, sdxl) == ("off", [])
+    assert compile_plan("auto", "cpu", torch.float32, small) == ("off", [])
+    assert compile_plan("auto", "cuda:0", torch.float16, small) == ("reduce-overhead", small)
+    assert compile_plan("default", "cpu", torch.bfloat16, small) == ("default", small)
+    assert compile_plan("off", "cpu", torch.float32, sdxl) == ("off", [])
     for bad, why in (("2x100", "ROWSxWIDTHxHEIGHT"), ("0x64x64", "rows >= 1"), ("1x60x64", "multiples of 8")):
         with pytest.raises(ConfigError, match=f"compile_shapes: .*{why}"):
             settings_from({"compile_shapes": [bad]})

@@ -40,12 +40,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vqdm.server")
 
-# What `--compile auto` means per device type. cpu: off, because compiling does not pay there:
-# `benchmarks/bench_unet.py --compile` on the full-size Turbo U-Net at 512² (2-core EPYC, quiet) ran
-# the compiled VQ step at 1.03x (fp32) and 1.00x (bf16) the eager one, after ~125 s of compile per
-# shape (benchmarks/results/bench_unet_compile_cpu_turbo_512.json). cuda: CUDA graphs, the mode
-# `benchmarks/run_gpu.sh` measures as gpu_summary.json's served_speedup_vs_eager (not yet measured).
-AUTO_MODE = {"cpu": "off", "cuda": "reduce-overhead"}
+# What `--compile auto` compiles, measured with `benchmarks/bench_unet.py --compile default` (3-bit,
+# 2-core EPYC, quiet; step time compiled / eager):
+# - cpu: only fp32 buckets of at least SDXL's 1024² with guidance (2 rows of 1024²), the one case
+#   where the compiled U-Net ran faster: VQ 0.94x, dense 0.88x, after ~206 s of compile per shape
+#   (benchmarks/results/bench_unet_compile_cpu_sdxl_1024.json). In bf16 at that size the compiled
+#   VQ step was 1.08x the eager one, and at Turbo's 512², batch 1, 1.03x (fp32) and 1.00x (bf16)
+#   (bench_unet_compile_cpu_turbo_512.json): those run eagerly.
+# - cuda: every bucket, with CUDA graphs (reduce-overhead), the mode `benchmarks/run_gpu.sh`
+#   measures as gpu_summary.json's served_speedup_vs_eager (not yet measured).
+AUTO_MODE = {"cpu": "default", "cuda": "reduce-overhead"}
+CPU_AUTO_MIN_ROW_PIXELS = 2 * 1024 * 1024
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -77,6 +82,16 @@ def parse_bucket(text: str) -> Bucket:
 def resolve_mode(setting: str, device: str) -> str:
     """The compile mode a device runs: the setting, or `auto`'s choice for the device type."""
     return AUTO_MODE.get(torch.device(device).type, "off") if setting == "auto" else setting
+
+
+def compile_plan(setting: str, device: str, dtype: torch.dtype, buckets: list[Bucket]) -> tuple[str, list[Bucket]]:
+    """(mode, the buckets to compile) on one device: every bucket for an explicit mode; for `auto`,
+    only the buckets where compiling measured faster on that device type (AUTO_MODE's note)."""
+    mode = resolve_mode(setting, device)
+    if setting != "auto" or torch.device(device).type != "cpu":
+        return mode, buckets if mode != "off" else []
+    chosen = [b for b in buckets if dtype == torch.float32 and b.rows * b.width * b.height >= CPU_AUTO_MIN_ROW_PIXELS]
+    return (mode, chosen) if chosen else ("off", [])
 
 
 def buckets_for(settings: "Settings", model: "ServedModel") -> list[Bucket]:

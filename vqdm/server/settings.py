@@ -128,8 +128,9 @@ class Settings(BaseSettings):
     compile: Literal["off", "auto", "default", "max-autotune", "reduce-overhead"] = Field(
         "off", description="compiled serving (vqdm.server.compiled): torch.compile each U-Net at start-up, inside "
                            "warm-up, for the compile_shapes, in this torch.compile mode; reduce-overhead and "
-                           "max-autotune replay CUDA graphs on GPUs; other shapes run eagerly; auto: per device "
-                           "type (compiled.AUTO_MODE)")
+                           "max-autotune replay CUDA graphs on GPUs; other shapes run eagerly; auto: only where "
+                           "compiling measured faster (compiled.AUTO_MODE: on CPU, fp32 shapes from SDXL's 1024² "
+                           "with guidance up; on GPUs, every shape with CUDA graphs)")
     compile_shapes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="ROWSxWIDTHxHEIGHT shapes to compile, rows as they reach the U-Net (images, doubled under "

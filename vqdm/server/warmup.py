@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vqdm.server import failures
-from vqdm.server.compiled import buckets_for, compile_replica, resolve_mode
+from vqdm.server.compiled import buckets_for, compile_plan, compile_replica
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.runner import Member, run_batch
 from vqdm.server.settings import Settings
@@ -45,15 +45,19 @@ async def compile_models(dispatcher: "Dispatcher") -> None:
     device's own thread. A failure fails start-up, naming the model, device and shapes."""
     s = dispatcher.settings
     for model in dispatcher.models.values():
-        buckets = buckets_for(s, model)
         for device in dispatcher.devices:
-            mode = resolve_mode(s.compile, device)
+            replica = model.replicas[device]
+            mode, buckets = compile_plan(s.compile, device, replica.pipe.unet.dtype, buckets_for(s, model))
             if mode == "off":
+                if s.compile == "auto":
+                    log.info("compiled serving off for %s on %s: --compile auto compiles only the shapes where "
+                             "compiling measured faster on this device type (vqdm.server.compiled.AUTO_MODE)",
+                             model.id, device)
                 continue
             shapes = ", ".join(map(str, buckets))
             t0 = time.perf_counter()
             try:
-                compiled = await dispatcher.run_on(device, compile_replica, model.replicas[device], mode,
+                compiled = await dispatcher.run_on(device, compile_replica, replica, mode,
                                                    s.compile_backend, buckets)
             except Exception as e:
                 raise WarmUpFailed(f"compiling {model.id} on {device} (mode {mode}, backend {s.compile_backend}, "

@@ -126,7 +126,7 @@ INVALID = [
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", "invalid_value"),
     ({"prompt": "x", "guidance_scale": 1e9}, "guidance_scale", "invalid_value"),
     ({"prompt": "x", "seed": -1}, "seed", "invalid_value"),
-    ({"prompt": "x", "response_format": "url"}, "response_format", "unsupported_response_format"),
+    ({"prompt": "x", "response_format": "gif"}, "response_format", "unsupported_response_format"),
     ({"prompt": "x", "output_format": "gif"}, "output_format", "invalid_value"),
     ({"prompt": "x", "output_compression": 101}, "output_compression", "invalid_value"),
     ({"prompt": "x", "scheduler": "bogus"}, "scheduler", "invalid_value"),

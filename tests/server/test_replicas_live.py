@@ -1,6 +1,7 @@
 """Two live replicas as behind the Kubernetes Service: a job runs on one, and status and cancel
 work through either (the job id names its replica; the other forwards), by id or by the client's
-label, and only with the key that submitted it."""
+label, and only with the key that submitted it; an image link (response_format url) made by one
+is fetched through the other, from the folder they share."""
 from __future__ import annotations
 
 import json
@@ -17,17 +18,27 @@ def auth(i: int) -> dict:
     return {"Authorization": f"Bearer {KEYS[i]}"}
 
 
-def test_status_and_cancel_through_either_replica(tiny_artifact, live_server):
+def test_status_and_cancel_through_either_replica(tiny_artifact, live_server, tmp_path):
     ports = [live_server.free_port(), live_server.free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     servers = []
     for i in range(2):
         args = ["--model", f"tiny={tiny_artifact}", "--max-side", "256", "--max-steps", "5000", "--advertise-url", urls[i],
-                "--peer", urls[0], "--peer", urls[1]]  # the same list everywhere, as from one ConfigMap
+                "--peer", urls[0], "--peer", urls[1],  # the same list everywhere, as from one ConfigMap
+                "--image-store-dir", str(tmp_path / "images")]
         for key in KEYS:
             args += ["--api-key", key]
         servers.append(live_server(args, port=ports[i]))
     a, b = (s.wait_ready() for s in servers)
+
+    # An image link made by A works through B (the shared folder), with no key: the id is the credential.
+    made = httpx.post(f"{a.base}{GEN}", headers=auth(0), timeout=60, json={
+        "prompt": "x", "size": "64x64", "num_inference_steps": 1, "response_format": "url"})
+    link = made.json()["data"][0]["url"]
+    assert link.startswith(a.base + "/v1/files/file-"), made.text
+    through_b = httpx.get(link.replace(a.base, b.base), timeout=30)
+    assert through_b.status_code == 200 and through_b.content == httpx.get(link, timeout=30).content
+    assert through_b.content.startswith(b"\x89PNG")
 
     first = _Job(a.base, "my-label")
     from vqdm.server.replicas import replica_token, token_of

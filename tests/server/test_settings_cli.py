@@ -74,6 +74,9 @@ def test_verify_artifacts_takes_effect_both_ways(tiny_artifact, tmp_path, monkey
     (["serve", "--model", "a=/x", "--model", "a=/y"], "given twice"),
     (["serve", "--api-key", "short"], "at least 8"),
     (["serve", "--model", "m=/no/such/folder"], "no such folder"),
+    (["serve", "--image-store-dir", "/dev/null/images"], "image_store_dir /dev/null/images: cannot write there"),
+    (["serve", "--public-url", "images.example.com"], "must start with http:// or https://"),
+    (["serve", "--image-store-ttl", "0"], "image_store_ttl_s"),
 ])
 def test_serve_refuses_bad_configuration_in_one_line(capsys, argv, message):
     assert main(argv) == 1

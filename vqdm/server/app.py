@@ -21,6 +21,7 @@ from vqdm.server.batching import Dispatcher
 from vqdm.server.edits import EDITS_PATH
 from vqdm.server.edits import router as edits_router
 from vqdm.server.errors import install_error_handlers
+from vqdm.server.image_store import ImageStore
 from vqdm.server.loader import ModelLoader, load_models, resolve_device
 from vqdm.server.loop_lag import watch_loop_lag
 from vqdm.server.loras import attach_loras
@@ -85,6 +86,11 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         metrics.build_info.labels(__version__, settings.backend, ",".join(devices)).set(1)
         state = ServerState(settings=settings, metrics=metrics, dispatcher=Dispatcher(settings, metrics, devices),
                             devices=devices, decode_limiter=anyio.CapacityLimiter(settings.edit_decode_concurrency))
+        state.image_store = await asyncio.to_thread(
+            ImageStore, settings.image_store_dir, settings.image_store_max_bytes, settings.image_store_ttl_s, metrics)
+        if settings.peers and settings.image_store_dir is None:
+            log.warning("peers are set but image_store_dir is not: an image URL works only through the replica "
+                        "that made it (docs/deploy.md, Replicas)")
         app.state.vqdm = state
         metrics_server = None
         if settings.metrics_port is not None:
@@ -102,6 +108,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
             if not loading.done():
                 loading.cancel()
             await state.dispatcher.shutdown(settings.shutdown_timeout_s)
+            await asyncio.to_thread(state.image_store.close)
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()

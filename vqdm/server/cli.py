@@ -24,6 +24,8 @@ _SERVE_FLAGS = {
     "peer_timeout": "peer_timeout_s",
     "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
     "compile": "compile", "compile_shape": "compile_shapes", "compile_backend": "compile_backend",
+    "image_store_dir": "image_store_dir", "image_store_max_bytes": "image_store_max_bytes",
+    "image_store_ttl": "image_store_ttl_s", "public_url": "public_url",
     "family": "single_file_family", "vae": "single_file_vae", "config": "single_file_config",
 }
 
@@ -80,6 +82,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
     p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA adapters per model and device, cached compute-dtype copies included (default 1GB)")
+    p.add_argument("--image-store-dir", metavar="DIR",
+                   help="folder for the images url replies link to; the same shared folder on every replica "
+                        "(default: a private temporary folder)")
+    p.add_argument("--image-store-max-bytes", type=int, metavar="BYTES",
+                   help="image files kept before the oldest are removed (default 1 GiB)")
+    p.add_argument("--image-store-ttl", type=float, metavar="SECONDS", help="URLs expire after this (default 3600)")
+    p.add_argument("--public-url", metavar="URL",
+                   help="base URL clients reach this server at, for url replies (default: the request's own)")
     add_single_file_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -18,6 +18,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from vqdm.server import failures
 from vqdm.server.batching import NotAccepting, QueueFull, Unhealthy
 from vqdm.server.errors import APIError, error_payload
+from vqdm.server.image_store import ImageLinks
 from vqdm.server.imaging import encode_b64
 from vqdm.server.jobs import Job, JobState
 from vqdm.server.state import ServerState
@@ -101,7 +102,10 @@ async def submit_and_reply(request: Request, state: ServerState, params, owner: 
         return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
                                    shutdown_grace_period=state.settings.shutdown_timeout_s)
     await _wait(request, state, job)
-    return JSONResponse(await _success_body(job))
+    links = None
+    if params.response_format == "url":  # a stream's events carry base64, as OpenAI's do
+        links = ImageLinks(state.image_store, state.settings.public_url or str(request.base_url).rstrip("/"))
+    return JSONResponse(await _success_body(job, links))
 
 
 def _deadline(state: ServerState, job: Job) -> float:
@@ -155,16 +159,23 @@ async def _wait(request: Request, state: ServerState, job: Job) -> None:
         raise _outcome_error(job)
 
 
-async def _success_body(job: Job) -> dict[str, Any]:
+async def _success_body(job: Job, links: ImageLinks | None = None) -> dict[str, Any]:
+    """The reply to a job that succeeded: its images in base64, or, given `links` (response_format
+    url), stored and linked."""
     p, res = job.params, job.result
     t0 = time.perf_counter()
-    images = await anyio.to_thread.run_sync(encode_b64, res.images, p.output_format, p.output_compression)
+    if links is None:
+        b64 = await anyio.to_thread.run_sync(encode_b64, res.images, p.output_format, p.output_compression)
+        images = [{"b64_json": b} for b in b64]
+    else:
+        urls = await anyio.to_thread.run_sync(links.save, res.images, p.output_format, p.output_compression)
+        images = [{"url": u} for u in urls]
     res.images = []  # the job stays visible at /v1/requests/{id} for a while; its pixels need not
     timings = {"queue_s": round(job.started_at - job.enqueued_at, 6), **res.timings,
                "encode_s": round(time.perf_counter() - t0, 6), "total_s": round(time.perf_counter() - job.enqueued_at, 6)}
     return {
         "created": int(job.created), "id": job.id, "model": p.model,
-        "data": [{"b64_json": b, "revised_prompt": res.revised_prompt, "seed": s} for b, s in zip(images, p.seeds)],
+        "data": [{**image, "revised_prompt": res.revised_prompt, "seed": s} for image, s in zip(images, p.seeds)],
         "seed": p.seed, "seeds": p.seeds, "size": f"{p.width}x{p.height}", "output_format": p.output_format,
         "batch_size": res.batch_size, "timings": timings,
     }

@@ -57,6 +57,7 @@ class GenerationParams:
     seed: int
     output_format: str = "png"
     output_compression: int | None = None
+    response_format: str = "b64_json"  # or "url": the reply links to stored files (vqdm.server.image_store)
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
 

@@ -30,6 +30,10 @@ What counts as what:
 - vqdm_compiled_steps_total{mode,fallback}: U-Net calls of served batches on replicas with compiled
   serving on (vqdm.server.compiled), `mode` the compile mode, `fallback` "none" when the compiled
   graph ran, else why the eager U-Net ran instead (one of COMPILE_FALLBACKS). Warm-up is not counted.
+- vqdm_image_store_bytes, vqdm_image_store_files: what the image store (vqdm.server.image_store) holds
+  after its last sweep, over the whole folder when replicas share it;
+  vqdm_image_store_evictions_total{reason}: files this replica removed, `reason` "size" (over the
+  cap, oldest first) or "expired" (past the TTL).
 - vqdm_event_loop_lag_seconds: how late the event loop ran a 100 ms metronome (vqdm.server.loop_lag),
   one observation per tick of a fixed schedule: how long anything on the loop waited behind whatever
   held it (a long stall is every tick it delayed).
@@ -57,6 +61,7 @@ PEER_ERROR_REASONS = ("timeout", "unreachable", "bad_status", "malformed", "unre
 # Why a served U-Net call ran eagerly on a replica with compiled graphs ("none": it did not):
 # vqdm.server.compiled says what each means.
 COMPILE_FALLBACKS = ("none", "lora", "cache", "shrink", "shape", "error")
+IMAGE_EVICTION_REASONS = ("size", "expired")
 # A quiet loop is late by well under 1 ms; 250 ms is the /healthz p99 the server promises under load.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -125,6 +130,14 @@ class Metrics:
         self.compiled_steps = Counter("vqdm_compiled_steps_total",
                                       "U-Net calls with compiled serving on, by mode and fallback (none: compiled)",
                                       ["mode", "fallback"], registry=r)
+        self.image_store_bytes = Gauge("vqdm_image_store_bytes", "Bytes of image files kept for url replies",
+                                       registry=r)
+        self.image_store_files = Gauge("vqdm_image_store_files", "Image files kept for url replies", registry=r)
+        self.image_store_evictions = Counter("vqdm_image_store_evictions_total",
+                                             "Image files removed, over the size cap or past the TTL",
+                                             ["reason"], registry=r)
+        for reason in IMAGE_EVICTION_REASONS:
+            self.image_store_evictions.labels(reason)
         self.loop_lag = Histogram("vqdm_event_loop_lag_seconds",
                                   "How late the event loop ran each tick of a 100 ms metronome",
                                   buckets=LAG_BUCKETS, registry=r)

@@ -2,6 +2,7 @@
 `request.app.state.vqdm`, built in the lifespan; what the job endpoints share is in `handling`."""
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 
 from vqdm.server.errors import APIError, validation_error
 from vqdm.server.handling import authorize, get_state, require_ready, submit_and_reply
+from vqdm.server.image_store import FILES_PREFIX, MEDIA_TYPES
 from vqdm.server.jobs import Job
 from vqdm.server.replicas import FORWARDED_HEADER
 from vqdm.server.schemas import ImageGenerationRequest, openapi_schema
@@ -103,6 +105,25 @@ async def cancel_request(request_id: str, request: Request):
     state.dispatcher.cancel(job, "deleted")
     body = job.describe(state.dispatcher.position(job))
     return JSONResponse(body, status_code=200 if job.state.finished else 202)
+
+
+# -- image files (response_format url) -------------------------------------------------------------
+_NO_FILE = "no such file (unknown, expired, or removed to keep the image store within its size cap)"
+
+
+# `:path`: an id holding "/" (a traversal attempt) reaches this route and gets the same 404 too.
+@router.get(FILES_PREFIX + "/{file_id:path}/content", response_class=Response, responses={200: {
+    "description": "the image, as stored", "content": {t: {} for t in MEDIA_TYPES.values()}}})
+async def get_file_content(file_id: str, request: Request):
+    """An image a url reply links to. No API key: the id (128 random bits) is the credential, so
+    the clients that fetch the link with a plain GET can (vqdm.server.image_store)."""
+    state = get_state(request)
+    image = await anyio.to_thread.run_sync(state.image_store.get, file_id)
+    if image is None:  # malformed, unknown, expired or evicted: one answer, so none can be told apart
+        raise APIError(404, _NO_FILE, param="file_id", code="file_not_found")
+    return Response(image.data, media_type=image.media_type, headers={
+        "Cache-Control": f"private, max-age={int(image.expires_in_s)}, immutable",
+        "X-Content-Type-Options": "nosniff"})
 
 
 # -- generation -----------------------------------------------------------------------------------

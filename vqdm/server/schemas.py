@@ -35,8 +35,10 @@ class ImageGenerationRequest(BaseModel):
     n: int | None = Field(None, description="images to generate (1..max_n)", json_schema_extra={"minimum": 1})
     size: str | None = Field(None, description='"WxH" in pixels, multiples of 8; "auto" or none: the model default',
                              json_schema_extra={"pattern": "^(auto|[0-9]+x[0-9]+)$"})
-    response_format: str | None = Field(None, description="b64_json (url is not supported)",
-                                        json_schema_extra={"enum": ["b64_json", None]})
+    response_format: str | None = Field(
+        None, description="b64_json (default), or url: a link to the image on this server, valid for "
+                          "image_store_ttl_s (a stream's events always carry b64_json)",
+        json_schema_extra={"enum": ["b64_json", "url", None]})
     output_format: Literal["png", "jpeg", "webp"] | None = None
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality 0-100")
     # OpenAI fields accepted for client compatibility; they do not change what a diffusion model does.
@@ -108,7 +110,8 @@ def form_fields_schema(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
     seed: int
 

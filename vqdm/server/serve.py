@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import uvicorn
 
@@ -13,6 +14,7 @@ from vqdm.models import read_model_index
 from vqdm.server import threads
 from vqdm.server.app import create_app, drain
 from vqdm.server.drain import FLUSH_S, DrainingServer
+from vqdm.server.image_store import check_folder
 from vqdm.server.logs import configure_logging
 from vqdm.server.loras import lora_specs
 from vqdm.server.settings import Settings
@@ -20,17 +22,20 @@ from vqdm.server.settings import Settings
 log = logging.getLogger("vqdm.server")
 
 
-def check_model_folders(settings: Settings) -> None:
+def check_folders(settings: Settings) -> None:
+    """What start-up reads or writes on disk, before anything loads: one line naming the problem."""
     for spec in settings.model_specs():
         if spec.path is not None:
             read_model_index(spec.path)  # raises ModelFolderError naming what is wrong
     for lora in lora_specs(settings.loras):
         if not lora.path.is_file():
             raise FileNotFoundError(f"lora {lora.name!r}: no such file {lora.path}")
+    if settings.image_store_dir is not None:
+        check_folder(Path(settings.image_store_dir))
 
 
 def serve(settings: Settings) -> int:
-    check_model_folders(settings)
+    check_folders(settings)
     configure_logging(settings.log_level, settings.json_logs)
     threads.apply(settings.cpu_threads)
     failure: list[str] = []

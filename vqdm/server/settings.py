@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -105,6 +106,20 @@ class Settings(BaseSettings):
         2, ge=1, description="uploads decoded at once, in worker threads off the event loop; each holds one "
                              "full-size image (4 bytes a pixel) while it decodes")
 
+    # Image files (response_format url): vqdm.server.image_store, docs/clients/openai.md "URLs".
+    image_store_dir: str | None = Field(
+        None, description="folder for the images that url replies link to; set the same shared folder (a network "
+                          "volume) on every replica so that a URL works through any of them; none: a private "
+                          "temporary folder, removed at shutdown")
+    image_store_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="bytes of image files kept (in the whole folder, when shared); beyond it "
+                                         "the oldest are removed, so their URLs answer 404")
+    image_store_ttl_s: float = Field(
+        3600.0, gt=0, description="a URL answers 404 this long after its image was stored (OpenAI's last an hour)")
+    public_url: str | None = Field(
+        None, description="base URL clients reach this server at, e.g. https://images.example.com behind a proxy; "
+                          "url replies link under it; none: the base URL of the request being answered")
+
     # Observability.
     metrics_port: int | None = Field(None, ge=0, le=65535, description="also serve /metrics on this port")
     metrics_host: str | None = Field(None, description="address for metrics_port (default: host)")
@@ -179,6 +194,13 @@ class Settings(BaseSettings):
         if dup:
             raise ValueError(f"model id(s) given twice: {', '.join(dup)}")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"public_url {value!r} must start with http:// or https://")
+        return value.rstrip("/") if value else value
 
     @field_validator("api_keys")
     @classmethod

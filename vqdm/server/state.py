@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from vqdm.server.batching import Dispatcher
+from vqdm.server.image_store import ImageStore
 from vqdm.server.metrics import Metrics
 from vqdm.server.settings import Settings
 
@@ -30,3 +31,4 @@ class ServerState:
     # Uploads decoding at once (each holds a full-size image while it runs); made in the lifespan,
     # inside the loop that awaits it.
     decode_limiter: anyio.CapacityLimiter | None = None
+    image_store: ImageStore | None = None  # the images url replies link to

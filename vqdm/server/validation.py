@@ -68,9 +68,9 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
     check_prompt(req.prompt, "prompt", settings, required=True)
     if req.negative_prompt is not None:
         check_prompt(req.negative_prompt, "negative_prompt", settings, required=False)
-    if req.response_format not in (None, "b64_json"):
-        raise bad_request(f"response_format {req.response_format!r} is not supported: this server keeps no images to link "
-                   "to; use \"b64_json\"", "response_format", "unsupported_response_format")
+    if req.response_format not in (None, "b64_json", "url"):
+        raise bad_request(f"response_format {req.response_format!r} is not supported; use \"b64_json\" or \"url\"",
+                          "response_format", "unsupported_response_format")
     n = 1 if req.n is None else req.n
     if not 1 <= n <= settings.max_n:
         raise bad_request(f"n must be between 1 and {settings.max_n} (got {n})", "n")
@@ -92,4 +92,5 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
         model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=width, height=height,
         steps=steps, guidance=float(guidance), scheduler=sampler.name, seed=seed,
         output_format=req.output_format or "png", output_compression=req.output_compression, loras=loras,
+        response_format=req.response_format or "b64_json",
     )

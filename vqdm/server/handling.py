@@ -1,7 +1,8 @@
 """What the job endpoints share (POST /v1/images/generations in `routes`, /v1/images/edits in
-`edits`): who may call (API keys) and whether the server takes work, then submitting a validated
-job and replying to it: waiting for it (cancelled when the client goes away or the deadline
-passes) or streaming its events, and the body or error it ends with."""
+`edits`, AUTOMATIC1111's txt2img and img2img in `a1111`): who may call (API keys) and whether the
+server takes work, then submitting a validated job and replying to it: waiting for it (cancelled
+when the client goes away or the deadline passes) or streaming its events, and the body or error
+it ends with."""
 from __future__ import annotations
 
 import asyncio
@@ -73,11 +74,21 @@ def require_ready(state: ServerState) -> None:
         raise APIError(503, f"not ready: {state.phase}", code="not_ready", headers={"Retry-After": "5"})
 
 
-
 async def submit_and_reply(request: Request, state: ServerState, params, owner: int | None, *, stream: bool,
                            event_prefix: str = "image_generation") -> Response:
-    """Queue one validated job (generation or edit) and answer it: the job id is the server's, the
-    client's X-Request-Id only a label among this key's own jobs; then stream events or wait."""
+    """Queue one validated job (generation or edit) and answer it: stream its events, or wait for it
+    and reply with OpenAI's body."""
+    job = submit(request, state, params, owner)
+    if stream:
+        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
+                                   shutdown_grace_period=state.settings.shutdown_timeout_s)
+    await wait(request, state, job)
+    return JSONResponse(await success_body(job))
+
+
+def submit(request: Request, state: ServerState, params, owner: int | None) -> Job:
+    """Queue one validated job for the key `owner`: the job id is the server's, the client's
+    X-Request-Id only a label among this key's own jobs. Every dialect's routes submit through here."""
     scope_state = request.scope["state"]
     label = scope_state.get("client_label")
     live = state.dispatcher.jobs.labelled(owner, label) if label else None  # only this key's own jobs
@@ -97,11 +108,7 @@ async def submit_and_reply(request: Request, state: ServerState, params, owner: 
         raise _shutting_down() from None
     scope_state["vqdm_job_id"] = job.id
     scope_state["vqdm_admitted"] = True
-    if stream:
-        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
-                                   shutdown_grace_period=state.settings.shutdown_timeout_s)
-    await _wait(request, state, job)
-    return JSONResponse(await _success_body(job))
+    return job
 
 
 def _deadline(state: ServerState, job: Job) -> float:
@@ -134,8 +141,9 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-async def _wait(request: Request, state: ServerState, job: Job) -> None:
-    """Until the job ends; cancels it when the client goes away or the deadline passes."""
+async def wait(request: Request, state: ServerState, job: Job) -> None:
+    """Until the job ends; cancels it when the client goes away or the deadline passes; an error for
+    any outcome but success."""
     done = asyncio.create_task(job.done.wait())
     gone = asyncio.create_task(_disconnected(request))
     try:
@@ -155,7 +163,7 @@ async def _wait(request: Request, state: ServerState, job: Job) -> None:
         raise _outcome_error(job)
 
 
-async def _success_body(job: Job) -> dict[str, Any]:
+async def success_body(job: Job) -> dict[str, Any]:
     p, res = job.params, job.result
     t0 = time.perf_counter()
     images = await anyio.to_thread.run_sync(encode_b64, res.images, p.output_format, p.output_compression)
@@ -195,7 +203,7 @@ async def _stream(request: Request, state: ServerState, job: Job,
             elif kind == "progress":
                 yield _event(seq, f"{prefix}.progress", {"id": job.id, **data})
             elif kind == JobState.SUCCEEDED.value:
-                body = await _success_body(job)
+                body = await success_body(job)
                 for i, item in enumerate(body["data"]):
                     yield _event(seq + i, f"{prefix}.completed", {
                         "id": job.id, "index": i, "b64_json": item["b64_json"], "seed": item["seed"],

@@ -17,10 +17,33 @@ MODEL = "vqdm-tiny-sdxl"
 SMALL = dict(width=32, height=32, cfg_scale=4, steps=3)  # the embedded model's own size
 
 
+# The 64-wide attention blocks of the embedded model's U-Net (tiny-sdxl-digits) and the layers of each
+# this test's LoRA adapts: written with numpy alone, it costs no diffusers / peft import (conftest's
+# make_lora_file builds a U-Net for that, 15 s of this module's budget on a loaded machine).
+_BLOCKS = [f"{b}.attentions.{i}" for b, n in (("down_blocks.1", 2), ("down_blocks.2", 2), ("mid_block", 1),
+                                             ("up_blocks.0", 3), ("up_blocks.1", 3)) for i in range(n)]
+_LAYERS = ("proj_out", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_v",
+           "transformer_blocks.0.attn1.to_out.0")
+
+
+def write_lora(path, rank: int = 4, width: int = 64) -> None:
+    """A diffusers/PEFT-layout LoRA on those layers, random A and B (alpha = rank)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for block in _BLOCKS:
+        for layer in _LAYERS:
+            key = f"unet.{block}.{layer}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, rank**-0.5, (rank, width)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.3, (width, rank)).astype(np.float32)
+    save_file(tensors, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tools):
     root = tmp_path_factory.mktemp("a1111")
-    tools.make_lora_file(root / "pixel.safetensors", seed=1, rank=4, alpha=4)
+    write_lora(root / "pixel.safetensors")
     args = ["--no-warmup", "--api-key", KEYS[0], "--api-key", KEYS[1], "--max-steps", "5000",
             "--lora", f"pixel={root / 'pixel.safetensors'}"]
     # The embedded default draws at 32x32, below the default min_side.

@@ -118,3 +118,32 @@ def test_a1111_masks_repaint_where_opaque_or_white():
     grey = Image.new("L", (4, 4), 0)
     grey.putpixel((2, 3), 200)  # no transparency: light = repaint under both rules
     assert np.asarray(mask_from(grey, transparent_repaints=False))[3, 2] == 255 == np.asarray(mask_from(grey))[3, 2]
+
+
+def test_decode_with_a1111_options_blurs_the_mask_and_names_its_fields():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vqdm.server.edit_pipeline import mask_from
+    from vqdm.server.uploads import decode_edit
+
+    def png(img) -> io.BytesIO:
+        out = io.BytesIO()
+        img.save(out, "PNG")
+        return out
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    image = Image.new("RGB", (32, 32), (10, 200, 30))
+    same_size = lambda w, h: (w, h)  # noqa: E731
+    sharp = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20)
+    soft = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20, mask_blur=2)
+    assert set(np.unique(np.asarray(sharp.mask))) == {0, 255}
+    levels = np.asarray(soft.mask)
+    assert 0 < levels[16, 7] < 255 and levels[16, 16] == 255 and levels[0, 0] == 0  # feathered at the edge only
+    with pytest.raises(APIError) as e:
+        decode_edit(io.BytesIO(b"not a picture"), None, same_size, 0.75, 1 << 20, names=("init_images.0", "mask"),
+                    mask_rule=lambda img: mask_from(img, transparent_repaints=False))
+    assert e.value.param == "init_images.0" and "init_images.0 is not an image" in e.value.message

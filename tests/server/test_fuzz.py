@@ -22,9 +22,12 @@ from vqdm.server.schemas import ErrorResponse
 # steps), so examples stay cheap; min_side 8 lets a small upload's own size through.
 LIMITS = dict(max_n=1, max_batch_size=1, max_steps=2, min_side=8, max_side=64, max_pixels=64 * 64,
               max_queue_size=8, request_timeout_s=120)
-IMAGE_ROUTES = ("POST /v1/images/generations", "POST /v1/images/edits")
-# Examples per operation: the two image routes get the most.
-EXAMPLES = {"POST /v1/images/edits": 60, "POST /v1/images/generations": 40}
+IMAGE_ROUTES = ("POST /v1/images/generations", "POST /v1/images/edits", "POST /sdapi/v1/txt2img")
+# Examples per operation: the image routes get the most.
+EXAMPLES = {"POST /v1/images/edits": 60, "POST /v1/images/generations": 40, "POST /sdapi/v1/txt2img": 30}
+# The fields of AUTOMATIC1111's txt2img kept in a body sent within limits: each of the others either
+# asks for something vqdm refuses at a non-default value or sizes the job past the limits.
+A1111_WITHIN_LIMITS = ("prompt", "negative_prompt", "seed", "cfg_scale", "send_images")
 OTHER_EXAMPLES = 10
 # Sides an upload is drawn from: few, so that an image and its mask often agree.
 SIDES = (1, 8, 13, 32)
@@ -118,10 +121,15 @@ def check_answer(response) -> None:
 def within_limits(draw, cases: st.SearchStrategy):
     """A body within this server's limits where they depend on its configuration, which the schema
     cannot say: num_inference_steps named (the embedded model's default, 20, is over max_steps), and
-    no model, n or loras (only one id, n = 1 and no adapter are served). Without these few edits
+    no model, n or loras (only one id, n = 1 and no adapter are served); for AUTOMATIC1111's
+    txt2img, `steps` and only the A1111_WITHIN_LIMITS fields. Without these few edits
     hardly a generation or edit would get past validation to the queue and the pipelines."""
     case = draw(cases)
-    if isinstance(case.body, dict):  # else the schema declares no body: the 200 check below fails
+    if isinstance(case.body, dict) and case.operation.path.startswith("/sdapi/"):
+        for name in set(case.body) - set(A1111_WITHIN_LIMITS):
+            case.body.pop(name)
+        case.body["steps"] = draw(st.integers(1, LIMITS["max_steps"]))
+    elif isinstance(case.body, dict):  # else the schema declares no body: the 200 check below fails
         for name in ("model", "n", "loras"):
             case.body.pop(name, None)
         case.body["num_inference_steps"] = draw(st.integers(1, LIMITS["max_steps"]))

@@ -17,6 +17,8 @@ import anyio
 from fastapi import FastAPI
 
 from vqdm import __version__
+from vqdm.server.a1111 import IMG2IMG_PATH
+from vqdm.server.a1111 import router as a1111_router
 from vqdm.server.batching import Dispatcher
 from vqdm.server.edits import EDITS_PATH
 from vqdm.server.edits import router as edits_router
@@ -117,15 +119,19 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     # Every error is OpenAI's shape (server.errors), never FastAPI's default 422 body: say so in the schema.
     errors = {"model": ErrorResponse, "description": "an error, in OpenAI's shape"}
     app = FastAPI(title="vqdm", version=__version__, lifespan=lifespan, responses={"4XX": errors, "5XX": errors},
-                  description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API.")
+                  description="Text-to-image with VQ-compressed SDXL U-Nets; OpenAI-compatible Images API and "
+                              "AUTOMATIC1111's /sdapi/v1 API.")
     app.state.settings = settings
     app.state.peers = peers = Peers(settings.advertise_url, settings.peers, settings.peer_timeout_s)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(edits_router)
-    # An edit carries an image and a mask: its body may hold both files plus the form fields.
+    app.include_router(a1111_router)
+    # An edit carries an image and a mask: its body may hold both files plus the form fields (in
+    # A1111's img2img, both as base64 in JSON: 4 bytes for every 3).
+    edit_body = 2 * settings.max_image_bytes + settings.max_body_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       path_limits={EDITS_PATH: 2 * settings.max_image_bytes + settings.max_body_bytes})
+                       path_limits={EDITS_PATH: edit_body, IMG2IMG_PATH: edit_body * 4 // 3 + 16})
     app.add_middleware(RequestContextMiddleware,
                        metrics_getter=lambda: getattr(getattr(app.state, "vqdm", None), "metrics", None),
                        new_id=peers.new_job_id)

@@ -16,7 +16,7 @@ class EditInput:
     """The pixels of one edit request, already at the output size."""
 
     image: Any  # PIL RGB [width x height]
-    mask: Any | None  # PIL L, 255 = repaint, 0 = keep; None: img2img
+    mask: Any | None  # PIL L, 255 = repaint, 0 = keep (soft at the edge with A1111's mask_blur); None: img2img
     strength: float
 
     @property
@@ -27,12 +27,13 @@ class EditInput:
         return (self.kind, self.strength)
 
 
-def mask_from(img):
-    """255 where the image is to be repainted: transparent pixels if it has any, else light ones."""
+def mask_from(img, transparent_repaints: bool = True):
+    """255 where the image is to be repainted: if it has transparency, its transparent pixels (OpenAI's
+    rule) or, with `transparent_repaints` false, its opaque ones (AUTOMATIC1111's); else light ones."""
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         alpha = img.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
-            return alpha.point(lambda a: 255 if a < 128 else 0)
+            return alpha.point(lambda a: 255 if (a < 128) == transparent_repaints else 0)
     return img.convert("L").point(lambda v: 255 if v >= 128 else 0)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import pydantic_core
@@ -29,6 +29,7 @@ from starlette.datastructures import FormData, UploadFile
 from vqdm.server.edit_pipeline import DEFAULT_STRENGTH
 from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
+from vqdm.server.jobs import GenerationParams
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
 from vqdm.server.state import ServerState
 from vqdm.server.uploads import auto_size, decode_edit
@@ -131,6 +132,33 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
         raise bad_request(f"strength must be a number in (0, 1] (got {strength!r})", "strength") from None
 
 
+async def edit_params(state: ServerState, params: GenerationParams, size: str | None, strength: float | None,
+                      image: BinaryIO, mask: BinaryIO | None, strength_name: str = "strength",
+                      **decode_options: Any) -> GenerationParams:
+    """A validated request's params made an edit's: strength checked, the upload decoded off the
+    event loop (`uploads.decode_edit`, with `decode_options`) at `size` or, auto, at the size the
+    upload suggests. Shared by this route and A1111's img2img (`strength_name` denoising_strength)."""
+    kind = "img2img" if mask is None else "inpaint"
+    strength = DEFAULT_STRENGTH[kind] if strength is None else strength
+    if not 0.0 < strength <= 1.0:
+        raise bad_request(f"{strength_name} must be in (0, 1] (got {strength:g})", strength_name)
+    if int(params.steps * strength) < 1:
+        raise bad_request(f"{params.steps} steps x {strength_name} {strength:g} leaves no denoising step; raise either",
+                          strength_name)
+    model = state.models[params.model]
+    if size in (None, "auto"):
+        size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=state.settings)
+    else:
+        size_for = lambda w, h: (params.width, params.height)  # noqa: E731
+    # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
+    # pixels are gone before the job queues.
+    edit = await anyio.to_thread.run_sync(
+        partial(decode_edit, image, mask, size_for, strength, state.settings.max_image_pixels, **decode_options),
+        limiter=state.decode_limiter)
+    width, height = edit.image.size
+    return dataclasses.replace(params, width=width, height=height, edit=edit)
+
+
 @router.post(EDITS_PATH, openapi_extra={"requestBody": EDIT_REQUEST_BODY})
 async def edit_images(request: Request):
     state: ServerState = request.app.state.vqdm
@@ -145,24 +173,7 @@ async def edit_images(request: Request):
         model = resolve_model(req.model, state.models)
         scope_state["vqdm_model"] = model.id
         params = validate(req, state.models, s)  # size auto: the model's size until the upload is decoded
-        kind = "img2img" if mask is None else "inpaint"
-        strength = DEFAULT_STRENGTH[kind] if strength is None else strength
-        if not 0.0 < strength <= 1.0:
-            raise bad_request(f"strength must be in (0, 1] (got {strength:g})", "strength")
-        if int(params.steps * strength) < 1:
-            raise bad_request(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; "
-                       "raise either", "strength")
-        if req.size in (None, "auto"):
-            size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=s)
-        else:
-            size_for = lambda w, h: (params.width, params.height)  # noqa: E731
-        # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
-        # pixels are gone before the job queues.
-        edit = await anyio.to_thread.run_sync(
-            decode_edit, image.file, None if mask is None else mask.file, size_for, strength, s.max_image_pixels,
-            limiter=state.decode_limiter)
+        params = await edit_params(state, params, req.size, strength, image.file, None if mask is None else mask.file)
     finally:
         await form.close()  # the spooled uploads
-    width, height = edit.image.size
-    params = dataclasses.replace(params, width=width, height=height, edit=edit)
     return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")

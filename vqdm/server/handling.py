@@ -1,7 +1,8 @@
 """What the job endpoints share (POST /v1/images/generations in `routes`, /v1/images/edits in
-`edits`): who may call (API keys) and whether the server takes work, then submitting a validated
-job and replying to it: waiting for it (cancelled when the client goes away or the deadline
-passes) or streaming its events, and the body or error it ends with."""
+`edits`, AUTOMATIC1111's txt2img and img2img in `a1111`): who may call (API keys) and whether the
+server takes work, then submitting a validated job and replying to it: waiting for it (cancelled
+when the client goes away or the deadline passes) or streaming its events, and the body or error
+it ends with."""
 from __future__ import annotations
 
 import asyncio
@@ -74,11 +75,24 @@ def require_ready(state: ServerState) -> None:
         raise APIError(503, f"not ready: {state.phase}", code="not_ready", headers={"Retry-After": "5"})
 
 
-
 async def submit_and_reply(request: Request, state: ServerState, params, owner: int | None, *, stream: bool,
                            event_prefix: str = "image_generation") -> Response:
-    """Queue one validated job (generation or edit) and answer it: the job id is the server's, the
-    client's X-Request-Id only a label among this key's own jobs; then stream events or wait."""
+    """Queue one validated job (generation or edit) and answer it: stream its events, or wait for it
+    and reply with OpenAI's body."""
+    job = submit(request, state, params, owner)
+    if stream:
+        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
+                                   shutdown_grace_period=state.settings.shutdown_timeout_s)
+    await wait(request, state, job)
+    links = None
+    if params.response_format == "url":  # a stream's events carry base64, as OpenAI's do
+        links = ImageLinks(state.image_store, state.settings.public_url or str(request.base_url).rstrip("/"))
+    return JSONResponse(await success_body(job, links))
+
+
+def submit(request: Request, state: ServerState, params, owner: int | None) -> Job:
+    """Queue one validated job for the key `owner`: the job id is the server's, the client's
+    X-Request-Id only a label among this key's own jobs. Every dialect's routes submit through here."""
     scope_state = request.scope["state"]
     label = scope_state.get("client_label")
     live = state.dispatcher.jobs.labelled(owner, label) if label else None  # only this key's own jobs
@@ -98,14 +112,7 @@ async def submit_and_reply(request: Request, state: ServerState, params, owner: 
         raise _shutting_down() from None
     scope_state["vqdm_job_id"] = job.id
     scope_state["vqdm_admitted"] = True
-    if stream:
-        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
-                                   shutdown_grace_period=state.settings.shutdown_timeout_s)
-    await _wait(request, state, job)
-    links = None
-    if params.response_format == "url":  # a stream's events carry base64, as OpenAI's do
-        links = ImageLinks(state.image_store, state.settings.public_url or str(request.base_url).rstrip("/"))
-    return JSONResponse(await _success_body(job, links))
+    return job
 
 
 def _deadline(state: ServerState, job: Job) -> float:
@@ -138,8 +145,9 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-async def _wait(request: Request, state: ServerState, job: Job) -> None:
-    """Until the job ends; cancels it when the client goes away or the deadline passes."""
+async def wait(request: Request, state: ServerState, job: Job) -> None:
+    """Until the job ends; cancels it when the client goes away or the deadline passes; an error for
+    any outcome but success."""
     done = asyncio.create_task(job.done.wait())
     gone = asyncio.create_task(_disconnected(request))
     try:
@@ -159,7 +167,7 @@ async def _wait(request: Request, state: ServerState, job: Job) -> None:
         raise _outcome_error(job)
 
 
-async def _success_body(job: Job, links: ImageLinks | None = None) -> dict[str, Any]:
+async def success_body(job: Job, links: ImageLinks | None = None) -> dict[str, Any]:
     """The reply to a job that succeeded: its images in base64, or, given `links` (response_format
     url), stored and linked."""
     p, res = job.params, job.result
@@ -206,7 +214,7 @@ async def _stream(request: Request, state: ServerState, job: Job,
             elif kind == "progress":
                 yield _event(seq, f"{prefix}.progress", {"id": job.id, **data})
             elif kind == JobState.SUCCEEDED.value:
-                body = await _success_body(job)
+                body = await success_body(job)
                 for i, item in enumerate(body["data"]):
                     yield _event(seq + i, f"{prefix}.completed", {
                         "id": job.id, "index": i, "b64_json": item["b64_json"], "seed": item["seed"],

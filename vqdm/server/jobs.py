@@ -234,6 +234,10 @@ class JobRegistry:
             return job
         return self._by_label.get((owner, ref))
 
+    def live(self, owner: int | None) -> list[Job]:
+        """This key's queued and running jobs, oldest first (AUTOMATIC1111's progress and interrupt)."""
+        return [j for j in self._by_id.values() if j.owner == owner and not j.state.finished]
+
     def labelled(self, owner: int | None, label: str) -> Job | None:
         """The latest job this key submitted under the client label `label`."""
         return self._by_label.get((owner, label))

@@ -6,7 +6,8 @@ Each app gets its own CollectorRegistry (no module globals), so several apps in 
 model id or "unknown", `status` an HTTP status code, `reason` and `stage` fixed words.
 
 What counts as what:
-- vqdm_requests_total{model,status}: every POST /v1/images/generations by final status, 499 for a
+- vqdm_requests_total{model,status}: every POST /v1/images/generations (and the other routes that
+  submit jobs: middleware.JOB_PATHS) by final status, 499 for a
   request cancelled by its client (disconnect or DELETE). A streamed request counts the status
   its job ended with, even though the stream itself began with 200.
 - vqdm_request_duration_seconds{model}: arrival to response, for requests admitted to the queue

@@ -24,6 +24,8 @@ log = logging.getLogger("vqdm.server.access")
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERATION_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
+# Routes that submit jobs, both dialects: vqdm_requests_total and the request duration count them.
+JOB_PATHS = (GENERATION_PATH, EDITS_PATH, "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 _DEFAULT_REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                     409: "conflict", 413: "payload_too_large", 429: "queue_full", 500: "internal",
                     503: "not_ready", 504: "timeout"}
@@ -83,7 +85,7 @@ class RequestContextMiddleware:
             return
         if final >= 400 and final != 499:
             metrics.errors.labels(state.get("vqdm_error_reason") or _DEFAULT_REASONS.get(final, "other")).inc()
-        if scope["path"] in (GENERATION_PATH, EDITS_PATH) and scope["method"] == "POST":
+        if scope["path"] in JOB_PATHS and scope["method"] == "POST":
             model = state.get("vqdm_model", "unknown")
             metrics.requests.labels(model, str(final)).inc()
             if state.get("vqdm_admitted") and final != 499:

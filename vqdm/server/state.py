@@ -32,3 +32,6 @@ class ServerState:
     # inside the loop that awaits it.
     decode_limiter: anyio.CapacityLimiter | None = None
     image_store: ImageStore | None = None  # the images url replies link to
+    # The model each API key (None: everyone, when no keys are set) chose with AUTOMATIC1111's POST
+    # /sdapi/v1/options; its txt2img / img2img without an override use it (vqdm.server.a1111).
+    a1111_checkpoints: dict[int | None, str] = field(default_factory=dict)

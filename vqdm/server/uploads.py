@@ -17,7 +17,7 @@ import ctypes
 import math
 from typing import BinaryIO, Callable
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from vqdm.server.edit_pipeline import EditInput, mask_from
 from vqdm.server.errors import APIError, bad_request
@@ -67,11 +67,18 @@ def _converted(convert: Callable[[], Image.Image], param: str, mode: str) -> Ima
 
 
 def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
-                strength: float, max_pixels: int) -> EditInput:
+                strength: float, max_pixels: int, mask_rule: Callable[[Image.Image], Image.Image] = mask_from,
+                names: tuple[str, str] = ("image", "mask"), mask_blur: float = 0) -> EditInput:
     """The EditInput of one request: image (and mask) decoded, checked, and resized to
-    `size_for(displayed width, displayed height)`. Blocking: run it in a worker thread."""
+    `size_for(displayed width, displayed height)`; `mask_rule` turns the mask into 255 = repaint
+    (OpenAI's rule by default), `mask_blur` pixels of Gaussian blur soften its edge (A1111's), and
+    errors name the fields `names`. Blocking: run it in a worker thread."""
     try:
-        return _decode(image, mask, size_for, strength, max_pixels)  # the full-size pixels die with its frame
+        # the full-size pixels die with _decode's frame
+        edit = _decode(image, mask, size_for, strength, max_pixels, mask_rule, names)
+        if mask_blur and edit.mask is not None:
+            edit.mask = edit.mask.filter(ImageFilter.GaussianBlur(mask_blur))
+        return edit
     finally:
         _return_freed_memory()
 
@@ -94,16 +101,18 @@ _MALLOC_TRIM = _libc_malloc_trim()
 
 
 def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
-            strength: float, max_pixels: int) -> EditInput:
+            strength: float, max_pixels: int, mask_rule: Callable[[Image.Image], Image.Image],
+            names: tuple[str, str]) -> EditInput:
     Image.MAX_IMAGE_PIXELS = max_pixels  # one value per server; refusals above it are ours (open_upload)
-    src = open_upload(image, "image", max_pixels)
-    keep = None if mask is None else open_upload(mask, "mask", max_pixels)
+    image_name, mask_name = names
+    src = open_upload(image, image_name, max_pixels)
+    keep = None if mask is None else open_upload(mask, mask_name, max_pixels)
     if keep is not None and keep.size != src.size:
-        raise bad_request(f"mask is {keep.size[0]}x{keep.size[1]} but image is {src.size[0]}x{src.size[1]} (as displayed, "
-                   "after EXIF orientation); they must match", "mask", "invalid_value")
+        raise bad_request(f"{mask_name} is {keep.size[0]}x{keep.size[1]} but {image_name} is {src.size[0]}x{src.size[1]} "
+                          "(as displayed, after EXIF orientation); they must match", mask_name, "invalid_value")
     size = size_for(*src.size)
-    rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), "image", src.mode)
-    binary = None if keep is None else _converted(lambda: mask_from(keep).resize(size, Image.NEAREST), "mask",
+    rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), image_name, src.mode)
+    binary = None if keep is None else _converted(lambda: mask_rule(keep).resize(size, Image.NEAREST), mask_name,
                                                   keep.mode)
     return EditInput(image=rgb, mask=binary, strength=strength)
 

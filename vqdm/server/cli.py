@@ -25,6 +25,7 @@ _SERVE_FLAGS = {
     "lora": "loras", "lora_memory_budget": "lora_memory_budget", "no_verify_artifacts": "verify_artifacts",
     "compile": "compile", "compile_shape": "compile_shapes", "compile_backend": "compile_backend",
     "family": "single_file_family", "vae": "single_file_vae", "config": "single_file_config",
+    "model_alias": "model_aliases", "route_unknown_models": "route_unknown_models", "size_policy": "size_policy",
 }
 
 
@@ -81,6 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a LoRA .safetensors file, or a folder of them named after their stems (repeatable)")
     p.add_argument("--lora-memory-budget", metavar="BYTES", help="LoRA adapters per model and device, cached compute-dtype copies included (default 1GB)")
     add_single_file_flags(p)
+    p.add_argument("--model-alias", action="append", metavar="ALIAS=MODEL",
+                   help="another name for a served model, e.g. dall-e-3=sdxl-vq3 (repeatable; listed in /v1/models)")
+    p.add_argument("--route-unknown-models", action="store_const", const=True,
+                   help="run requests naming an unknown model on the first model (default: 400)")
+    p.add_argument("--size-policy", choices=("auto", "nearest", "refuse", "any"),
+                   help="a size the model was not trained at: nearest = generate at the nearest trained size and "
+                        "resize; refuse = 400; any = as asked; auto (default): nearest for the embedded demo, else any")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")

@@ -30,6 +30,7 @@ from vqdm.server.edit_pipeline import DEFAULT_STRENGTH
 from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
+from vqdm.server.sizes import SizeRefused, plan_for
 from vqdm.server.state import ServerState
 from vqdm.server.uploads import auto_size, decode_edit
 from vqdm.server.validation import resolve_model, validate
@@ -142,7 +143,7 @@ async def edit_images(request: Request):
     try:
         fields, image, mask = _form_parts(form, s.max_image_bytes)
         req, strength = _request_from_fields(fields)
-        model = resolve_model(req.model, state.models)
+        model = resolve_model(req.model, state.models, s)
         scope_state["vqdm_model"] = model.id
         params = validate(req, state.models, s)  # size auto: the model's size until the upload is decoded
         kind = "img2img" if mask is None else "inpaint"
@@ -153,16 +154,20 @@ async def edit_images(request: Request):
             raise bad_request(f"num_inference_steps {params.steps} x strength {strength:g} leaves no denoising step; "
                        "raise either", "strength")
         if req.size in (None, "auto"):
-            size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=s)
+            asked_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=s)
         else:
-            size_for = lambda w, h: (params.width, params.height)  # noqa: E731
+            asked_for = lambda w, h: params.resize_to or (params.width, params.height)  # noqa: E731
+        # The upload is resized to the size the model draws at; the images back to the asked size (sizes).
+        size_for = lambda w, h: plan_for(asked_for(w, h), model)  # noqa: E731
         # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
         # pixels are gone before the job queues.
-        edit = await anyio.to_thread.run_sync(
+        edit, size = await anyio.to_thread.run_sync(
             decode_edit, image.file, None if mask is None else mask.file, size_for, strength, s.max_image_pixels,
             limiter=state.decode_limiter)
+    except SizeRefused as e:
+        raise bad_request(str(e), "size", "unsupported_size") from None
     finally:
         await form.close()  # the spooled uploads
-    width, height = edit.image.size
-    params = dataclasses.replace(params, width=width, height=height, edit=edit)
+    width, height = size.generated
+    params = dataclasses.replace(params, width=width, height=height, resize_to=size.resize_to, edit=edit)
     return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")

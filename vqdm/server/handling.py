@@ -165,7 +165,7 @@ async def _success_body(job: Job) -> dict[str, Any]:
     return {
         "created": int(job.created), "id": job.id, "model": p.model,
         "data": [{"b64_json": b, "revised_prompt": res.revised_prompt, "seed": s} for b, s in zip(images, p.seeds)],
-        "seed": p.seed, "seeds": p.seeds, "size": f"{p.width}x{p.height}", "output_format": p.output_format,
+        "seed": p.seed, "seeds": p.seeds, **p.size_fields(), "output_format": p.output_format,
         "batch_size": res.batch_size, "timings": timings,
     }
 

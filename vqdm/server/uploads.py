@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from vqdm.server.edit_pipeline import EditInput, mask_from
 from vqdm.server.errors import APIError, bad_request
 from vqdm.server.settings import Settings
+from vqdm.server.sizes import SizePlan
 from vqdm.server.validation import size_problem
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -66,10 +67,11 @@ def _converted(convert: Callable[[], Image.Image], param: str, mode: str) -> Ima
                    "invalid_image") from None
 
 
-def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
-                strength: float, max_pixels: int) -> EditInput:
-    """The EditInput of one request: image (and mask) decoded, checked, and resized to
-    `size_for(displayed width, displayed height)`. Blocking: run it in a worker thread."""
+def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], SizePlan],
+                strength: float, max_pixels: int) -> tuple[EditInput, SizePlan]:
+    """The EditInput of one request: image (and mask) decoded, checked, and resized to the size the
+    model generates at, `size_for(displayed width, displayed height).generated`; and that plan (the
+    asked size: vqdm.server.sizes). Blocking: run it in a worker thread."""
     try:
         return _decode(image, mask, size_for, strength, max_pixels)  # the full-size pixels die with its frame
     finally:
@@ -93,19 +95,20 @@ def _libc_malloc_trim():
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
-def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
-            strength: float, max_pixels: int) -> EditInput:
+def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], SizePlan],
+            strength: float, max_pixels: int) -> tuple[EditInput, SizePlan]:
     Image.MAX_IMAGE_PIXELS = max_pixels  # one value per server; refusals above it are ours (open_upload)
     src = open_upload(image, "image", max_pixels)
     keep = None if mask is None else open_upload(mask, "mask", max_pixels)
     if keep is not None and keep.size != src.size:
         raise bad_request(f"mask is {keep.size[0]}x{keep.size[1]} but image is {src.size[0]}x{src.size[1]} (as displayed, "
                    "after EXIF orientation); they must match", "mask", "invalid_value")
-    size = size_for(*src.size)
+    plan = size_for(*src.size)
+    size = plan.generated
     rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), "image", src.mode)
     binary = None if keep is None else _converted(lambda: mask_from(keep).resize(size, Image.NEAREST), "mask",
                                                   keep.mode)
-    return EditInput(image=rgb, mask=binary, strength=strength)
+    return EditInput(image=rgb, mask=binary, strength=strength), plan
 
 
 def auto_size(width: int, height: int, model_size: tuple[int, int], settings: Settings) -> tuple[int, int]:

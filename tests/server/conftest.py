@@ -121,7 +121,7 @@ def tools():
 
     return types.SimpleNamespace(decode_png=decode_png, metric_samples=metric_samples, delta=delta,
                                  wait_ready=wait_ready, free_port=free_port,
-                                 make_lora_file=make_lora_file)
+                                 make_lora_file=make_lora_file, LiveServer=LiveServer)
 
 
 class LiveServer:

@@ -127,6 +127,7 @@ def test_decode_with_a1111_options_blurs_the_mask_and_names_its_fields():
     from PIL import Image
 
     from vqdm.server.edit_pipeline import mask_from
+    from vqdm.server.sizes import SizePlan
     from vqdm.server.uploads import decode_edit
 
     def png(img) -> io.BytesIO:
@@ -137,9 +138,9 @@ def test_decode_with_a1111_options_blurs_the_mask_and_names_its_fields():
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (8, 8, 24, 24))
     image = Image.new("RGB", (32, 32), (10, 200, 30))
-    same_size = lambda w, h: (w, h)  # noqa: E731
-    sharp = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20)
-    soft = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20, mask_blur=2)
+    same_size = lambda w, h: SizePlan((w, h), (w, h))  # noqa: E731
+    sharp, _ = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20)
+    soft, _ = decode_edit(png(image), png(mask), same_size, 0.75, 1 << 20, mask_blur=2)
     assert set(np.unique(np.asarray(sharp.mask))) == {0, 255}
     levels = np.asarray(soft.mask)
     assert 0 < levels[16, 7] < 255 and levels[16, 16] == 255 and levels[0, 0] == 0  # feathered at the edge only

@@ -53,7 +53,9 @@ def big_png() -> bytes:
 
 def test_cancelled_queued_edits_are_forgotten_and_their_memory_returned(live_server):
     env = {"VQDM_TEST_FAULTS": "1", "VQDM_JOB_RETENTION_S": str(RETENTION_S)}
-    s = live_server(["--no-warmup", "--stall-timeout", "0", "--shutdown-timeout", "0"], env).wait_ready()
+    # --size-policy any: the edits queue at 2048², as asked (nearest would draw the 32² default at 32²).
+    s = live_server(["--no-warmup", "--stall-timeout", "0", "--shutdown-timeout", "0", "--size-policy", "any"],
+                    env).wait_ready()
     base = s.base
     png = big_png()
 

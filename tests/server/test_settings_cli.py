@@ -104,6 +104,18 @@ def test_generate_writes_the_image_a_server_would(tiny_artifact, tmp_path, capsy
     assert "multiples of 8" in capsys.readouterr().err
 
 
+def test_generate_on_the_embedded_default_says_the_size_it_drew_at(tmp_path, capsys):
+    """Size policy nearest (auto, for the embedded default): 64x64 is drawn at the trained 32² and resized."""
+    from PIL import Image
+
+    out = tmp_path / "three.png"
+    assert main(["generate", "a handwritten digit 3", "-o", str(out), "--size", "64x64", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "64x64 (drawn at 32x32, the trained size nearest it, and resized: size policy nearest)" in \
+        capsys.readouterr().out
+
+
 def test_serve_exits_1_on_a_corrupt_artifact(tiny_artifact, tmp_path):
     import shutil
     import socket

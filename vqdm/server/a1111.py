@@ -91,7 +91,7 @@ def _params(request: Request, state: ServerState, owner: int | None, body: A1111
     """The validated job an A1111 body asks for, or the 400 that names the A1111 field at fault."""
     check_supported(body)
     try:
-        model = resolve_model(model_for(body, state.a1111_checkpoints.get(owner)), state.models)
+        model = resolve_model(model_for(body, state.a1111_checkpoints.get(owner)), state.models, state.settings)
         request.scope["state"]["vqdm_model"] = model.id
         params = validate(generation_request(body, model, state.settings.max_n), state.models, state.settings)
     except APIError as e:
@@ -279,11 +279,15 @@ async def set_options(request: Request):
         if key != CHECKPOINT_OPTION:
             check_option(key, value, key)
     if checkpoint is not None:
-        if not isinstance(checkpoint, str) or checkpoint not in state.models:
-            raise APIError(400, f"{CHECKPOINT_OPTION} {checkpoint!r} is not served here; available: "
-                                f"{', '.join(state.models) or 'none yet'} (GET /sdapi/v1/sd-models)",
+        # A served id or an alias; never the unknown-model route: a switch to a model not served is a mistake.
+        aliases = state.settings.aliases()
+        target = state.models.get(aliases.get(checkpoint, checkpoint)) if isinstance(checkpoint, str) else None
+        if target is None:
+            named = ", ".join(state.models) or "none yet"
+            raise APIError(400, f"{CHECKPOINT_OPTION} {checkpoint!r} is not served here; available: {named}"
+                                f"{'; aliases: ' + ', '.join(aliases) if aliases else ''} (GET /sdapi/v1/sd-models)",
                            param=CHECKPOINT_OPTION, code="model_not_found")
-        state.a1111_checkpoints[owner] = checkpoint
+        state.a1111_checkpoints[owner] = target.id
     return None
 
 

@@ -27,6 +27,7 @@ _SERVE_FLAGS = {
     "image_store_dir": "image_store_dir", "image_store_max_bytes": "image_store_max_bytes",
     "image_store_ttl": "image_store_ttl_s", "public_url": "public_url",
     "family": "single_file_family", "vae": "single_file_vae", "config": "single_file_config",
+    "model_alias": "model_aliases", "route_unknown_models": "route_unknown_models", "size_policy": "size_policy",
 }
 
 
@@ -91,6 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-url", metavar="URL",
                    help="base URL clients reach this server at, for url replies (default: the request's own)")
     add_single_file_flags(p)
+    p.add_argument("--model-alias", action="append", metavar="ALIAS=MODEL",
+                   help="another name for a served model, e.g. dall-e-3=sdxl-vq3 (repeatable; listed in /v1/models)")
+    p.add_argument("--route-unknown-models", action="store_const", const=True,
+                   help="run requests naming an unknown model on the first model (default: 400)")
+    p.add_argument("--size-policy", choices=("auto", "nearest", "refuse", "any"),
+                   help="a size the model was not trained at: nearest = generate at the nearest trained size and "
+                        "resize; refuse = 400; any = as asked; auto (default): nearest for the embedded demo, else any")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate one image locally, without a server")

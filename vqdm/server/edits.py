@@ -31,6 +31,7 @@ from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
+from vqdm.server.sizes import SizeRefused, plan_for
 from vqdm.server.state import ServerState
 from vqdm.server.uploads import auto_size, decode_edit
 from vqdm.server.validation import resolve_model, validate
@@ -147,16 +148,21 @@ async def edit_params(state: ServerState, params: GenerationParams, size: str | 
                           strength_name)
     model = state.models[params.model]
     if size in (None, "auto"):
-        size_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=state.settings)
+        asked_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=state.settings)
     else:
-        size_for = lambda w, h: (params.width, params.height)  # noqa: E731
+        asked_for = lambda w, h: params.resize_to or (params.width, params.height)  # noqa: E731
+    # The upload is resized to the size the model draws at; the images back to the asked size (sizes).
+    size_for = lambda w, h: plan_for(asked_for(w, h), model)  # noqa: E731
     # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
     # pixels are gone before the job queues.
-    edit = await anyio.to_thread.run_sync(
-        partial(decode_edit, image, mask, size_for, strength, state.settings.max_image_pixels, **decode_options),
-        limiter=state.decode_limiter)
-    width, height = edit.image.size
-    return dataclasses.replace(params, width=width, height=height, edit=edit)
+    try:
+        edit, plan = await anyio.to_thread.run_sync(
+            partial(decode_edit, image, mask, size_for, strength, state.settings.max_image_pixels, **decode_options),
+            limiter=state.decode_limiter)
+    except SizeRefused as e:
+        raise bad_request(str(e), "size", "unsupported_size") from None
+    width, height = plan.generated
+    return dataclasses.replace(params, width=width, height=height, resize_to=plan.resize_to, edit=edit)
 
 
 @router.post(EDITS_PATH, openapi_extra={"requestBody": EDIT_REQUEST_BODY})
@@ -170,7 +176,7 @@ async def edit_images(request: Request):
     try:
         fields, image, mask = _form_parts(form, s.max_image_bytes)
         req, strength = _request_from_fields(fields)
-        model = resolve_model(req.model, state.models)
+        model = resolve_model(req.model, state.models, s)
         scope_state["vqdm_model"] = model.id
         params = validate(req, state.models, s)  # size auto: the model's size until the upload is decoded
         params = await edit_params(state, params, req.size, strength, image.file, None if mask is None else mask.file)

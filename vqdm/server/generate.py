@@ -50,7 +50,10 @@ def generate(args: argparse.Namespace, loras: list[tuple[Path, float]]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, image in zip(paths, outcome.images[0]):
         path.write_bytes(encode_image(image, fmt))
-    print(f"wrote {', '.join(map(str, paths))}: {params.width}x{params.height}, {params.steps} steps, "
+    sizes = params.size_fields()
+    drawn = (f" (drawn at {sizes['generated_size']}, the trained size nearest it, and resized: size policy "
+             f"{model.size_policy})" if "generated_size" in sizes else "")
+    print(f"wrote {', '.join(map(str, paths))}: {sizes['size']}{drawn}, {params.steps} steps, "
           f"guidance {params.guidance:g}, seed {params.seed}, {outcome.total_s:.2f}s generation "
           f"(+{load_s:.1f}s loading {model.source})")
     if outcome.revised_prompts[0]:

@@ -184,7 +184,7 @@ async def success_body(job: Job, links: ImageLinks | None = None) -> dict[str, A
     return {
         "created": int(job.created), "id": job.id, "model": p.model,
         "data": [{**image, "revised_prompt": res.revised_prompt, "seed": s} for image, s in zip(images, p.seeds)],
-        "seed": p.seed, "seeds": p.seeds, "size": f"{p.width}x{p.height}", "output_format": p.output_format,
+        "seed": p.seed, "seeds": p.seeds, **p.size_fields(), "output_format": p.output_format,
         "batch_size": res.batch_size, "timings": timings,
     }
 

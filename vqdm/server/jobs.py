@@ -60,12 +60,22 @@ class GenerationParams:
     response_format: str = "b64_json"  # or "url": the reply links to stored files (vqdm.server.image_store)
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
+    # The asked size when the model generates at another (width x height, its trained size nearest the
+    # asked one: vqdm.server.sizes) and the images are resized to it; None: they are generated as asked.
+    resize_to: tuple[int, int] | None = None
 
     @property
     def edit_pixels(self) -> int:
         """Pixels of input an edit holds while it waits (its image, and mask, at the output size); 0 for a
         generation."""
         return self.width * self.height if self.edit is not None else 0
+
+    def size_fields(self) -> dict[str, str]:
+        """The reply's `size` (the images' size), and `generated_size` when the model drew at another."""
+        out = {"size": f"{self.width}x{self.height}"}
+        if self.resize_to is not None:
+            out = {"size": f"{self.resize_to[0]}x{self.resize_to[1]}", "generated_size": out["size"]}
+        return out
 
     @property
     def seeds(self) -> list[int]:
@@ -76,7 +86,8 @@ class GenerationParams:
         are encoded per job after the batch. A negative prompt is: SDXL encodes "no negative
         prompt" as zeros, not as the empty string, and a pipeline call takes one or the other.
         The LoRA set is: one pipeline call runs with one set of adapters active. So are an edit's
-        kind and strength: img2img and inpainting are different pipelines."""
+        kind and strength: img2img and inpainting are different pipelines. The size is the generated
+        one: requests resized to different sizes afterwards (`resize_to`) share a call."""
         return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler,
                 self.negative_prompt is not None, self.loras, self.edit.batch_key() if self.edit else None)
 
@@ -167,7 +178,7 @@ class Job:
             "model": self.params.model,
             "created": int(self.created),
             "n": self.params.n,
-            "size": f"{self.params.width}x{self.params.height}",
+            **self.params.size_fields(),
             "queue_position": queue_position,
             "step": self.step,
             "total_steps": self.total_steps,

@@ -17,7 +17,7 @@ import torch
 from vqdm.models import (Preset, detect_family, layer_bits, load_pipeline, resident_weight_bytes, set_backend,
                          vq_modules)
 from vqdm.models.weight_cache import install_weight_cache
-from vqdm.server import embedded
+from vqdm.server import embedded, sizes
 from vqdm.server.settings import ModelSpec, Settings
 
 log = logging.getLogger("vqdm.server")
@@ -66,6 +66,12 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     load_seconds: float = 0.0
     loras: dict[str, dict] = field(default_factory=dict)  # name -> card of each LoRA attached to it
+    # The (width, height) sizes it was trained at, and what a request for another size gets (vqdm.server.sizes).
+    trained_sizes: tuple[tuple[int, int], ...] = ()  # empty: its default size alone
+    size_policy: str = "any"  # nearest | refuse | any
+
+    def __post_init__(self) -> None:
+        self.trained_sizes = self.trained_sizes or ((self.default_width, self.default_height),)
 
     def card(self, detail: bool = False) -> dict[str, Any]:
         """An OpenAI model object plus what vqdm knows about it (GET /v1/models[/{id}]); no file paths
@@ -79,6 +85,7 @@ class ServedModel:
             "defaults": {"size": f"{self.default_width}x{self.default_height}", "num_inference_steps": self.default_steps,
                          "guidance_scale": self.default_guidance},
             "loras": list(self.loras.values()),
+            "trained_sizes": sizes.size_names(self.trained_sizes), "size_policy": self.size_policy,
         }
         if detail:
             out.update(devices=list(self.replicas), load_seconds=round(self.load_seconds, 3))
@@ -172,6 +179,9 @@ def load_model(spec: ModelSpec, settings: Settings, devices: list[str]) -> Serve
     model = ServedModel(
         id=spec.id, source=source, family=family, default_steps=steps, default_guidance=guidance,
         default_width=side, default_height=side,
+        # The embedded default's side is its preset's resolution (32; tests/server/test_embedded.py).
+        trained_sizes=sizes.trained_sizes(family, (side, side)),
+        size_policy=sizes.effective_policy(settings.size_policy, source),
         quantization=quantization_summary(pipe.unet, manifest, quant_extra),
         weight_bytes=resident_weight_bytes(pipe.unet), replicas=replicas,
     )

@@ -15,7 +15,7 @@ from vqdm.server.jobs import Job
 from vqdm.server.replicas import FORWARDED_HEADER
 from vqdm.server.schemas import ImageGenerationRequest, openapi_schema
 from vqdm.server.state import ServerState
-from vqdm.server.validation import validate
+from vqdm.server.validation import resolve_model, validate
 
 router = APIRouter()
 
@@ -49,21 +49,34 @@ async def metrics(request: Request):
 
 
 # -- models ---------------------------------------------------------------------------------------
+def _card(state: ServerState, name: str, detail: bool = False) -> dict | None:
+    """A served model's card with the aliases that name it, or an alias's: its model's card under the
+    alias's id, with `alias_of` (OpenAI clients pick model ids from this list); None: neither."""
+    aliases = state.settings.aliases()
+    if name in state.models:
+        return {**state.models[name].card(detail), "aliases": [a for a, t in aliases.items() if t == name]}
+    if aliases.get(name) in state.models:
+        return {**state.models[aliases[name]].card(detail), "id": name, "alias_of": aliases[name]}
+    return None
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
     state = get_state(request)
     authorize(request, state)
-    return {"object": "list", "data": [m.card() for m in state.models.values()]}
+    names = [*state.models, *(a for a, t in state.settings.aliases().items() if t in state.models)]
+    return {"object": "list", "data": [_card(state, name) for name in names]}
 
 
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, request: Request):
     state = get_state(request)
     authorize(request, state)
-    if model_id not in state.models:
+    card = _card(state, model_id, detail=True)
+    if card is None:
         raise APIError(404, f"model {model_id!r} is not served here; available: {', '.join(state.models) or 'none yet'}",
                        param="model", code="model_not_found")
-    return state.models[model_id].card(detail=True)
+    return card
 
 
 # -- requests -------------------------------------------------------------------------------------
@@ -141,9 +154,8 @@ async def generate_images(request: Request):
         req = ImageGenerationRequest.model_validate_json(await request.body())
     except ValidationError as e:
         raise validation_error(e) from None
-    model_id = req.model if req.model is not None else next(iter(state.models))
-    if model_id in state.models:
-        scope_state["vqdm_model"] = model_id  # a metric label only ever holds a served id
+    # The metric label is the served id, never the client's name for it (aliases, routed names).
+    scope_state["vqdm_model"] = resolve_model(req.model, state.models, state.settings).id
     params = validate(req, state.models, state.settings)
     return await submit_and_reply(request, state, params, owner, stream=req.stream)
 

@@ -32,6 +32,7 @@ from vqdm.server import samplers
 from vqdm.server.compiled import batch_fallback
 from vqdm.server.edit_pipeline import edit_call, paste_back
 from vqdm.server.jobs import GenerationParams
+from vqdm.server.sizes import resized
 
 if TYPE_CHECKING:
     from vqdm.server.loader import Replica
@@ -211,6 +212,9 @@ def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
         # Edit pipelines keep per-row image latents and masks outside the callback's reach: no shrinking.
         rows = _Rows(members, sampler.stateless and first.edit is None, _Clock(replica.device))
         out = _generate(replica, first, rows)
+    # Members asked for another size than the model drew (size policy nearest): resized here, in the worker.
+    out.images = [None if images is None else resized(images, m.params.resize_to)
+                  for images, m in zip(out.images, members)]
     out.revised_prompts = [revised_prompt(pipe.tokenizer, m.params.prompt) if rows.alive[mi] else None
                            for mi, m in enumerate(members)]
     return out

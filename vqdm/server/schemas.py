@@ -31,7 +31,7 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(json_schema_extra={"minLength": 1})
-    model: str | None = Field(None, description="a served model id; default: the first one")
+    model: str | None = Field(None, description="a served model id or alias (GET /v1/models); default: the first one")
     n: int | None = Field(None, description="images to generate (1..max_n)", json_schema_extra={"minimum": 1})
     size: str | None = Field(None, description='"WxH" in pixels, multiples of 8; "auto" or none: the model default',
                              json_schema_extra={"pattern": "^(auto|[0-9]+x[0-9]+)$"})
@@ -124,5 +124,7 @@ class ImageGenerationResponse(BaseModel):
     seed: int
     seeds: list[int]
     size: str
+    generated_size: str | None = Field(None, description="the size the model drew at, when it differs from size: "
+                                                         "size policy nearest resized the images (vqdm.server.sizes)")
     output_format: str
     timings: dict[str, float]

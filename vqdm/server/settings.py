@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vqdm.errors import ConfigError
@@ -50,6 +50,17 @@ def parse_model_spec(text: str) -> ModelSpec:
     return ModelSpec(name, Path(path).expanduser())
 
 
+def parse_alias(text: str) -> tuple[str, str]:
+    """'ALIAS=MODEL' -> (alias, model id)."""
+    alias, sep, target = (part.strip() for part in text.partition("="))
+    if not sep or not alias or not target:
+        raise ValueError(f"model alias {text!r}: write ALIAS=MODEL, e.g. dall-e-3=sdxl-vq3")
+    if not MODEL_ID_RE.match(alias):
+        raise ValueError(f"model alias {alias!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
+                         "or digit)")
+    return alias, target
+
+
 def _split_commas(value):
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -76,6 +87,18 @@ class Settings(BaseSettings):
         None, description="VAE file or folder for single-file checkpoints without one baked in")
     single_file_config: str | None = Field(
         None, description="architecture preset of single-file checkpoints (default: the one their shapes match)")
+    # Model names and sizes (vqdm.server.sizes; docs/server.md "Model names and sizes"): the names
+    # clients send by default (dall-e-3) and what a request for a size a model was not trained at gets.
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="ALIAS=MODEL entries: a name a client may send (dall-e-3) for a served "
+                                          "model id; /v1/models lists each alias with alias_of")
+    route_unknown_models: bool = Field(
+        False, description="a request naming no served model nor alias runs on the first model (the reply's model "
+                           "field names it); off: 400 listing the models and aliases")
+    size_policy: Literal["auto", "nearest", "refuse", "any"] = Field(
+        "auto", description="a request for a size the model was not trained at: nearest = generate at the nearest "
+                            "trained size and resize (the reply's generated_size says so); refuse = 400 listing the "
+                            "sizes; any = generate as asked; auto = nearest for the embedded demo, any otherwise")
 
     # Admission and batching.
     max_queue_size: int = Field(32, ge=1, description="jobs waiting (not running); beyond it: 429")
@@ -181,7 +204,8 @@ class Settings(BaseSettings):
     embedded_seed: int = 0
     embedded_codebooks: int = Field(2, ge=1, le=8)
 
-    @field_validator("models", "api_keys", "devices", "peers", "loras", "compile_shapes", mode="before")
+    @field_validator("models", "api_keys", "devices", "peers", "loras", "compile_shapes", "model_aliases",
+                     mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_commas(value)
@@ -201,6 +225,22 @@ class Settings(BaseSettings):
         if value is not None and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError(f"public_url {value!r} must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_aliases(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        ids = [parse_model_spec(m).id for m in info.data.get("models", [])] or [EMBEDDED_MODEL_ID]
+        aliases = [parse_alias(v) for v in value]
+        names = [a for a, _ in aliases]
+        for alias, target in aliases:
+            if names.count(alias) > 1:
+                raise ValueError(f"alias {alias!r} given twice")
+            if alias in ids:
+                raise ValueError(f"alias {alias!r} is already a served model's id; pick another name")
+            if target not in ids:
+                raise ValueError(f"alias {alias!r} names model {target!r}, which is not served here "
+                                 f"(served: {', '.join(ids)})")
+        return value
 
     @field_validator("api_keys")
     @classmethod
@@ -248,6 +288,10 @@ class Settings(BaseSettings):
                                  "raise max_queued_edit_pixels or lower max_pixels")
             self.max_queued_edit_pixels = self.max_pixels
         return self
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> served model id, from `model_aliases` (checked at start-up: every target is served)."""
+        return dict(parse_alias(v) for v in self.model_aliases)
 
     def model_specs(self) -> list[ModelSpec]:
         if not self.models:

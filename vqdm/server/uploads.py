@@ -22,6 +22,7 @@ from PIL import Image, ImageFilter, ImageOps
 from vqdm.server.edit_pipeline import EditInput, mask_from
 from vqdm.server.errors import APIError, bad_request
 from vqdm.server.settings import Settings
+from vqdm.server.sizes import SizePlan
 from vqdm.server.validation import size_problem
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -66,19 +67,20 @@ def _converted(convert: Callable[[], Image.Image], param: str, mode: str) -> Ima
                    "invalid_image") from None
 
 
-def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
+def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], SizePlan],
                 strength: float, max_pixels: int, mask_rule: Callable[[Image.Image], Image.Image] = mask_from,
-                names: tuple[str, str] = ("image", "mask"), mask_blur: float = 0) -> EditInput:
-    """The EditInput of one request: image (and mask) decoded, checked, and resized to
-    `size_for(displayed width, displayed height)`; `mask_rule` turns the mask into 255 = repaint
-    (OpenAI's rule by default), `mask_blur` pixels of Gaussian blur soften its edge (A1111's), and
-    errors name the fields `names`. Blocking: run it in a worker thread."""
+                names: tuple[str, str] = ("image", "mask"), mask_blur: float = 0) -> tuple[EditInput, SizePlan]:
+    """The EditInput of one request: image (and mask) decoded, checked, and resized to the size the
+    model generates at, `size_for(displayed width, displayed height).generated`; and that plan (the
+    asked size: vqdm.server.sizes). `mask_rule` turns the mask into 255 = repaint (OpenAI's rule by
+    default), `mask_blur` pixels of Gaussian blur soften its edge (A1111's), and errors name the
+    fields `names`. Blocking: run it in a worker thread."""
     try:
         # the full-size pixels die with _decode's frame
-        edit = _decode(image, mask, size_for, strength, max_pixels, mask_rule, names)
+        edit, plan = _decode(image, mask, size_for, strength, max_pixels, mask_rule, names)
         if mask_blur and edit.mask is not None:
             edit.mask = edit.mask.filter(ImageFilter.GaussianBlur(mask_blur))
-        return edit
+        return edit, plan
     finally:
         _return_freed_memory()
 
@@ -100,9 +102,9 @@ def _libc_malloc_trim():
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
-def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], tuple[int, int]],
+def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], SizePlan],
             strength: float, max_pixels: int, mask_rule: Callable[[Image.Image], Image.Image],
-            names: tuple[str, str]) -> EditInput:
+            names: tuple[str, str]) -> tuple[EditInput, SizePlan]:
     Image.MAX_IMAGE_PIXELS = max_pixels  # one value per server; refusals above it are ours (open_upload)
     image_name, mask_name = names
     src = open_upload(image, image_name, max_pixels)
@@ -110,11 +112,12 @@ def _decode(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int
     if keep is not None and keep.size != src.size:
         raise bad_request(f"{mask_name} is {keep.size[0]}x{keep.size[1]} but {image_name} is {src.size[0]}x{src.size[1]} "
                           "(as displayed, after EXIF orientation); they must match", mask_name, "invalid_value")
-    size = size_for(*src.size)
+    plan = size_for(*src.size)
+    size = plan.generated
     rgb = _converted(lambda: src.convert("RGB").resize(size, Image.LANCZOS), image_name, src.mode)
     binary = None if keep is None else _converted(lambda: mask_rule(keep).resize(size, Image.NEAREST), mask_name,
                                                   keep.mode)
-    return EditInput(image=rgb, mask=binary, strength=strength)
+    return EditInput(image=rgb, mask=binary, strength=strength), plan
 
 
 def auto_size(width: int, height: int, model_size: tuple[int, int], settings: Settings) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from vqdm.server.jobs import GenerationParams
 from vqdm.server.loras import check_request_loras
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.settings import Settings
+from vqdm.server.sizes import SizeRefused, plan_for
 
 if TYPE_CHECKING:
     from vqdm.server.loader import ServedModel
@@ -53,18 +54,25 @@ def check_prompt(text: str, param: str, settings: Settings, required: bool) -> N
                    "(the text encoders read only the first 77 CLIP tokens anyway)", param, "prompt_too_long")
 
 
-def resolve_model(name: str | None, models: dict[str, "ServedModel"]) -> "ServedModel":
+def resolve_model(name: str | None, models: dict[str, "ServedModel"], settings: Settings) -> "ServedModel":
+    """The served model a request's `model` names: a served id, an alias (`model_aliases`), or, with
+    `route_unknown_models`, any other name; none: the first model. Every route resolves here."""
+    first = next(iter(models.values()))
     if name is None:
-        return next(iter(models.values()))
-    try:
-        return models[name]
-    except KeyError:
-        raise APIError(400, f"model {name!r} is not served here; available: {', '.join(models)} (GET /v1/models)",
-                       param="model", code="model_not_found") from None
+        return first
+    aliases = settings.aliases()
+    model = models.get(name) or models.get(aliases.get(name, ""))
+    if model is not None:
+        return model
+    if settings.route_unknown_models:
+        return first
+    named = ", ".join(models) + (f"; aliases: {', '.join(aliases)}" if aliases else "")
+    raise APIError(400, f"model {name!r} is not served here; models: {named} (GET /v1/models)",
+                   param="model", code="model_not_found")
 
 
 def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], settings: Settings) -> GenerationParams:
-    model = resolve_model(req.model, models)
+    model = resolve_model(req.model, models, settings)
     check_prompt(req.prompt, "prompt", settings, required=True)
     if req.negative_prompt is not None:
         check_prompt(req.negative_prompt, "negative_prompt", settings, required=False)
@@ -74,7 +82,10 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
     n = 1 if req.n is None else req.n
     if not 1 <= n <= settings.max_n:
         raise bad_request(f"n must be between 1 and {settings.max_n} (got {n})", "n")
-    width, height = parse_size(req.size, model, settings)
+    try:  # the asked size is checked against the limits; the generated one is the model's own
+        size = plan_for(parse_size(req.size, model, settings), model)
+    except SizeRefused as e:
+        raise bad_request(str(e), "size", "unsupported_size") from None
     steps = model.default_steps if req.num_inference_steps is None else req.num_inference_steps
     if not 1 <= steps <= settings.max_steps:
         raise bad_request(f"num_inference_steps must be between 1 and {settings.max_steps} (got {steps})",
@@ -89,8 +100,9 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
     loras = check_request_loras(req.loras, model)
     seed = secrets.randbelow(2**31) if req.seed is None else req.seed
     return GenerationParams(
-        model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=width, height=height,
-        steps=steps, guidance=float(guidance), scheduler=sampler.name, seed=seed,
+        model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=size.generated[0],
+        height=size.generated[1], resize_to=size.resize_to, steps=steps, guidance=float(guidance),
+        scheduler=sampler.name, seed=seed,
         output_format=req.output_format or "png", output_compression=req.output_compression, loras=loras,
         response_format=req.response_format or "b64_json",
     )

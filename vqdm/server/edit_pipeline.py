@@ -18,6 +18,9 @@ class EditInput:
     image: Any  # PIL RGB [width x height]
     mask: Any | None  # PIL L, 255 = repaint, 0 = keep (soft at the edge with A1111's mask_blur); None: img2img
     strength: float
+    # Where the generated picture goes (vqdm.server.a1111_inpaint.Overlay: A1111's "only masked", or its
+    # "fill", whose `image` is not the source); None: pasted onto `image` through `mask`.
+    overlay: Any | None = None
 
     @property
     def kind(self) -> str:
@@ -38,9 +41,11 @@ def mask_from(img, transparent_repaints: bool = True):
 
 
 def paste_back(generated, edit: EditInput):
-    """Inpainting: the source outside the mask, the generated pixels inside it."""
+    """Inpainting: the source outside the mask, the generated pixels inside it (where the overlay says)."""
     if edit.mask is None:
         return generated
+    if edit.overlay is not None:
+        return edit.overlay.paste(generated)
     return Image.composite(generated.convert("RGB"), edit.image, edit.mask)
 
 

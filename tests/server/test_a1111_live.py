@@ -96,9 +96,23 @@ def test_img2img_with_a_mask_repaints_only_the_mask(server):
     inside = np.asarray(mask) > 0
     assert change[~inside].max() == 0 and change[inside].mean() > 1
     assert res.info["denoising_strength"] == 0.9 and res.parameters["init_images"] is None
-    with pytest.raises(RuntimeError) as e:  # webuiapi's defaults ask for 'only masked', refused by name
-        api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", **SMALL)
-    assert e.value.args[0] == 400 and "inpaint_full_res" in e.value.args[1]
+
+
+def test_img2img_with_webuiapis_inpainting_defaults_repaints_only_around_the_mask(server):
+    """webuiapi's own defaults: "only masked" (inpaint_full_res, padding 0), "fill", mask_blur 4,
+    denoising_strength 0.75. The 8x8 masked square of a 96x64 picture is drawn at 32x32 and pasted
+    back: the reply has the picture's size, and nothing beyond the blurred mask's reach changes."""
+    from PIL import Image, ImageFilter
+
+    api = client(server)
+    src = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (56, 24, 64, 32))
+    res = api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", seed=5, **SMALL)
+    assert res.image.size == (96, 64) and (res.info["width"], res.info["height"]) == (32, 32)
+    change = np.abs(pixels(res.image) - pixels(src)).max(axis=2)
+    reach = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * 16 + 1))) > 0  # well past a blur of 4 pixels
+    assert change[~reach].max() == 0 and change[np.asarray(mask) > 0].mean() > 1
 
 
 def test_lora_through_the_prompt(server):

@@ -97,6 +97,7 @@ def test_inpaint_input_only_masked_and_fill_paste_onto_the_unfilled_source():
     source, mask = _noise((64, 48), 1), _mask((64, 48), (20, 20, 28, 28))
     edit = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), (32, 32), padding=0, fill=True)
     assert edit.image.size == edit.mask.size == (32, 32) and edit.overlay.box == (20, 20, 28, 28)
+    assert edit.pixels == 32 * 32 + 64 * 48  # a queued edit counts the source it pastes into (max_queued_edit_pixels)
     out = np.asarray(paste_back(Image.new("RGB", (32, 32), (0, 255, 0)), edit))
     inside = np.asarray(mask) > 0
     assert out.shape == (48, 64, 3) and np.array_equal(out[~inside], np.asarray(source)[~inside])

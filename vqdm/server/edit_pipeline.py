@@ -26,6 +26,12 @@ class EditInput:
     def kind(self) -> str:
         return "img2img" if self.mask is None else "inpaint"
 
+    @property
+    def pixels(self) -> int:
+        """Pixels held while queued: the pipeline's input and the picture the result is pasted into."""
+        w, h = self.image.size
+        return w * h + (self.overlay.source.width * self.overlay.source.height if self.overlay is not None else 0)
+
     def batch_key(self) -> tuple:
         return (self.kind, self.strength)
 

@@ -1,6 +1,7 @@
 """A1111's inpainting options as image math (`vqdm.server.a1111_inpaint`), against results worked
 out by hand: the mask's box, its growth to the generation's aspect ratio, the crop and the
-paste-back of "only masked", and the "fill" of the masked area."""
+paste-back of "only masked", the "fill" of the masked area, and the latent fills ("latent noise",
+"latent nothing") on hand-made tensors."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vqdm.server.a1111_inpaint import diffuse_fill, fit_aspect, inpaint_input, mask_box, only_masked, paste_into
-from vqdm.server.edit_pipeline import EditInput, paste_back
+from vqdm.server.edit_pipeline import EditInput, latent_fill, paste_back
 
 
 def _mask(size: tuple[int, int], box: tuple[int, int, int, int], value: int = 255) -> Image.Image:
@@ -95,16 +96,33 @@ def test_fill_with_a_soft_mask_blends_and_a_full_mask_keeps_the_image():
 
 def test_inpaint_input_only_masked_and_fill_paste_onto_the_unfilled_source():
     source, mask = _noise((64, 48), 1), _mask((64, 48), (20, 20, 28, 28))
-    edit = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), (32, 32), padding=0, fill=True)
+    edit = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), (32, 32), padding=0, fill=0)
     assert edit.image.size == edit.mask.size == (32, 32) and edit.overlay.box == (20, 20, 28, 28)
     assert edit.pixels == 32 * 32 + 64 * 48  # a queued edit counts the source it pastes into (max_queued_edit_pixels)
     out = np.asarray(paste_back(Image.new("RGB", (32, 32), (0, 255, 0)), edit))
     inside = np.asarray(mask) > 0
     assert out.shape == (48, 64, 3) and np.array_equal(out[~inside], np.asarray(source)[~inside])
-    whole = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), None, padding=0, fill=True)
+    whole = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), None, padding=0, fill=0)
     assert whole.image.size == (64, 48) and whole.overlay.source is source  # filled input, the source pasted onto
     assert not np.array_equal(np.asarray(whole.image)[inside], np.asarray(source)[inside])
-    plain = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), None, padding=0, fill=False)
+    plain = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), None, padding=0, fill=1)
     assert plain.image is source and plain.overlay is None  # fill 1, whole picture: as before
-    blank = inpaint_input(EditInput(image=source, mask=Image.new("L", (64, 48), 0), strength=0.75), (32, 32), 0, True)
+    blank = inpaint_input(EditInput(image=source, mask=Image.new("L", (64, 48), 0), strength=0.75), (32, 32), 0, 0)
     assert blank.mask is None and blank.image.size == (32, 32)  # nothing masked: A1111 runs img2img
+    noise = inpaint_input(EditInput(image=source, mask=mask, strength=0.75), None, padding=0, fill=2)
+    assert noise.image is source and noise.latent_fill == 2 and noise.batch_key() != plain.batch_key()
+
+
+def test_latent_fill_replaces_the_masked_latents():
+    import torch
+
+    latents = torch.arange(2 * 4 * 2 * 3, dtype=torch.float32).reshape(2, 4, 2, 3)
+    mask = torch.zeros(2, 1, 2, 3)
+    mask[0, 0, 1, 2] = mask[1, 0, 0, 0] = 1
+    noise = torch.full((2, 4, 2, 3), -7.0)
+    nothing, noised = latent_fill(latents, mask, 3, noise), latent_fill(latents, mask, 2, noise)
+    where = mask.expand_as(latents).bool()
+    assert torch.equal(nothing[~where], latents[~where]) and torch.equal(noised[~where], latents[~where])
+    assert (nothing[where] == 0).all() and (noised[where] == -7).all() and int(where.sum()) == 8
+    with pytest.raises(ValueError):
+        latent_fill(latents, mask, 1, noise)

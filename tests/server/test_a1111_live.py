@@ -113,6 +113,17 @@ def test_img2img_with_webuiapis_inpainting_defaults_repaints_only_around_the_mas
     change = np.abs(pixels(res.image) - pixels(src)).max(axis=2)
     reach = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * 16 + 1))) > 0  # well past a blur of 4 pixels
     assert change[~reach].max() == 0 and change[np.asarray(mask) > 0].mean() > 1
+    # Each masked content, same seed, on a crop tight enough (no blur, 4 pixels of padding: 16x16 drawn at
+    # 32x32) that the mask covers whole latent cells: each starts the masked area from something else.
+    inside = np.asarray(mask) > 0
+    outs = {}
+    for fill in (0, 1, 2, 3):
+        out = api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", seed=5, mask_blur=0,
+                          inpaint_full_res_padding=4, inpainting_fill=fill, **SMALL)
+        outs[fill] = pixels(out.image)
+        assert np.abs(outs[fill] - pixels(src)).max(axis=2)[~inside].max() == 0, fill
+    for a, b in ((0, 1), (1, 2), (1, 3), (2, 3)):
+        assert np.abs(outs[a] - outs[b])[inside].mean() > 1, (a, b)
 
 
 def test_lora_through_the_prompt(server):

@@ -211,7 +211,8 @@ async def img2img(request: Request):
     # "only masked": the upload keeps its size, and the crop around the mask is drawn at the request's size
     only = mask is not None and bool(body.inpaint_full_res)
     prepare = partial(inpaint_input, size=(params.width, params.height) if only else None,
-                      padding=body.inpaint_full_res_padding or 0, fill=body.inpainting_fill == 0)
+                      padding=body.inpaint_full_res_padding or 0,
+                      fill=1 if body.inpainting_fill is None else body.inpainting_fill)
     params = await edit_params(state, params, size, denoising_strength(body), image, mask,
                                strength_name="denoising_strength", own_size=only, names=("init_images.0", "mask"),
                                mask_rule=_mask_rule(bool(body.inpainting_mask_invert)), mask_blur=mask_blur(body),

@@ -9,7 +9,9 @@ picture by `edit_pipeline.paste_back`:
   the model's full resolution.
 - "Masked content: fill" (`inpainting_fill` 0): the masked pixels start from the colours around
   them, spread inwards (pull-push: averages of the kept pixels over ever coarser blocks, blended
-  back in from the coarsest), instead of from the source's own pixels (1, "original").
+  back in from the coarsest), instead of from the source's own pixels (1, "original"). The
+  latent fills (2, 3) are marked on the EditInput here and done on the latents by
+  `edit_pipeline.latent_fill`.
 """
 from __future__ import annotations
 
@@ -136,11 +138,12 @@ def diffuse_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(estimate), 0, 255).astype(np.uint8))
 
 
-def inpaint_input(edit: EditInput, size: tuple[int, int] | None, padding: int, fill: bool) -> EditInput:
+def inpaint_input(edit: EditInput, size: tuple[int, int] | None, padding: int, fill: int) -> EditInput:
     """A decoded A1111 edit made ready for the pipeline. `size`: "only masked" at that generation
-    size (`edit` is then at the upload's own size) or None, the whole picture; `fill`: masked content
-    "fill" (else "original"). Without a mask, or with a blank one under "only masked" (nothing to
-    cut out: A1111 then runs plain img2img of the picture), it is img2img."""
+    size (`edit` is then at the upload's own size) or None, the whole picture; `fill`: the masked
+    content, 0 "fill", 1 "original", 2 "latent noise", 3 "latent nothing" (the last two are done on
+    the latents, by `edit_pipeline`). Without a mask, or with a blank one under "only masked"
+    (nothing to cut out: A1111 then runs plain img2img of the picture), it is img2img."""
     if edit.mask is None:
         return edit
     image, mask, overlay = edit.image, edit.mask, None
@@ -149,7 +152,8 @@ def inpaint_input(edit: EditInput, size: tuple[int, int] | None, padding: int, f
         if cut is None:
             return EditInput(image=image.resize(size, Image.LANCZOS), mask=None, strength=edit.strength)
         image, mask, overlay = cut
-    if fill:  # the pipeline starts from the filled pixels; the source, unfilled, is what is pasted onto
+    if fill == 0:  # the pipeline starts from the filled pixels; the source, unfilled, is what is pasted onto
         overlay = overlay or Overlay(source=image, mask=mask, box=(0, 0, *image.size))
         image = diffuse_fill(image, mask)
-    return EditInput(image=image, mask=mask, strength=edit.strength, overlay=overlay)
+    return EditInput(image=image, mask=mask, strength=edit.strength, overlay=overlay,
+                     latent_fill=fill if fill in (2, 3) else None)

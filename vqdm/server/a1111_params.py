@@ -132,12 +132,6 @@ def _img2img_checks(body: Img2ImgRequest) -> list[tuple[str, bool, str]]:
     blurs = {v for v in (body.mask_blur, body.mask_blur_x, body.mask_blur_y) if v is not None}
     checks.append(("mask_blur_x" if body.mask_blur_x is not None else "mask_blur", len(blurs) <= 1,
                    f"blur is the same on both axes here: send mask_blur alone (got {sorted(blurs)})"))
-    if body.mask is not None:  # inpainting-only fields matter only with a mask
-        checks.append(("inpainting_fill", body.inpainting_fill in (None, 0, 1) or denoising_strength(body) == 1,
-                       "2 (latent noise) and 3 (latent nothing) are not available below denoising_strength 1 (they "
-                       "rewrite the latents the diffusers inpainting pipeline starts from, which it does not "
-                       "expose): send 0 (fill) or 1 (original), or denoising_strength 1, where every fill starts "
-                       "from pure noise"))
     return checks
 
 

@@ -105,8 +105,9 @@ class Img2ImgRequest(A1111Request):
     mask_blur_x: int | None = Field(None, ge=0, le=64, description="as mask_blur; mask_blur, _x and _y must agree")
     mask_blur_y: int | None = Field(None, ge=0, le=64, description="as mask_blur; mask_blur, _x and _y must agree")
     inpainting_fill: int | None = Field(None, ge=0, le=3, description=(
-        "the masked area starts from 0 (fill: the colours around it) or 1 (original: the source); 2 (latent "
-        "noise) and 3 (latent nothing) only with denoising_strength 1, where every fill is pure noise; absent: 1"))
+        "the masked area starts from 0 (fill: the colours around it), 1 (original: the source), 2 (latent noise: "
+        "the seed's noise in its latents) or 3 (latent nothing: zero latents), then is noised to "
+        "denoising_strength; absent: 1"))
     inpaint_full_res: bool | None = Field(None, description=(
         "true (only masked): the mask's box plus inpaint_full_res_padding, grown to width:height, is inpainted at "
         "width x height and pasted back; the reply has the init image's size. false or absent: the whole picture"))

@@ -124,8 +124,8 @@ def diffuse_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
     """A1111's "fill": each masked pixel (255) takes the colour spread in from the pixels around it,
     a partly masked one a blend of its own and that; unmasked pixels are unchanged. A mask over the
     whole picture leaves nothing to spread from: the image is returned as it is."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    keep = 1.0 - np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    keep = 1.0 - np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     if not keep.any():
         return image.convert("RGB")
     levels = [(rgb * keep[..., None], keep)]

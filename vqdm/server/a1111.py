@@ -208,7 +208,7 @@ async def img2img(request: Request):
         _decoded(body.init_images[0], "init_images.0", max_bytes),
         None if body.mask is None else _decoded(body.mask, "mask", max_bytes)), limiter=state.decode_limiter)
     size = None if body.width is None and body.height is None else f"{params.width}x{params.height}"
-    # "only masked": the upload keeps its size, and the crop around the mask is drawn at the request's size
+    # "only masked": the upload keeps its size; the crop around the mask is drawn at the size params say
     only = mask is not None and bool(body.inpaint_full_res)
     prepare = partial(inpaint_input, size=(params.width, params.height) if only else None,
                       padding=body.inpaint_full_res_padding or 0,

@@ -166,8 +166,12 @@ async def edit_params(state: ServerState, params: GenerationParams, size: str | 
     except SizeRefused as e:
         raise bad_request(str(e), "size", "unsupported_size") from None
     width, height = edit.image.size  # own_size: the crop `prepare` cut, at the size params say the model draws
-    # "Only masked" replies at the upload's size (its crop pasted back); with a blank mask, as img2img
-    resize_to = (params.resize_to if edit.mask is None else None) if own_size else plan.resize_to
+    if not own_size:
+        resize_to = plan.resize_to
+    elif edit.mask is None:  # "only masked" with a blank mask: img2img, at the asked size
+        resize_to = params.resize_to
+    else:  # "only masked": the crop is pasted back into the upload, whose size the images have
+        resize_to = None if plan.asked == (width, height) else plan.asked
     return dataclasses.replace(params, width=width, height=height, resize_to=resize_to, edit=edit)
 
 

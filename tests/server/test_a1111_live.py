@@ -96,9 +96,37 @@ def test_img2img_with_a_mask_repaints_only_the_mask(server):
     inside = np.asarray(mask) > 0
     assert change[~inside].max() == 0 and change[inside].mean() > 1
     assert res.info["denoising_strength"] == 0.9 and res.parameters["init_images"] is None
-    with pytest.raises(RuntimeError) as e:  # webuiapi's defaults ask for 'only masked', refused by name
-        api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", **SMALL)
-    assert e.value.args[0] == 400 and "inpaint_full_res" in e.value.args[1]
+
+
+def test_img2img_with_webuiapis_inpainting_defaults_repaints_only_around_the_mask(server):
+    """webuiapi's own defaults but the seed and steps: "only masked" (inpaint_full_res, padding 0),
+    "fill", mask_blur 4, denoising_strength 0.75, 512x512. The 8x8 masked square of a 96x64 picture
+    is drawn at 32x32 and pasted back: the reply has the picture's size, and nothing beyond the
+    blurred mask's reach changes."""
+    from PIL import Image, ImageFilter
+
+    api = client(server)
+    src = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (56, 24, 64, 32))
+    res = api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", seed=5, steps=3)
+    # webuiapi's 512x512 is drawn at the model's 32x32 (size policy nearest), the crop pasted back at 96x64
+    assert res.image.size == (96, 64)
+    assert (res.info["vqdm"]["size"], res.info["vqdm"]["generated_size"]) == ("96x64", "32x32")
+    change = np.abs(pixels(res.image) - pixels(src)).max(axis=2)
+    reach = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * 16 + 1))) > 0  # well past a blur of 4 pixels
+    assert change[~reach].max() == 0 and change[np.asarray(mask) > 0].mean() > 1
+    # Each masked content, same seed, on a crop tight enough (no blur, 4 pixels of padding: 16x16 drawn at
+    # 32x32) that the mask covers whole latent cells: each starts the masked area from something else.
+    inside = np.asarray(mask) > 0
+    outs = {}
+    for fill in (0, 1, 2, 3):
+        out = api.img2img(images=[src], mask_image=mask, prompt="a handwritten digit 1", seed=5, mask_blur=0,
+                          inpaint_full_res_padding=4, inpainting_fill=fill, **SMALL)
+        outs[fill] = pixels(out.image)
+        assert np.abs(outs[fill] - pixels(src)).max(axis=2)[~inside].max() == 0, fill
+    for a, b in ((0, 1), (1, 2), (1, 3), (2, 3)):
+        assert np.abs(outs[a] - outs[b])[inside].mean() > 1, (a, b)
 
 
 def test_lora_through_the_prompt(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from pydantic import ValidationError
 
 from vqdm.server.a1111_params import (check_eta, check_option, check_supported, in_a1111_terms, prompt_loras,
                                       sampler_for, sampler_names)
@@ -59,7 +60,8 @@ def _defaults(method: str) -> dict:
 def test_webuiapi_defaults_are_accepted():
     check_supported(Txt2ImgRequest.model_validate(_defaults("txt2img")))
     img2img = Img2ImgRequest.model_validate({**_defaults("img2img"), "init_images": ["AAAA"]})
-    check_supported(img2img)  # no mask: the inpainting fields do not matter
+    check_supported(img2img)
+    check_supported(img2img.model_copy(update={"mask": "AAAA"}))  # with a mask: "only masked", "fill"
     check_eta(1.0, "euler_a")  # webuiapi's eta 1 is what Euler a does
 
 
@@ -77,15 +79,15 @@ def test_txt2img_values_vqdm_cannot_honour_are_refused_by_name(extra, field):
 
 
 def test_img2img_inpainting_fields_map_or_are_refused():
-    base = {"prompt": "x", "init_images": ["AAAA"], "mask": "AAAA", "inpaint_full_res": False}
-    check_supported(Img2ImgRequest.model_validate({**base, "inpainting_fill": 1, "denoising_strength": 0.5}))
-    check_supported(Img2ImgRequest.model_validate({**base, "inpainting_fill": 0, "denoising_strength": 1}))
-    for extra, field in (({"inpainting_fill": 0, "denoising_strength": 0.5}, "inpainting_fill"),
-                         ({"inpaint_full_res": True}, "inpaint_full_res"), ({"resize_mode": 1}, "resize_mode"),
-                         ({"mask_blur": 4, "mask_blur_x": 2}, "mask_blur_x")):
+    base = {"prompt": "x", "init_images": ["AAAA"], "mask": "AAAA", "inpaint_full_res": True}
+    for fill in (0, 1, 2, 3):  # fill, original, latent noise, latent nothing
+        check_supported(Img2ImgRequest.model_validate({**base, "inpainting_fill": fill, "denoising_strength": 0.5}))
+    for extra, field in (({"resize_mode": 1}, "resize_mode"), ({"mask_blur": 4, "mask_blur_x": 2}, "mask_blur_x")):
         with pytest.raises(APIError) as e:
             check_supported(Img2ImgRequest.model_validate({**base, **extra}))
         assert e.value.param == field, extra
+    with pytest.raises(ValidationError):  # not one of A1111's four
+        Img2ImgRequest.model_validate({**base, "inpainting_fill": 4})
 
 
 def test_options_eta_and_field_names():

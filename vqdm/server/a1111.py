@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import time
+from functools import partial
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from vqdm import __version__
 from vqdm.server import samplers
+from vqdm.server.a1111_inpaint import inpaint_input
 from vqdm.server.a1111_params import (CHECKPOINT_OPTION, FIXED_OPTIONS, SCHEDULERS, a1111_sampler, check_eta,
                                       check_option, check_supported, denoising_strength, generation_request,
                                       in_a1111_terms, mask_blur, model_for)
@@ -206,9 +208,15 @@ async def img2img(request: Request):
         _decoded(body.init_images[0], "init_images.0", max_bytes),
         None if body.mask is None else _decoded(body.mask, "mask", max_bytes)), limiter=state.decode_limiter)
     size = None if body.width is None and body.height is None else f"{params.width}x{params.height}"
+    # "only masked": the upload keeps its size; the crop around the mask is drawn at the size params say
+    only = mask is not None and bool(body.inpaint_full_res)
+    prepare = partial(inpaint_input, size=(params.width, params.height) if only else None,
+                      padding=body.inpaint_full_res_padding or 0,
+                      fill=1 if body.inpainting_fill is None else body.inpainting_fill)
     params = await edit_params(state, params, size, denoising_strength(body), image, mask,
-                               strength_name="denoising_strength", names=("init_images.0", "mask"),
-                               mask_rule=_mask_rule(bool(body.inpainting_mask_invert)), mask_blur=mask_blur(body))
+                               strength_name="denoising_strength", own_size=only, names=("init_images.0", "mask"),
+                               mask_rule=_mask_rule(bool(body.inpainting_mask_invert)), mask_blur=mask_blur(body),
+                               prepare=prepare)
     return await _answer(request, state, owner, params, body)
 
 

@@ -132,14 +132,6 @@ def _img2img_checks(body: Img2ImgRequest) -> list[tuple[str, bool, str]]:
     blurs = {v for v in (body.mask_blur, body.mask_blur_x, body.mask_blur_y) if v is not None}
     checks.append(("mask_blur_x" if body.mask_blur_x is not None else "mask_blur", len(blurs) <= 1,
                    f"blur is the same on both axes here: send mask_blur alone (got {sorted(blurs)})"))
-    if body.mask is not None:  # inpainting-only fields matter only with a mask
-        checks += [
-            ("inpaint_full_res", not body.inpaint_full_res, "inpainting the masked area alone ('only masked') is "
-                                                            "not available: send false to inpaint the whole picture"),
-            ("inpainting_fill", body.inpainting_fill in (None, 1) or denoising_strength(body) == 1,
-             "only 1 (original: the masked area starts from the source, noised) is available below "
-             "denoising_strength 1; at 1 every fill is pure noise and any value is accepted"),
-        ]
     return checks
 
 

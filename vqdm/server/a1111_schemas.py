@@ -104,10 +104,15 @@ class Img2ImgRequest(A1111Request):
                                                                  "is pasted back through; absent: 0")
     mask_blur_x: int | None = Field(None, ge=0, le=64, description="as mask_blur; mask_blur, _x and _y must agree")
     mask_blur_y: int | None = Field(None, ge=0, le=64, description="as mask_blur; mask_blur, _x and _y must agree")
-    inpainting_fill: int | None = Field(None, description="1 (original); 0, 2, 3 only with denoising_strength 1, "
-                                                          "where the masked area starts from pure noise anyway")
-    inpaint_full_res: bool | None = Field(None, description="false only: the whole picture is inpainted")
-    inpaint_full_res_padding: int | None = Field(None, description="ignored: inpaint_full_res is false")
+    inpainting_fill: int | None = Field(None, ge=0, le=3, description=(
+        "the masked area starts from 0 (fill: the colours around it), 1 (original: the source), 2 (latent noise: "
+        "the seed's noise in its latents) or 3 (latent nothing: zero latents), then is noised to "
+        "denoising_strength; absent: 1"))
+    inpaint_full_res: bool | None = Field(None, description=(
+        "true (only masked): the mask's box plus inpaint_full_res_padding, grown to width:height, is inpainted at "
+        "width x height and pasted back; the reply has the init image's size. false or absent: the whole picture"))
+    inpaint_full_res_padding: int | None = Field(None, ge=0, description="pixels around the mask's box for "
+                                                                         "inpaint_full_res; absent: 0")
     inpainting_mask_invert: int | None = Field(None, ge=0, le=1, description="1: repaint where the mask is black")
     initial_noise_multiplier: float | None = Field(None, description="1 only")
     latent_mask: str | None = Field(None, description="absent only")

@@ -31,7 +31,7 @@ from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
-from vqdm.server.sizes import SizeRefused, plan_for
+from vqdm.server.sizes import SizePlan, SizeRefused, plan_for
 from vqdm.server.state import ServerState
 from vqdm.server.uploads import auto_size, decode_edit
 from vqdm.server.validation import resolve_model, validate
@@ -135,10 +135,12 @@ def _request_from_fields(fields: dict[str, str]) -> tuple[ImageGenerationRequest
 
 async def edit_params(state: ServerState, params: GenerationParams, size: str | None, strength: float | None,
                       image: BinaryIO, mask: BinaryIO | None, strength_name: str = "strength",
-                      **decode_options: Any) -> GenerationParams:
+                      own_size: bool = False, **decode_options: Any) -> GenerationParams:
     """A validated request's params made an edit's: strength checked, the upload decoded off the
     event loop (`uploads.decode_edit`, with `decode_options`) at `size` or, auto, at the size the
-    upload suggests. Shared by this route and A1111's img2img (`strength_name` denoising_strength)."""
+    upload suggests, or with `own_size` at its own size (A1111's "only masked", whose `prepare`
+    option cuts the generation's crop from it). Shared by this route and A1111's img2img
+    (`strength_name` denoising_strength)."""
     kind = "img2img" if mask is None else "inpaint"
     strength = DEFAULT_STRENGTH[kind] if strength is None else strength
     if not 0.0 < strength <= 1.0:
@@ -151,8 +153,10 @@ async def edit_params(state: ServerState, params: GenerationParams, size: str | 
         asked_for = partial(auto_size, model_size=(model.default_width, model.default_height), settings=state.settings)
     else:
         asked_for = lambda w, h: params.resize_to or (params.width, params.height)  # noqa: E731
-    # The upload is resized to the size the model draws at; the images back to the asked size (sizes).
-    size_for = lambda w, h: plan_for(asked_for(w, h), model)  # noqa: E731
+    if own_size:  # A1111's "only masked": the upload as it is; `prepare` cuts the crop the model draws
+        size_for = lambda w, h: SizePlan((w, h), (w, h))  # noqa: E731
+    else:  # the upload resized to the size the model draws at; the images back to the asked size (sizes)
+        size_for = lambda w, h: plan_for(asked_for(w, h), model)  # noqa: E731
     # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
     # pixels are gone before the job queues.
     try:
@@ -161,8 +165,14 @@ async def edit_params(state: ServerState, params: GenerationParams, size: str | 
             limiter=state.decode_limiter)
     except SizeRefused as e:
         raise bad_request(str(e), "size", "unsupported_size") from None
-    width, height = plan.generated
-    return dataclasses.replace(params, width=width, height=height, resize_to=plan.resize_to, edit=edit)
+    width, height = edit.image.size  # own_size: the crop `prepare` cut, at the size params say the model draws
+    if not own_size:
+        resize_to = plan.resize_to
+    elif edit.mask is None:  # "only masked" with a blank mask: img2img, at the asked size
+        resize_to = params.resize_to
+    else:  # "only masked": the crop is pasted back into the upload, whose size the images have
+        resize_to = None if plan.asked == (width, height) else plan.asked
+    return dataclasses.replace(params, width=width, height=height, resize_to=resize_to, edit=edit)
 
 
 @router.post(EDITS_PATH, openapi_extra={"requestBody": EDIT_REQUEST_BODY})

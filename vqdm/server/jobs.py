@@ -66,9 +66,9 @@ class GenerationParams:
 
     @property
     def edit_pixels(self) -> int:
-        """Pixels of input an edit holds while it waits (its image, and mask, at the output size); 0 for a
-        generation."""
-        return self.width * self.height if self.edit is not None else 0
+        """Pixels of input an edit holds while it waits (its image, and mask, at the output size, and the
+        full-size source A1111's "only masked" pastes into); 0 for a generation."""
+        return self.edit.pixels if self.edit is not None else 0
 
     def size_fields(self) -> dict[str, str]:
         """The reply's `size` (the images' size), and `generated_size` when the model drew at another."""

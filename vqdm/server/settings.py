@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(32, ge=1, description="jobs waiting (not running); beyond it: 429")
     max_queued_edit_pixels: int = Field(
         16 * 2048 * 2048, ge=64 * 64,
-        description="input pixels (width * height at the output size) the waiting edits may hold together, 4 bytes "
-                    "each (Pillow's RGB), 5 with a mask; beyond it: 429. At least max_pixels")
+        description="input pixels (width * height at the output size, plus the full-size source of A1111's "
+                    "'only masked') the waiting edits may hold together, 4 bytes each (Pillow's RGB), 5 with a "
+                    "mask; beyond it: 429. At least max_pixels")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call")
     batch_wait_ms: float = Field(0.0, ge=0, description="wait this long for batch mates when idle")
     request_timeout_s: float = Field(600.0, gt=0, description="queue + run; beyond it: 504 and the job is cancelled")

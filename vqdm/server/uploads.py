@@ -69,18 +69,20 @@ def _converted(convert: Callable[[], Image.Image], param: str, mode: str) -> Ima
 
 def decode_edit(image: BinaryIO, mask: BinaryIO | None, size_for: Callable[[int, int], SizePlan],
                 strength: float, max_pixels: int, mask_rule: Callable[[Image.Image], Image.Image] = mask_from,
-                names: tuple[str, str] = ("image", "mask"), mask_blur: float = 0) -> tuple[EditInput, SizePlan]:
+                names: tuple[str, str] = ("image", "mask"), mask_blur: float = 0,
+                prepare: Callable[[EditInput], EditInput] | None = None) -> tuple[EditInput, SizePlan]:
     """The EditInput of one request: image (and mask) decoded, checked, and resized to the size the
     model generates at, `size_for(displayed width, displayed height).generated`; and that plan (the
     asked size: vqdm.server.sizes). `mask_rule` turns the mask into 255 = repaint (OpenAI's rule by
-    default), `mask_blur` pixels of Gaussian blur soften its edge (A1111's), and errors name the
-    fields `names`. Blocking: run it in a worker thread."""
+    default), `mask_blur` pixels of Gaussian blur soften its edge (A1111's), errors name the fields
+    `names`, and `prepare` (A1111's inpainting options) has the last word on the EditInput.
+    Blocking: run it in a worker thread."""
     try:
         # the full-size pixels die with _decode's frame
         edit, plan = _decode(image, mask, size_for, strength, max_pixels, mask_rule, names)
         if mask_blur and edit.mask is not None:
             edit.mask = edit.mask.filter(ImageFilter.GaussianBlur(mask_blur))
-        return edit, plan
+        return (edit if prepare is None else prepare(edit)), plan
     finally:
         _return_freed_memory()
 

@@ -58,6 +58,7 @@ class GenerationParams:
     output_format: str = "png"
     output_compression: int | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
+    partial_images: int = 0  # previews per image sent while it is made (a streamed request's partial_images)
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
 
     @property
@@ -86,6 +87,8 @@ class JobResult:
     revised_prompt: str | None
     timings: dict[str, float]
     batch_size: int
+    prompt_tokens: int = 0  # CLIP tokens of the prompt the model read
+    latent_cells: int = 0  # latent positions per image
 
 
 @dataclass(eq=False)
@@ -108,6 +111,7 @@ class Job:
     result: JobResult | None = None
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     on_end: Callable[["Job"], None] | None = None  # called once, when the job ends (JobRegistry's retention)
+    latest_preview: Any = None  # the newest partial image (PIL, output size) of any of its images, while it runs
 
     def __post_init__(self) -> None:
         self.total_steps = self.params.steps
@@ -129,6 +133,12 @@ class Job:
             self.step, self.total_steps = step, total
             self.publish("progress", step=step, total_steps=total)
 
+    def add_preview(self, index: int, partial_index: int, image: Any) -> None:
+        """A partial image of image `index` (0-based within the job) arrived from the worker."""
+        if self.state is JobState.RUNNING:
+            self.latest_preview = image
+            self.publish("partial_image", index=index, partial_image_index=partial_index, image=image)
+
     def finish(self, state: JobState, *, result: JobResult | None = None, error: str | None = None) -> None:
         if self.state.finished:
             return
@@ -138,6 +148,7 @@ class Job:
         # The edit's pixels are needed no more. A batch still running holds its own reference to them
         # (a job ended by the drain deadline or the watchdog), so only the job's is dropped.
         self.params = dataclasses.replace(self.params, edit=None)
+        self.latest_preview = None
         self.publish(state.value)
         self.done.set()
         if self.on_end is not None:

@@ -165,4 +165,5 @@ async def edit_images(request: Request):
         await form.close()  # the spooled uploads
     width, height = edit.image.size
     params = dataclasses.replace(params, width=width, height=height, edit=edit)
-    return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")
+    return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit",
+                                  stream_format=req.stream_format)

@@ -124,6 +124,6 @@ async def generate_images(request: Request):
     if model_id in state.models:
         scope_state["vqdm_model"] = model_id  # a metric label only ever holds a served id
     params = validate(req, state.models, state.settings)
-    return await submit_and_reply(request, state, params, owner, stream=req.stream)
+    return await submit_and_reply(request, state, params, owner, stream=req.stream, stream_format=req.stream_format)
 
 

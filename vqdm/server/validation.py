@@ -92,4 +92,5 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
         model=model.id, prompt=req.prompt, negative_prompt=req.negative_prompt, n=n, width=width, height=height,
         steps=steps, guidance=float(guidance), scheduler=sampler.name, seed=seed,
         output_format=req.output_format or "png", output_compression=req.output_compression, loras=loras,
+        partial_images=(req.partial_images or 0) if req.stream else 0,  # previews cost only when streamed
     )

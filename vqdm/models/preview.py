@@ -7,8 +7,8 @@ block of pixels that cell decodes to (f: the VAE's downscale factor): in effect 
 decoder. The fit data are the VAE's own decodes (the preview should predict what the VAE will draw,
 not its input) of two sets of latents: a fixed set of colour, gradient and smooth-noise images it
 encodes, and seeded unit-normal latents, the spread a sampler's estimate has. A per-cell map (C
-values → one RGB) was tried first: on the shipped digits model its previews correlated only ~0.5
-with the real decode; the neighbourhood map reaches ~0.9 (tests/models/test_preview.py).
+values → one RGB) was tried first: on the shipped digits model its previews fell well short of the
+correlation with the real decode that tests/models/test_preview.py asks for; this map meets it.
 
 Applied to the scheduler's estimate of the clean latents (`clean_estimate`) it gives a soft,
 roughly right image at the output size. `fit_latent_preview` runs the VAE (40 images of 8×8 latent

@@ -46,13 +46,18 @@ def digits():
     from vqdm.models import load_pipeline
     from vqdm.models.digits import DIGITS_MODEL_DIR, digit_prompt
 
+    # One thread: tiny tensors on a shared 2-core machine, where a second thread spin-waits against
+    # other processes (as in tests/server/test_embedded.py).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
     pipe = load_pipeline(DIGITS_MODEL_DIR)
     preview = fit_latent_preview(pipe)
     gens = [torch.Generator().manual_seed(s) for s in range(3)]
     with torch.inference_mode():
         latents = pipe(prompt=[digit_prompt(d) for d in (0, 3, 7)], num_inference_steps=8, guidance_scale=4.0,
                        generator=gens, output_type="latent").images
-    return pipe, preview, latents
+    yield pipe, preview, latents
+    torch.set_num_threads(saved)
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -101,7 +101,18 @@ def test_incompatible_members_are_refused(served_models):
         run_batch(replica, [Member(params("tiny", 1)), Member(params("tiny", 2, steps=4))])
 
 
-def test_partial_images_only_for_the_member_that_asked(served_models):
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: a second torch thread only spin-waits against other processes."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_partial_images_only_for_the_member_that_asked(served_models, one_thread):
     """Batch [cancelled at step 2, two images with 2 partials each, no partials]: previews come after
     steps 1 and 3, around the batch shrinking, each from the asking member's own rows (equal to that
     seed's previews run alone); the others get none, and their images are the ones made without."""

@@ -17,7 +17,10 @@ import pytest
 def server(tmp_path_factory):
     from tests.server.conftest import LiveServer
 
-    live = LiveServer([], tmp_path_factory.mktemp("openai-stream") / "server.log").wait_ready()
+    # No model flag: the embedded default. One torch thread and no warm-up: readiness in seconds on a
+    # loaded 2-core machine, where a second thread only spin-waits.
+    live = LiveServer(["--no-warmup", "--cpu-threads", "1"],
+                      tmp_path_factory.mktemp("openai-stream") / "server.log").wait_ready()
     yield live
     live.stop()
 

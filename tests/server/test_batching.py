@@ -143,3 +143,20 @@ def test_partial_images_only_for_the_member_that_asked(served_models, one_thread
     assert np.abs(got["asked"][0][2] - got["asked"][1][2]).max() > 10  # the two seeds' previews differ
     (image,) = pixels(out.images[2])
     assert np.abs(image - solo(replica, other)[0]).max() <= 1
+
+
+def test_a_job_publishes_each_preview_once_and_only_while_running():
+    """A job retried alone after an out-of-memory batch makes its previews again: its stream gets each once."""
+    from vqdm.server.jobs import Job, JobState
+
+    job = Job("j", params("tiny", 1, partial_images=2))
+    job.add_preview(0, 0, "queued: too early")
+    job.mark_running(1)
+    for k, image in ((0, "a"), (1, "b"), (0, "a, retried"), (1, "b, retried")):
+        job.add_preview(0, k, image)
+    events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+    assert [(kind, data.get("partial_image_index"), data.get("image")) for kind, data in events] == [
+        ("started", None, None), ("partial_image", 0, "a"), ("partial_image", 1, "b")]
+    assert job.latest_preview == "b"
+    job.finish(JobState.CANCELLED)
+    assert job.latest_preview is None

@@ -112,6 +112,7 @@ class Job:
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     on_end: Callable[["Job"], None] | None = None  # called once, when the job ends (JobRegistry's retention)
     latest_preview: Any = None  # the newest partial image (PIL, output size) of any of its images, while it runs
+    previews_sent: set = field(default_factory=set)  # (image index, partial image index) published
 
     def __post_init__(self) -> None:
         self.total_steps = self.params.steps
@@ -134,8 +135,10 @@ class Job:
             self.publish("progress", step=step, total_steps=total)
 
     def add_preview(self, index: int, partial_index: int, image: Any) -> None:
-        """A partial image of image `index` (0-based within the job) arrived from the worker."""
-        if self.state is JobState.RUNNING:
+        """A partial image of image `index` (0-based within the job) arrived from the worker. Published
+        once: a job retried alone after its batch ran out of memory makes its previews again."""
+        if self.state is JobState.RUNNING and (index, partial_index) not in self.previews_sent:
+            self.previews_sent.add((index, partial_index))
             self.latest_preview = image
             self.publish("partial_image", index=index, partial_image_index=partial_index, image=image)
 

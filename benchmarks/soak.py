@@ -315,8 +315,8 @@ class Client:
         """(path, httpx keyword arguments) of a generation or (2 in 5) an edit."""
         if self.rng.random() < 0.4:
             fields, files = self.edit_form(steps)
-            return EDIT, {"data": {**fields, "stream": str(stream).lower()}, "files": files}
-        return GEN, {"json": {**self.job_body(steps), "stream": stream}}
+            return EDIT, {"data": {**fields, "stream": str(stream).lower(), "stream_format": "vqdm"}, "files": files}
+        return GEN, {"json": {**self.job_body(steps), "stream": stream, "stream_format": "vqdm"}}
 
     # -- actions ----------------------------------------------------------------------------------
     async def post(self, path: str, headers: dict | None = None, **kw) -> httpx.Response:

@@ -91,7 +91,8 @@ def test_long_prompt_reports_what_clip_read(make_client):
 def test_stream_gives_monotonic_steps_then_image(make_client, tools):
     c = make_client()
     events = []
-    with c.stream("POST", GEN, json={"prompt": "x", "stream": True, "num_inference_steps": 5, "seed": 3}) as r:
+    with c.stream("POST", GEN, json={"prompt": "x", "stream": True, "stream_format": "vqdm",
+                                     "num_inference_steps": 5, "seed": 3}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data:"):

@@ -107,7 +107,8 @@ def test_edits_batch_with_each_other_stream_and_cancel(make_client, tools, sourc
 
     events = []
     with c.stream("POST", EDITS, files={"image": ("s.png", png_bytes(source), "image/png")},
-                  data={"prompt": "x", "stream": "true", "num_inference_steps": "4", "strength": "1"}) as r:
+                  data={"prompt": "x", "stream": "true", "stream_format": "vqdm", "num_inference_steps": "4",
+                        "strength": "1"}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):

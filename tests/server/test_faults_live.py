@@ -69,7 +69,7 @@ class Outcome:
                     self.body = r.json()
                     self.code = self.body.get("error", {}).get("code") if r.status_code != 200 else None
                     return
-                with c.stream("POST", GEN, json={**body, "stream": True}) as r:
+                with c.stream("POST", GEN, json={**body, "stream": True, "stream_format": "vqdm"}) as r:
                     if r.status_code != 200:
                         self.status = r.status_code
                         self.code = json.loads(r.read())["error"]["code"]

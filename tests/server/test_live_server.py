@@ -109,9 +109,10 @@ def test_openai_client(server):
     image = png(res.data[0].b64_json)
     assert image.shape == (128, 128, 3)
     assert [m.id for m in client.models.list()] == ["tiny"]
-    # The SDK's image stream: our progress events arrive as loosely typed events, then its completed event.
+    # The SDK's image stream with vqdm's richer events asked for: the progress events arrive as loosely
+    # typed events, then its completed event.
     events = list(client.images.generate(model="tiny", prompt="x", stream=True, size="64x64",
-                                         extra_body={"num_inference_steps": 3, "seed": 5}))
+                                         extra_body={"num_inference_steps": 3, "seed": 5, "stream_format": "vqdm"}))
     assert [e.type for e in events if e.type == "image_generation.progress"] == ["image_generation.progress"] * 3
     assert events[-1].type == "image_generation.completed" and png(events[-1].b64_json).shape == (64, 64, 3)
     with pytest.raises(openai.BadRequestError) as e:
@@ -185,7 +186,7 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(server):
 def _stream_until_progress(base: str, body: dict, rid: str, holder: dict) -> None:
     """Stream a request, note its progress events, and walk away after the first one."""
     with httpx.Client(base_url=base, headers={**AUTH, "X-Request-Id": rid}, timeout=60) as c:
-        with c.stream("POST", GEN, json={**body, "stream": True}) as r:
+        with c.stream("POST", GEN, json={**body, "stream": True, "stream_format": "vqdm"}) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     event = json.loads(line[5:])

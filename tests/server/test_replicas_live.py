@@ -93,7 +93,7 @@ class _Job:
 def _stream(base: str, label: str, events: list) -> None:
     with httpx.Client(base_url=base, headers={**auth(0), "X-Request-Id": label}, timeout=300) as c:
         with c.stream("POST", GEN, json={"prompt": "long", "num_inference_steps": 3000, "size": "64x64",
-                                         "stream": True}) as r:
+                                         "stream": True, "stream_format": "vqdm"}) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     events.append(json.loads(line[5:]))

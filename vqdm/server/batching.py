@@ -208,7 +208,9 @@ class Dispatcher:
             self.running.add(job)
         self.metrics.batch_started(model.id, [j.enqueued_at for j in batch], rows, now)
         members = [Member(job.params, job.cancel_flag.is_set,
-                          lambda s, t, job=job: loop.call_soon_threadsafe(job.set_progress, s, t)) for job in batch]
+                          lambda s, t, job=job: loop.call_soon_threadsafe(job.set_progress, s, t),
+                          (lambda i, k, image, job=job: loop.call_soon_threadsafe(job.add_preview, i, k, image))
+                          if job.params.partial_images else None) for job in batch]
         log.info("batch of %d image(s) on %s: requests %s", rows, device, job_ids(batch))
         self._running_on[device] = list(batch)
         t0 = time.perf_counter()
@@ -225,14 +227,15 @@ class Dispatcher:
         timings = outcome.timings()
         if self.failures.faults is not None:
             self.failures.faults.after_batch([j.params.prompt for j in batch])
-        for job, images, revised in zip(batch, outcome.images, outcome.revised_prompts):
+        for job, images, revised, tokens in zip(batch, outcome.images, outcome.revised_prompts, outcome.prompt_tokens):
             if job.state.finished:  # ended meanwhile (drain deadline, watchdog): it keeps that outcome
                 continue
             if images is None or job.cancelled:
                 finish_cancelled(job, self.metrics)
             else:
                 self.metrics.job_succeeded(model.id, job.params, len(images), outcome.weight_decode_s)
-                job.finish(JobState.SUCCEEDED, result=JobResult(images, revised, dict(timings), rows))
+                job.finish(JobState.SUCCEEDED, result=JobResult(images, revised, dict(timings), rows, tokens,
+                                                                outcome.latent_cells))
 
     # -- shutdown ---------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:

@@ -192,4 +192,5 @@ async def edit_images(request: Request):
         params = await edit_params(state, params, req.size, strength, image.file, None if mask is None else mask.file)
     finally:
         await form.close()  # the spooled uploads
-    return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit")
+    return await submit_and_reply(request, state, params, owner, stream=req.stream, event_prefix="image_edit",
+                                  stream_format=req.stream_format)

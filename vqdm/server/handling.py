@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import time
 from typing import Any, AsyncIterator
@@ -21,7 +22,7 @@ from vqdm.server.batching import NotAccepting, QueueFull, Unhealthy
 from vqdm.server.errors import APIError, error_payload
 from vqdm.server.image_store import ImageLinks
 from vqdm.server.imaging import encode_b64
-from vqdm.server.jobs import Job, JobState
+from vqdm.server.jobs import Job, JobResult, JobState
 from vqdm.server.state import ServerState
 
 _DISCONNECT_POLL_S = 0.1
@@ -76,12 +77,13 @@ def require_ready(state: ServerState) -> None:
 
 
 async def submit_and_reply(request: Request, state: ServerState, params, owner: int | None, *, stream: bool,
-                           event_prefix: str = "image_generation") -> Response:
+                           event_prefix: str = "image_generation", stream_format: str | None = None) -> Response:
     """Queue one validated job (generation or edit) and answer it: stream its events, or wait for it
     and reply with OpenAI's body."""
     job = submit(request, state, params, owner)
     if stream:
-        return EventSourceResponse(_stream(request, state, job, event_prefix), ping=15, send_timeout=30,
+        events = _stream(request, state, job, event_prefix, stream_format or "openai")
+        return EventSourceResponse(events, ping=15, send_timeout=30,
                                    shutdown_grace_period=state.settings.shutdown_timeout_s)
     await wait(request, state, job)
     links = None
@@ -193,41 +195,68 @@ def _event(seq: int, kind: str, data: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps({"type": kind, **data}), event=kind, id=str(seq))
 
 
-async def _stream(request: Request, state: ServerState, job: Job,
-                  prefix: str = "image_generation") -> AsyncIterator[ServerSentEvent]:
-    """Server-sent events: queued, started, progress (step 1..N), then one completed event per image
-    (or one error event); `prefix` is "image_edit" for edits. A client that goes away cancels the job."""
+def _image_fields(p) -> dict[str, Any]:
+    """What OpenAI's partial and completed image events say about the request. vqdm's images have
+    no alpha channel (background "opaque") and no quality tiers (steps and guidance decide)."""
+    return {"created_at": int(time.time()), **p.size_fields(), "output_format": p.output_format,
+            "background": "opaque", "quality": "auto"}
+
+
+def _usage(result: JobResult, edit: bool) -> dict[str, Any]:
+    """OpenAI's token usage for one image, in a diffusion model's units: text tokens = the CLIP tokens
+    of the prompt the model read (each image's rows encode it); image tokens = latent cells of the
+    encoded source (edits only); output tokens = latent cells of the image made."""
+    image = result.latent_cells if edit else 0
+    given = result.prompt_tokens + image
+    return {"input_tokens": given, "input_tokens_details": {"text_tokens": result.prompt_tokens, "image_tokens": image},
+            "output_tokens": result.latent_cells, "total_tokens": given + result.latent_cells}
+
+
+async def _stream(request: Request, state: ServerState, job: Job, prefix: str = "image_generation",
+                  stream_format: str = "openai") -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events in OpenAI's shapes (`prefix` is "image_edit" for edits): a
+    `{prefix}.partial_image` per preview, then one `{prefix}.completed` per image, or one `error`
+    event, which OpenAI's client raises as an APIError. `stream_format` "vqdm" adds vqdm's
+    `{prefix}.queued`, `.started` and `.progress` (step 1..N). A client that goes away cancels the job."""
     scope_state = request.scope["state"]
-    seq = 0
+    rich = stream_format == "vqdm"
+    p = job.params
+    seq = itertools.count()
     try:
-        yield _event(seq, f"{prefix}.queued", {"id": job.id, "queue_position": state.dispatcher.position(job)})
+        if rich:
+            yield _event(next(seq), f"{prefix}.queued",
+                         {"id": job.id, "queue_position": state.dispatcher.position(job)})
         while True:
-            seq += 1
             try:
                 kind, data = await asyncio.wait_for(job.events.get(), _deadline(state, job) - time.perf_counter())
             except (asyncio.TimeoutError, ValueError):
                 state.dispatcher.cancel(job, "timeout")
                 job.cancel_reason = job.cancel_reason or "timeout"
                 kind, data = "cancelled", {}
-            if kind == "started":
-                yield _event(seq, f"{prefix}.started", {"id": job.id, **data})
-            elif kind == "progress":
-                yield _event(seq, f"{prefix}.progress", {"id": job.id, **data})
+            if kind in ("started", "progress"):
+                if rich:
+                    yield _event(next(seq), f"{prefix}.{kind}", {"id": job.id, **data})
+            elif kind == "partial_image":
+                (b64,) = await anyio.to_thread.run_sync(encode_b64, [data["image"]], p.output_format,
+                                                        p.output_compression)
+                yield _event(next(seq), f"{prefix}.partial_image", {
+                    "b64_json": b64, "partial_image_index": data["partial_image_index"], **_image_fields(p),
+                    "id": job.id, "index": data["index"]})
             elif kind == JobState.SUCCEEDED.value:
+                usage = _usage(job.result, edit=prefix == "image_edit")
                 body = await success_body(job)
                 for i, item in enumerate(body["data"]):
-                    yield _event(seq + i, f"{prefix}.completed", {
-                        "id": job.id, "index": i, "b64_json": item["b64_json"], "seed": item["seed"],
-                        "revised_prompt": item["revised_prompt"], "created_at": body["created"],
-                        "model": body["model"], "size": body["size"], "output_format": body["output_format"],
-                        "timings": body["timings"]})
+                    yield _event(next(seq), f"{prefix}.completed", {
+                        "b64_json": item["b64_json"], **_image_fields(p), "usage": usage,
+                        "id": job.id, "index": i, "seed": item["seed"], "revised_prompt": item["revised_prompt"],
+                        "model": body["model"], "timings": body["timings"]})
                 scope_state["vqdm_final_status"] = 200
                 return
             elif kind in (JobState.FAILED.value, JobState.CANCELLED.value):
                 err = _outcome_error(job)
                 scope_state["vqdm_final_status"] = err.status
                 scope_state["vqdm_error_reason"] = err.reason
-                yield _event(seq, "error", {"id": job.id, "status": err.status, **error_payload(
+                yield _event(next(seq), "error", {"id": job.id, "status": err.status, **error_payload(
                     err.message, err.type, err.param, err.code)})
                 return
     finally:

@@ -59,6 +59,7 @@ class GenerationParams:
     output_compression: int | None = None
     response_format: str = "b64_json"  # or "url": the reply links to stored files (vqdm.server.image_store)
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
+    partial_images: int = 0  # previews per image sent while it is made (a streamed request's partial_images)
     edit: Any = field(default=None, compare=False)  # vqdm.server.edits.EditInput for POST /v1/images/edits
     # The asked size when the model generates at another (width x height, its trained size nearest the
     # asked one: vqdm.server.sizes) and the images are resized to it; None: they are generated as asked.
@@ -98,6 +99,8 @@ class JobResult:
     revised_prompt: str | None
     timings: dict[str, float]
     batch_size: int
+    prompt_tokens: int = 0  # CLIP tokens of the prompt the model read
+    latent_cells: int = 0  # latent positions per image
 
 
 @dataclass(eq=False)
@@ -120,6 +123,8 @@ class Job:
     result: JobResult | None = None
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     on_end: Callable[["Job"], None] | None = None  # called once, when the job ends (JobRegistry's retention)
+    latest_preview: Any = None  # the newest partial image (PIL, output size) of any of its images, while it runs
+    previews_sent: set = field(default_factory=set)  # (image index, partial image index) published
 
     def __post_init__(self) -> None:
         self.total_steps = self.params.steps
@@ -141,6 +146,14 @@ class Job:
             self.step, self.total_steps = step, total
             self.publish("progress", step=step, total_steps=total)
 
+    def add_preview(self, index: int, partial_index: int, image: Any) -> None:
+        """A partial image of image `index` (0-based within the job) arrived from the worker. Published
+        once: a job retried alone after its batch ran out of memory makes its previews again."""
+        if self.state is JobState.RUNNING and (index, partial_index) not in self.previews_sent:
+            self.previews_sent.add((index, partial_index))
+            self.latest_preview = image
+            self.publish("partial_image", index=index, partial_image_index=partial_index, image=image)
+
     def finish(self, state: JobState, *, result: JobResult | None = None, error: str | None = None) -> None:
         if self.state.finished:
             return
@@ -150,6 +163,7 @@ class Job:
         # The edit's pixels are needed no more. A batch still running holds its own reference to them
         # (a job ended by the drain deadline or the watchdog), so only the job's is dropped.
         self.params = dataclasses.replace(self.params, edit=None)
+        self.latest_preview = None
         self.publish(state.value)
         self.done.set()
         if self.on_end is not None:

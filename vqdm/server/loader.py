@@ -49,6 +49,7 @@ class Replica:
     weight_cache: Any = None  # vqdm.models.weight_cache.WeightCache or None
     loras: Any = None  # vqdm.models.lora.LoraRuntime, set by vqdm.server.loras.attach_loras
     compiled: Any = None  # vqdm.server.compiled.CompiledUNet, set at warm-up when compiled serving is on
+    latent_preview: Any = None  # vqdm.models.preview.LatentPreview, fitted at the first request for partial images
 
 
 @dataclass

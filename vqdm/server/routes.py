@@ -157,6 +157,6 @@ async def generate_images(request: Request):
     # The metric label is the served id, never the client's name for it (aliases, routed names).
     scope_state["vqdm_model"] = resolve_model(req.model, state.models, state.settings).id
     params = validate(req, state.models, state.settings)
-    return await submit_and_reply(request, state, params, owner, stream=req.stream)
+    return await submit_and_reply(request, state, params, owner, stream=req.stream, stream_format=req.stream_format)
 
 

@@ -15,6 +15,12 @@ With a stateless sampler its rows are removed from the batch there (latents, bot
 the text embeddings, its generators), so the rest of the batch runs smaller; with a multistep
 sampler its rows keep running and its images are dropped. When every member is cancelled the
 pipeline is interrupted. The VAE decodes only the rows still wanted.
+
+Partial images: a member with `on_preview` and `params.partial_images` > 0 gets that many previews
+per image, after evenly spaced steps (`vqdm.models.preview.preview_steps`), decoded cheaply from the
+sampler's clean-latent estimate by the replica's linear latent→RGB map (fitted at the first such
+request). Only then is the scheduler's step wrapped to capture that estimate: a batch in which no
+member asked for previews runs exactly as before.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from PIL import Image
 
+from vqdm.models.preview import clean_estimate, fit_latent_preview, preview_rgb, preview_steps
 from vqdm.models.schedulers import swapped_scheduler
 from vqdm.models.vae import vae_decode  # the decode evaluation uses too
 from vqdm.server import samplers
@@ -46,6 +54,13 @@ class Member:
     params: GenerationParams
     is_cancelled: Callable[[], bool] = lambda: False
     on_step: Callable[[int, int], None] = lambda step, total: None  # called in the worker thread
+    # (image index within the member, partial image index, PIL preview at the output size), called in
+    # the worker thread params.partial_images times per image; None: no previews are made.
+    on_preview: Callable[[int, int, Any], None] | None = None
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.on_preview is not None and self.params.partial_images > 0
 
 
 @dataclass
@@ -54,6 +69,8 @@ class BatchOutcome:
     revised_prompts: list[str | None]
     cancelled_at_step: list[int | None]
     rows: int  # images in the pipeline call
+    prompt_tokens: list[int] = field(default_factory=list)  # per member: CLIP tokens the model read
+    latent_cells: int = 0  # latent positions per image (height x width of the U-Net's input)
     step_seconds: list[float] = field(default_factory=list)
     text_encode_s: float = 0.0
     denoise_s: float = 0.0
@@ -114,6 +131,11 @@ def revised_prompt(tokenizer, prompt: str) -> str | None:
     return prompt[:ends[lo - 1]] if lo else ""
 
 
+def prompt_tokens(tokenizer, prompt: str) -> int:
+    """CLIP tokens of `prompt` the model reads (start and end tokens included, cut at the window)."""
+    return min(len(tokenizer(prompt, truncation=False).input_ids), tokenizer.model_max_length)
+
+
 def decode_latents(pipe, latents) -> list:
     """The pipeline's own VAE decode and post-processing, callable on a subset of rows."""
     with torch.inference_mode():
@@ -156,6 +178,9 @@ class _Rows:
         self.cancelled_at: list[int | None] = [None if a else 0 for a in self.alive]
         self.step_marks: list[tuple] = []  # (start, end) of each step, as _Clock marks
         self.marks: dict[str, Any] = {}
+        self.preview_map = None  # vqdm.models.preview.LatentPreview when a member wants partial images
+        self.clean_latents = None  # the sampler's clean-latent estimate at the last step, when captured
+        self.preview_at: list[list[int]] | None = None  # per member: the steps after which it gets a preview
 
     def notice_cancelled(self, step: int) -> None:
         for mi, m in enumerate(self.members):
@@ -181,6 +206,8 @@ class _Rows:
         for mi, m in enumerate(self.members):
             if self.alive[mi]:
                 m.on_step(i + 1, p.num_timesteps)
+        if self.preview_map is not None:
+            self.send_previews(i + 1, p.num_timesteps)
         keep = self.wanted()
         if len(keep) == len(self.owner) or not self.can_shrink:
             return {}
@@ -189,6 +216,41 @@ class _Rows:
         self.generators[:] = [self.generators[r] for r in keep]
         self.on_shrink()
         return _shrink(kw, keep, p.do_classifier_free_guidance)
+
+    def capture_clean_latents(self, scheduler) -> None:
+        """Wrap this batch's scheduler instance's `step` (a fresh instance per batch, so the wrapper
+        goes with it) to keep each step's clean-latent estimate, which the pipeline drops."""
+        step = scheduler.step
+
+        def step_keeping_estimate(*args, return_dict: bool = True, **kwargs):
+            out = step(*args, return_dict=True, **kwargs)
+            self.clean_latents = clean_estimate(scheduler, out)
+            if self.clean_latents is None:  # a solver without one: the current latents, noise and all
+                self.clean_latents = out.prev_sample
+            return out if return_dict else out.to_tuple()
+
+        scheduler.step = step_keeping_estimate
+
+    def send_previews(self, step: int, total: int) -> None:
+        """After step `step` of `total`: a preview of each image of every live member due one now."""
+        if self.preview_at is None:  # an edit runs int(steps x strength) steps: known once it runs
+            self.preview_at = [preview_steps(total, m.params.partial_images) if m.wants_previews else []
+                               for m in self.members]
+        due = [mi for mi in range(len(self.members)) if self.alive[mi] and step in self.preview_at[mi]]
+        if not due or self.clean_latents is None:
+            return
+        rows = [r for r, mi in enumerate(self.owner) if mi in due]
+        pixels = preview_rgb(self.clean_latents[rows], self.preview_map).numpy()
+        image_index = {mi: 0 for mi in due}
+        for r, rgb in zip(rows, pixels):
+            mi = self.owner[r]
+            m = self.members[mi]
+            preview = Image.fromarray(rgb)  # at the output size: latents are (height / f) x (width / f)
+            if m.params.edit is not None:
+                preview = paste_back(preview, m.params.edit)
+            (preview,) = resized([preview], m.params.resize_to)  # at the size asked, as the final image
+            m.on_preview(image_index[mi], self.preview_at[mi].index(step), preview)
+            image_index[mi] += 1
 
     def images_per_member(self, images: list, wanted: list[int]) -> list[list[Any] | None]:
         out: list[list[Any] | None] = [None] * len(self.members)
@@ -217,6 +279,7 @@ def run_batch(replica: "Replica", members: list[Member]) -> BatchOutcome:
                   for images, m in zip(out.images, members)]
     out.revised_prompts = [revised_prompt(pipe.tokenizer, m.params.prompt) if rows.alive[mi] else None
                            for mi, m in enumerate(members)]
+    out.prompt_tokens = [prompt_tokens(pipe.tokenizer, m.params.prompt) for m in members]
     return out
 
 
@@ -226,6 +289,11 @@ def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> Batch
     n_rows = len(rows.owner)
     decode_before = cache.stats()["decode_seconds"] if cache is not None else 0.0
     compiled = replica.compiled
+    if any(m.wants_previews for m in rows.members):
+        if replica.latent_preview is None:
+            replica.latent_preview = fit_latent_preview(pipe)
+        rows.preview_map = replica.latent_preview
+        rows.capture_clean_latents(pipe.scheduler)
     hook = pipe.unet.register_forward_pre_hook(rows.step_started)
     t0 = clock.mark()
     try:
@@ -258,7 +326,8 @@ def _generate(replica: "Replica", first: GenerationParams, rows: _Rows) -> Batch
     seconds = clock.seconds
     return BatchOutcome(
         images=rows.images_per_member(images, wanted), revised_prompts=[None] * len(rows.members),
-        cancelled_at_step=rows.cancelled_at, rows=n_rows, step_seconds=[seconds(a, b) for a, b in rows.step_marks],
+        cancelled_at_step=rows.cancelled_at, rows=n_rows, latent_cells=latents.shape[-2] * latents.shape[-1],
+        step_seconds=[seconds(a, b) for a, b in rows.step_marks],
         text_encode_s=seconds(t0, first_step), denoise_s=seconds(first_step, t_denoised),
         vae_decode_s=seconds(t_denoised, t_decoded),
         weight_decode_s=cache.stats()["decode_seconds"] - decode_before if cache is not None else None,

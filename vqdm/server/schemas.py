@@ -55,7 +55,12 @@ class ImageGenerationRequest(BaseModel):
     scheduler: str | None = Field(None, json_schema_extra={"enum": [*sampler_names(), None]})
     loras: list[LoraChoice] | None = Field(None, description='e.g. [{"name": "pixel-art", "scale": 0.8}]')
     stream: bool = False
-    partial_images: int | None = Field(None, description="accepted for client compatibility; ignored")
+    partial_images: int | None = Field(None, ge=0, le=3, description=(
+        "with stream: previews per image (0..3) sent as partial_image events while it is made, after evenly "
+        "spaced steps (fewer when there are fewer steps); ignored without stream"))
+    stream_format: Literal["openai", "vqdm"] | None = Field(None, description=(
+        'with stream: "openai" (default) sends OpenAI\'s partial_image and completed events; "vqdm" adds '
+        "vqdm's queued, started and per-step progress events"))
 
 
 class ErrorDetail(BaseModel):

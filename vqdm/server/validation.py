@@ -105,4 +105,5 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
         scheduler=sampler.name, seed=seed,
         output_format=req.output_format or "png", output_compression=req.output_compression, loras=loras,
         response_format=req.response_format or "b64_json",
+        partial_images=(req.partial_images or 0) if req.stream else 0,  # previews cost only when streamed
     )

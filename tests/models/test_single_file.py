@@ -261,3 +261,19 @@ def test_a_vq_pipeline_is_not_written_as_a_dense_checkpoint(tiny_pipeline, simpl
     with pytest.raises(ValueError, match="holds VQ layers; a dense checkpoint holds dense weights"):
         write_single_file(tiny_pipeline, tmp_path / "vq.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_unet_given_in_place_of_the_files_is_used_and_must_match_it(dense, fp32_file):
+    from vqdm.models import build_unet, replace_with_vq, vq_modules
+    from vqdm.models.single_file import load_single_file
+
+    vq = build_unet("tiny-sdxl")
+    replace_with_vq(vq, num_codebooks=2)
+    pipe = load_single_file(fp32_file, unet=vq)
+    assert pipe.unet is vq and vq_modules(pipe.unet)
+    for name in ("text_encoder", "text_encoder_2", "vae"):  # the file's, as a plain load reads them
+        a, b = getattr(dense, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    other = build_unet("tiny-sdxl-digits")  # same blocks, another sample size
+    with pytest.raises(ModelFolderError, match="another architecture.*sample_size"):
+        load_single_file(fp32_file, unet=other)

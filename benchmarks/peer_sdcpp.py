@@ -72,11 +72,11 @@ PEER_TYPES = {4: ("q4_K", "q4_0"), 3: ("q3_K",), 2: ("q2_K",)}
 STEP_IMAGE_STEPS = 3  # a 1-step cell's U-Net step comes from an extra image of this many steps
 
 
-def images_to_make(cell: Cell, repeats: int) -> list[tuple[int, int]]:
-    """(steps, repeats) of the images a worker generates: the timed image, then one of
-    STEP_IMAGE_STEPS steps where the timed one has too few steps for a steady-state step."""
+def images_to_make(cell: Cell, repeats: int, warmup: int) -> list[tuple[int, int]]:
+    """(steps, count) of the images a worker generates: `warmup` untimed and `repeats` timed images, then
+    one of STEP_IMAGE_STEPS steps where the timed one has too few steps for a steady-state step."""
     extra = [(STEP_IMAGE_STEPS, 1)] if cell.steps < 2 else []
-    return [(cell.steps, repeats)] + extra
+    return [(cell.steps, warmup + repeats)] + extra
 
 
 def cfg_scale(guidance: float) -> float:
@@ -165,12 +165,13 @@ def ensure_peer_venv(venv: Path) -> dict:
 
 
 def build_flags(build_log: str) -> dict:
-    """The CPU backend's compiler flags and the GGML_* options CMake reported, from the pip -v build log."""
-    variant = re.findall(r"Adding CPU backend variant (\S+): (.*)", build_log)
-    options = sorted(set(re.findall(r"-DGGML_\w+=\S+|GGML_\w+\s*:\s*\S+", build_log)))
-    return {"cpu_backend": [{"name": n, "flags": f.strip()} for n, f in variant],
-            "ggml_options_in_log": options[:40],
-            "compiler": (re.findall(r"The CXX compiler identification is (.*)", build_log) or [None])[0]}
+    """What CMake said about the CPU backend, and the flags ggml-cpu.c was compiled with, from the pip -v log."""
+    first = lambda pattern: (re.findall(pattern, build_log) or [None])[0]  # noqa: E731
+    compile_line = first(r"\S*(?:gcc|cc|clang)\s.*ggml-cpu\.c\.o -c .*")
+    flags = [f for f in (compile_line or "").split() if re.match(r"-(D|O|m|f|std)", f) and not f.startswith(("-MF", "-MD", "-MT"))]
+    return {"cpu_backend": [{"name": n, "flags": f.strip()} for n, f in re.findall(r"Adding CPU backend variant (\S+): (.*)", build_log)],
+            "ggml_cpu_c_flags": flags, "ggml_version": first(r"ggml version: (\S+)"),
+            "openmp": first(r"Found OpenMP: (.*)"), "compiler": first(r"The CXX compiler identification is (.*)")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,10 +215,10 @@ def vqdm_view(path: Path, bits: list[int]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # workers
 # ----------------------------------------------------------------------------------------------
-def run_sdcpp(venv: Path, model: Path, cell: Cell, wtype: str, threads: int, repeats: int) -> dict:
+def run_sdcpp(venv: Path, model: Path, cell: Cell, wtype: str, threads: int, repeats: int, warmup: int) -> dict:
     spec = {"model": str(model), "wtype": wtype, "threads": threads, "resolution": cell.resolution,
             "cfg_scale": cfg_scale(cell.guidance), "prompt": PROMPT, "seed": SEED,
-            "images": images_to_make(cell, repeats)}
+            "images": images_to_make(cell, repeats, warmup)}
     raw = _run_json([str(peer_python(venv)), str(PEER_WORKER), json.dumps(spec)])
     lines = [text for _, _, text in raw["log"]]
     res = {"engine": "stable-diffusion.cpp", "weights": wtype, "load_s": raw["load_s"],
@@ -232,7 +233,7 @@ def run_sdcpp(venv: Path, model: Path, cell: Cell, wtype: str, threads: int, rep
                               "phases_s": parse_sdcpp_log(lines[im["log_from"]:im["log_to"]])["phases_s"],
                               "distinct_pixel_values": im["distinct_pixel_values"]})
     res["log_lines"] = [f"{t:8.2f}s {text}" for t, _, text in raw["log"] if _worth_keeping(text)]
-    return _summarise(res, cell)
+    return _summarise(res, cell, warmup)
 
 
 def _worth_keeping(line: str) -> bool:
@@ -240,11 +241,11 @@ def _worth_keeping(line: str) -> bool:
                           r"Using|using|WARN|ERROR|unknown tensor", line))
 
 
-def run_vqdm(model: Path, cell: Cell, bits: int, threads: int, repeats: int, dtype: str) -> dict:
+def run_vqdm(model: Path, cell: Cell, bits: int, threads: int, repeats: int, warmup: int, dtype: str) -> dict:
     spec = {"model": str(model), "preset": cell.preset, "bits": bits, "threads": threads, "dtype": dtype,
-            "resolution": cell.resolution, "guidance": cell.guidance, "images": images_to_make(cell, repeats)}
+            "resolution": cell.resolution, "guidance": cell.guidance, "images": images_to_make(cell, repeats, warmup)}
     res = _run_json([sys.executable, __file__, "--vqdm-worker", json.dumps(spec)])
-    return _summarise(res, cell)
+    return _summarise(res, cell, warmup)
 
 
 def _run_json(cmd: list[str]) -> dict:
@@ -255,9 +256,12 @@ def _run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _summarise(res: dict, cell: Cell) -> dict:
-    timed = [im for im in res["images"] if im["steps"] == cell.steps]
-    stepped = [im for im in res["images"] if im["steps"] > 1]
+def _summarise(res: dict, cell: Cell, warmup: int) -> dict:
+    """image_s, unet_step_s and first_step_s of one worker's images, its warm-up images left out."""
+    for im in res["images"][:warmup]:
+        im["warmup"] = True
+    timed = [im for im in res["images"][warmup:] if im["steps"] == cell.steps]
+    stepped = [im for im in res["images"][warmup:] if im["steps"] > 1]
     res["image_s"] = min(im["image_s"] for im in timed)
     steady = [s for im in stepped if (s := steady_step(im["step_s"])) is not None]
     res["unet_step_s"] = min(steady) if steady else None
@@ -298,12 +302,11 @@ def vqdm_worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             out = run_batch(replica, [Member(params)])
             wall = time.perf_counter() - t0
-            img = out.images[0][0]
-            flat = [v for px in list(img.getdata())[:: max(1, img.width * img.height // 4096)] for v in px]
+            raw = out.images[0][0].tobytes()
             images.append({"steps": steps, "image_s": wall, "step_s": out.step_seconds,
                            "phases_s": {"text_encode": out.text_encode_s, "denoise": out.denoise_s,
                                         "vae_decode": out.vae_decode_s},
-                           "distinct_pixel_values": len(set(flat))})
+                           "distinct_pixel_values": len(set(raw[:: max(1, len(raw) // 16384)]))})
     return {"engine": "vqdm", "weights": f"vq{spec['bits']} random codes, {spec['dtype']}", "bits": spec["bits"],
             "dtype": spec["dtype"], "load_s": load_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_rss_after_load_bytes": rss_after_load, "weight_bytes": stored + sum(others.values()),
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--bits", default="4,3,2", help="vqdm bits to run, each against its sd.cpp peers")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both engines")
     ap.add_argument("--repeats", type=int, default=2, help="timed images per worker (min reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed images per worker before the timed ones")
     ap.add_argument("--no-f16", action="store_true", help="skip sd.cpp's dense f16 run")
     ap.add_argument("--vqdm-dtype", default="fp32", choices=("fp32", "bf16"),
                     help="vqdm's compute dtype (fp32: what `vqdm serve` picks on CPU)")
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--peer-venv", type=Path, default=REPO / ".venv-peer", help="venv for the sd.cpp bindings")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/peer_sdcpp.json")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and files, run nothing")
+    ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. that the machine was busy)")
     ap.add_argument("--vqdm-worker", metavar="SPEC", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.vqdm_worker:
@@ -364,16 +369,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             f = files[CELLS[name].preset]
             print(f"{name}: {asdict(CELLS[name])}, file {f}{'' if f.exists() else ' (to be made)'}")
         for r in runs:
-            print(f"  {r['cell']:10s} {r['engine']:6s} {r['weights']} threads={a.threads} repeats={a.repeats}")
+            print(f"  {r['cell']:10s} {r['engine']:6s} {r['weights']} threads={a.threads} warmup={a.warmup} repeats={a.repeats}")
         print(f"writes {a.json}")
         return None
 
     from provenance import machine
 
     peer = ensure_peer_venv(a.peer_venv)
-    result: dict = {"benchmark": "peer_sdcpp", "command": "python " + shlex.join(sys.argv),
+    result: dict = {"benchmark": "peer_sdcpp", "note": a.note, "command": "python " + shlex.join(sys.argv),
                     "machine": {**machine("cpu"), "loadavg_at_start": os.getloadavg()}, "threads": a.threads,
-                    "repeats": a.repeats, "prompt": PROMPT, "seed": SEED, "peer_build": peer, "files": {}, "cells": {},
+                    "repeats": a.repeats, "warmup_images": a.warmup, "prompt": PROMPT, "seed": SEED, "peer_build": peer, "files": {}, "cells": {},
                     "vqdm_weights": "VQ U-Net of the file's architecture with random codes and codebooks (bench_unet.build: "
                                     "the same layers, shapes, bits and kernels as a quantized one; timing does not depend "
                                     "on code values), the file's own text encoders and VAE; compute dtype " + a.vqdm_dtype,
@@ -392,9 +397,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     for r in runs:
         cell, f = CELLS[r["cell"]], files[CELLS[r["cell"]].preset]
         if r["engine"] == "vqdm":
-            res = run_vqdm(f, cell, r["bits"], a.threads, a.repeats, a.vqdm_dtype)
+            res = run_vqdm(f, cell, r["bits"], a.threads, a.repeats, a.warmup, a.vqdm_dtype)
         else:
-            res = run_sdcpp(a.peer_venv, f, cell, r["weights"], a.threads, a.repeats)
+            res = run_sdcpp(a.peer_venv, f, cell, r["weights"], a.threads, a.repeats, a.warmup)
             result["files"][str(f)].setdefault("sdcpp", {})[r["weights"]] = {
                 k: res["load_log"].get(k) for k in ("model_version", "tensor_count", "tensor_types", "conditioner_types",
                                                     "diffusion_model_types", "vae_types")}

@@ -283,7 +283,9 @@ def key_map(components: dict[str, torch.nn.Module], vae_config: dict, unet_confi
     if "unet" in components:
         entries += _unet_entries(list(components["unet"].state_dict()), unet_config)
     if "text_encoder" in components:
-        entries += [Entry(CLIP_L_PREFIX + n, "text_encoder", (n,)) for n in components["text_encoder"].state_dict()]
+        # The file's CLIP-L names keep HF's "text_model." level, which transformers 5 no longer has in the module.
+        entries += [Entry(CLIP_L_PREFIX + (n if n.startswith("text_model.") else "text_model." + n), "text_encoder", (n,))
+                    for n in components["text_encoder"].state_dict()]
     if "text_encoder_2" in components:
         entries += _clip_g_entries(list(components["text_encoder_2"].state_dict()))
     if "vae" in components:

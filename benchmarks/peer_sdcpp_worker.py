@@ -27,6 +27,7 @@ def main(spec: dict) -> dict:
     @sdc.sd_log_callback
     def on_log(level: int, text: bytes, data: ctypes.c_void_p) -> None:
         log.append([round(time.perf_counter() - t_start, 3), level, text.decode("utf-8", errors="replace").rstrip()])
+        print(f"[sd.cpp {log[-1][0]:8.2f}s] {log[-1][2]}", file=sys.stderr, flush=True)  # kept if the library crashes
 
     # Replaces the bindings' printing callback; `on_log` must outlive every call into the library (main's frame).
     sdc.sd_set_log_callback(on_log, ctypes.c_void_p(0))

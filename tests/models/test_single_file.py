@@ -73,8 +73,8 @@ def test_make_single_file_matches_make_model(folder, tmp_path, dense):
 
 def test_layout_is_the_one_diffusers_converters_read(dense, fp32_file):
     # An independent reader of the original layout: diffusers' single-file conversion functions.
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
     sd = load_file(str(fp32_file))
     theirs = {"unet": convert_ldm_unet_checkpoint(sd, dict(dense.unet.config)),
@@ -86,9 +86,13 @@ def test_layout_is_the_one_diffusers_converters_read(dense, fp32_file):
         assert converted.keys() == ours.keys(), name
         for k, t in ours.items():  # diffusers' VAE converter keeps the 1x1-conv attention shape
             assert torch.equal(converted[k].reshape(t.shape), t), f"{name}.{k}"
-    prefix = "conditioner.embedders.0.transformer."
-    clip_l = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
-    assert clip_l.keys() == dense.text_encoder.state_dict().keys()
+    # CLIP-L: HF names under the prefix, with the "text_model." level real files have (and stable-diffusion.cpp
+    # needs) though transformers 5's CLIPTextModel no longer has it
+    clip_l = convert_ldm_clip_checkpoint({k: t for k, t in sd.items() if k.startswith("conditioner.embedders.0.")})
+    assert all(k.startswith("text_model.") for k in clip_l)
+    ours = dense.text_encoder.state_dict()
+    assert {k.removeprefix("text_model.") for k in clip_l} == {k.removeprefix("text_model.") for k in ours}
+    assert all(torch.equal(clip_l["text_model." + k.removeprefix("text_model.")], t) for k, t in ours.items())
 
 
 def test_family_from_flag_then_metadata_then_default(dense, tmp_path, caplog):
@@ -236,6 +240,9 @@ def test_full_size_layout_matches_sdxl_key_names():
     assert shapes["model.diffusion_model.output_blocks.5.2.conv.weight"] == (640, 640, 3, 3)
     assert shapes["model.diffusion_model.middle_block.1.transformer_blocks.9.attn2.to_k.weight"] == (1280, 2048)
     assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
+    assert shapes["conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight"] == (768, 3072)
+    assert shapes["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] == (49408, 768)
+    assert shapes["conditioner.embedders.0.transformer.text_model.final_layer_norm.bias"] == (768,)
     assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
     assert shapes["conditioner.embedders.1.model.text_projection"] == (1280, 1280)
     assert shapes["first_stage_model.decoder.up.3.upsample.conv.weight"] == (512, 512, 3, 3)
@@ -261,3 +268,19 @@ def test_a_vq_pipeline_is_not_written_as_a_dense_checkpoint(tiny_pipeline, simpl
     with pytest.raises(ValueError, match="holds VQ layers; a dense checkpoint holds dense weights"):
         write_single_file(tiny_pipeline, tmp_path / "vq.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_unet_given_in_place_of_the_files_is_used_and_must_match_it(dense, fp32_file):
+    from vqdm.models import build_unet, replace_with_vq, vq_modules
+    from vqdm.models.single_file import load_single_file
+
+    vq = build_unet("tiny-sdxl")
+    replace_with_vq(vq, num_codebooks=2)
+    pipe = load_single_file(fp32_file, unet=vq)
+    assert pipe.unet is vq and vq_modules(pipe.unet)
+    for name in ("text_encoder", "text_encoder_2", "vae"):  # the file's, as a plain load reads them
+        a, b = getattr(dense, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    other = build_unet("tiny-sdxl-digits")  # same blocks, another sample size
+    with pytest.raises(ModelFolderError, match="another architecture.*sample_size"):
+        load_single_file(fp32_file, unet=other)

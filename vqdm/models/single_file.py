@@ -19,6 +19,7 @@ vqdm does not support (SD 1.x/2.x, the SDXL refiner, inpainting U-Nets) are refu
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -282,7 +283,9 @@ def key_map(components: dict[str, torch.nn.Module], vae_config: dict, unet_confi
     if "unet" in components:
         entries += _unet_entries(list(components["unet"].state_dict()), unet_config)
     if "text_encoder" in components:
-        entries += [Entry(CLIP_L_PREFIX + n, "text_encoder", (n,)) for n in components["text_encoder"].state_dict()]
+        # The file's CLIP-L names keep HF's "text_model." level, which transformers 5 no longer has in the module.
+        entries += [Entry(CLIP_L_PREFIX + (n if n.startswith("text_model.") else "text_model." + n), "text_encoder", (n,))
+                    for n in components["text_encoder"].state_dict()]
     if "text_encoder_2" in components:
         entries += _clip_g_entries(list(components["text_encoder_2"].state_dict()))
     if "vae" in components:
@@ -478,8 +481,10 @@ def load_vae(source: str | Path, preset: Preset, dtype: torch.dtype = torch.floa
 
 
 def load_single_file(path: str | Path, options: SingleFileOptions | None = None, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu"):
-    """A StableDiffusionXLPipeline from an original-layout checkpoint file, offline."""
+                     device: str = "cpu", unet: torch.nn.Module | None = None):
+    """A StableDiffusionXLPipeline from an original-layout checkpoint file, offline. `unet`: a U-Net of the
+    file's architecture to use instead of the file's (whose tensors are then never read), e.g. a VQ U-Net
+    built apart, so that only the file's text encoders and VAE are loaded."""
     from diffusers import StableDiffusionXLPipeline
 
     from vqdm.models.schedulers import scheduler_from
@@ -498,6 +503,9 @@ def load_single_file(path: str | Path, options: SingleFileOptions | None = None,
         log.info("%s: ignoring %d tensors outside the U-Net, text encoders and VAE", path, info.other_tensors)
     preset = preset_for(info)
     comps = meta_components(preset)
+    if unet is not None:
+        _check_same_architecture(unet, preset, path)
+        del comps["unet"]
     use_file_vae = info.has_vae and not options.vae
     if not use_file_vae:
         if info.has_vae:
@@ -514,10 +522,20 @@ def load_single_file(path: str | Path, options: SingleFileOptions | None = None,
         vae=vae, text_encoder=comps["text_encoder"], text_encoder_2=comps["text_encoder_2"],
         tokenizer=build_clip_tokenizer(num_merges=preset.bpe_merges),
         tokenizer_2=build_clip_tokenizer(pad_token="!", num_merges=preset.bpe_merges),
-        unet=comps["unet"], scheduler=scheduler_from(scheduler["_class_name"],
+        unet=comps["unet"] if unet is None else unet, scheduler=scheduler_from(scheduler["_class_name"],
                                                      {k: v for k, v in scheduler.items() if k != "_class_name"}))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)  # every tensor is in `dtype` already
+
+
+def _check_same_architecture(unet: torch.nn.Module, preset: Preset, path: Path) -> None:
+    """Refuse a stand-in U-Net whose config differs from the file's in any key the file's preset sets."""
+    mine = json.loads(json.dumps(dict(unet.config), default=list))  # tuples and lists compare alike
+    want = json.loads(json.dumps(preset.unet, default=list))
+    diff = sorted(k for k in want if not k.startswith("_") and mine.get(k) != want[k])
+    if diff:
+        raise ModelFolderError(f"{path}: the U-Net given in place of the file's has another architecture "
+                               f"({diff[0]}: {mine.get(diff[0])!r}, the file's {want[diff[0]]!r})")
 
 
 # --- writing ----------------------------------------------------------------------------------

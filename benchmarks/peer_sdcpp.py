@@ -1,6 +1,6 @@
 """vqdm against stable-diffusion.cpp on CPU (issue 29): the same single-file weights, the same threads.
 
-    flock /work/wt/bigmem.lock python benchmarks/peer_sdcpp.py [--only turbo-512,sdxl-512,sdxl-1024]
+    python benchmarks/peer_sdcpp.py [--only turbo-512,sdxl-512,sdxl-1024]
         [--bits 4,3,2] [--threads 2] [--repeats 2] [--cache DIR] [--sdxl-file F] [--turbo-file F]
         [--no-f16] [--dry-run] [--json benchmarks/results/peer_sdcpp.json]
 

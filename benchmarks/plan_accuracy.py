@@ -9,7 +9,7 @@
         --json benchmarks/results/plan_accuracy.json -- --subsets mid_block --max-stats-gb 5.0 --num-prompts 2 \
         --batch-size 2 --steps 1 --resolution 256 --guidance 1 --beam 1 --max-rounds 0 --kmeans-iters 1 \
         --init-passes 0 --device cpu   # the artifact and file of benchmarks/quantize_full_sdxl.py --export
-    flock /work/wt/bigmem.lock .venv/bin/python benchmarks/plan_accuracy.py --case sdxl-mid_block \
+    .venv/bin/python benchmarks/plan_accuracy.py --case sdxl-mid_block \
         --make-model sdxl --workdir /tmp/plan_acc --json benchmarks/results/plan_accuracy.json -- \
         --subsets mid_block --max-stats-gb 5 --num-prompts 2 --batch-size 2 --steps 1 --resolution 256 \
         --guidance 1 --beam 1 --kmeans-iters 1 --init-passes 1 --max-rounds 1 --cg-iters 2 --device cpu

@@ -1,6 +1,6 @@
 """Writing and reading a full-size SDXL single-file checkpoint (original layout), time and peak RSS (issue 28).
 
-    flock /work/wt/bigmem.lock .venv/bin/python benchmarks/single_file_io.py --workdir /tmp/sf \
+    .venv/bin/python benchmarks/single_file_io.py --workdir /tmp/sf \
         --json benchmarks/results/single_file_io.json
 
 Each step is a child process whose peak RSS comes from wait4:

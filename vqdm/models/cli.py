@@ -91,24 +91,25 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB"
 
 
-def plan_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """(the U-Net on the meta device, the plan) of `vqdm plan`'s --preset / --model, --bits, --subsets."""
+def plan_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str | None]:
+    """(the U-Net on the meta device, the plan, the model family: a preset's, or a single file's, which
+    is logged with how it was decided; None for a folder) of `vqdm plan`'s --preset / --model, --bits,
+    --subsets."""
     from diffusers import UNet2DConditionModel  # deferred: seconds to import; the CLI parser loads this module
 
     if args.preset:
-        unet = build_unet(args.preset, device="meta")
+        unet, family = build_unet(args.preset, device="meta"), PRESETS[args.preset].family
     else:
         opts = single_file_options(args)
         read_model_index(args.model, opts)
-        if is_checkpoint_file(args.model):
-            detect_family(args.model, opts)  # logs the family, architecture and how they were decided
+        family = detect_family(args.model, opts) if is_checkpoint_file(args.model) else None
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(read_unet_config(args.model, opts))
-    return unet, plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict()
+    return unet, plan_unet(unet, num_codebooks=args.bits, subsets=parse_subsets(args.subsets)).to_dict(), family
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    _, plan = plan_model(args)
+    _, plan, _ = plan_model(args)
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0

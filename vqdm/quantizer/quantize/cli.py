@@ -132,10 +132,15 @@ def meta_unet(model: str | Path, single_file: SingleFileOptions | None = None) -
     read_model_index(model, single_file)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(read_unet_config(model, single_file))
+    return unet, vae_scale_factor(model, single_file)
+
+
+def vae_scale_factor(model: str | Path, single_file: SingleFileOptions | None = None) -> int:
+    """The pixels per latent cell of a diffusers folder's or single-file checkpoint's VAE."""
     if is_checkpoint_file(model):  # the packaged preset whose every shape the file matches
-        return unet, PRESETS[describe(model, single_file).preset].vae_scale_factor
+        return PRESETS[describe(model, single_file).preset].vae_scale_factor
     vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-    return unet, 2 ** (len(vae["block_out_channels"]) - 1)
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def print_time_plan(tp: TimePlan) -> None:

@@ -8,8 +8,8 @@ import json
 from vqdm.models import detect_family, single_file_options
 from vqdm.models.cli import plan_model, print_plan
 from vqdm.models.configs import PRESETS
-from vqdm.quantizer.quantize.cli import (_add_aq_flags, _add_calibration_flags, meta_unet, print_time_plan,
-                                         project_run, run_settings)
+from vqdm.quantizer.quantize.cli import (_add_aq_flags, _add_calibration_flags, print_time_plan,
+                                         project_run, run_settings, vae_scale_factor)
 from vqdm.quantizer.runtime import DEVICE_HELP
 
 
@@ -27,12 +27,12 @@ def extend(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan_time(args: argparse.Namespace) -> int:
-    unet, plan = plan_model(args)
+    unet, plan, family = plan_model(args)
     if args.preset:
-        family, factor = PRESETS[args.preset].family, PRESETS[args.preset].vae_scale_factor
+        factor = PRESETS[args.preset].vae_scale_factor
     else:
         opts = single_file_options(args)
-        family, (_, factor) = detect_family(args.model, opts), meta_unet(args.model, opts)
+        family, factor = family or detect_family(args.model, opts), vae_scale_factor(args.model, opts)
     calib, aq = run_settings(args, family)
     tp = project_run(args, unet, factor, calib, aq)
     if args.json:

@@ -31,10 +31,10 @@ from vqdm.server.errors import APIError, bad_request, validation_error
 from vqdm.server.handling import authorize, require_ready, submit_and_reply
 from vqdm.server.jobs import GenerationParams
 from vqdm.server.schemas import ImageGenerationRequest, form_fields_schema
-from vqdm.server.sizes import SizePlan, SizeRefused, plan_for
+from vqdm.server.sizes import SizePlan
 from vqdm.server.state import ServerState
 from vqdm.server.uploads import auto_size, decode_edit
-from vqdm.server.validation import resolve_model, validate
+from vqdm.server.validation import resolve_model, size_plan, validate
 
 EDITS_PATH = "/v1/images/edits"
 # Form fields OpenAI's client may send that mean nothing to a diffusion model.
@@ -156,15 +156,12 @@ async def edit_params(state: ServerState, params: GenerationParams, size: str | 
     if own_size:  # A1111's "only masked": the upload as it is; `prepare` cuts the crop the model draws
         size_for = lambda w, h: SizePlan((w, h), (w, h))  # noqa: E731
     else:  # the upload resized to the size the model draws at; the images back to the asked size (sizes)
-        size_for = lambda w, h: plan_for(asked_for(w, h), model)  # noqa: E731
+        size_for = lambda w, h: size_plan(asked_for(w, h), model)  # noqa: E731
     # Off the loop, and only the resized EditInput comes back: the raw bytes and full-size
     # pixels are gone before the job queues.
-    try:
-        edit, plan = await anyio.to_thread.run_sync(
-            partial(decode_edit, image, mask, size_for, strength, state.settings.max_image_pixels, **decode_options),
-            limiter=state.decode_limiter)
-    except SizeRefused as e:
-        raise bad_request(str(e), "size", "unsupported_size") from None
+    edit, plan = await anyio.to_thread.run_sync(
+        partial(decode_edit, image, mask, size_for, strength, state.settings.max_image_pixels, **decode_options),
+        limiter=state.decode_limiter)
     width, height = edit.image.size  # own_size: the crop `prepare` cut, at the size params say the model draws
     if not own_size:
         resize_to = plan.resize_to

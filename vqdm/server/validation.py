@@ -12,7 +12,7 @@ from vqdm.server.jobs import GenerationParams
 from vqdm.server.loras import check_request_loras
 from vqdm.server.schemas import ImageGenerationRequest
 from vqdm.server.settings import Settings
-from vqdm.server.sizes import SizeRefused, plan_for
+from vqdm.server.sizes import SizePlan, SizeRefused, plan_for
 
 if TYPE_CHECKING:
     from vqdm.server.loader import ServedModel
@@ -71,6 +71,15 @@ def resolve_model(name: str | None, models: dict[str, "ServedModel"], settings: 
                    param="model", code="model_not_found")
 
 
+def size_plan(asked: tuple[int, int], model: "ServedModel") -> SizePlan:
+    """Where `model` draws a request for `asked` (its size policy: vqdm.server.sizes); a size the
+    policy refuses is the 400 every route answers."""
+    try:
+        return plan_for(asked, model)
+    except SizeRefused as e:
+        raise bad_request(str(e), "size", "unsupported_size") from None
+
+
 def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], settings: Settings) -> GenerationParams:
     model = resolve_model(req.model, models, settings)
     check_prompt(req.prompt, "prompt", settings, required=True)
@@ -82,10 +91,8 @@ def validate(req: ImageGenerationRequest, models: dict[str, "ServedModel"], sett
     n = 1 if req.n is None else req.n
     if not 1 <= n <= settings.max_n:
         raise bad_request(f"n must be between 1 and {settings.max_n} (got {n})", "n")
-    try:  # the asked size is checked against the limits; the generated one is the model's own
-        size = plan_for(parse_size(req.size, model, settings), model)
-    except SizeRefused as e:
-        raise bad_request(str(e), "size", "unsupported_size") from None
+    # The asked size is checked against the limits; the generated one is the model's own.
+    size = size_plan(parse_size(req.size, model, settings), model)
     steps = model.default_steps if req.num_inference_steps is None else req.num_inference_steps
     if not 1 <= steps <= settings.max_steps:
         raise bad_request(f"num_inference_steps must be between 1 and {settings.max_steps} (got {steps})",

@@ -73,10 +73,11 @@ STEP_IMAGE_STEPS = 3  # a 1-step cell's U-Net step comes from an extra image of 
 
 
 def images_to_make(cell: Cell, repeats: int, warmup: int) -> list[tuple[int, int]]:
-    """(steps, count) of the images a worker generates: `warmup` untimed and `repeats` timed images, then
-    one of STEP_IMAGE_STEPS steps where the timed one has too few steps for a steady-state step."""
+    """(steps, count) of the images a worker generates: where the timed image has too few steps for a
+    steady-state step, first one of STEP_IMAGE_STEPS steps (which also warms both engines up), then
+    `warmup` untimed and `repeats` timed images."""
     extra = [(STEP_IMAGE_STEPS, 1)] if cell.steps < 2 else []
-    return [(cell.steps, warmup + repeats)] + extra
+    return extra + [(cell.steps, warmup + repeats)]
 
 
 def cfg_scale(guidance: float) -> float:
@@ -86,6 +87,9 @@ def cfg_scale(guidance: float) -> float:
 def steady_step(step_s: list[float]) -> float | None:
     """Mean of the steps after the first (None for a 1-step image)."""
     return sum(step_s[1:]) / (len(step_s) - 1) if len(step_s) > 1 else None
+
+
+_PARTS = (("model.diffusion_model.", "unet"), ("conditioner.", "text_encoders"), ("first_stage_model.", "vae"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +134,71 @@ def parse_sdcpp_log(lines: list[str]) -> dict:
     if "tensor_types" in out:
         out["tensor_count"] = sum(out["tensor_types"].values())
     return out
+
+
+_BUFFER = re.compile(r"^(\w+) params backend buffer size =\s*([\d.]+) ?MB.*\((\d+) tensors\)")
+
+
+def parse_sdcpp_buffers(lines: list[str]) -> dict[str, dict]:
+    """sd.cpp's per-module weight buffers ('unet params backend buffer size = 1659.46 MB(RAM) (1680 tensors)'):
+    {module: {"bytes", "tensors"}}, summed where a module has several (the two CLIP encoders)."""
+    out: dict[str, dict] = {}
+    for line in lines:
+        line = re.sub(r"^[\w.+-]+:\d+\s*- ", "", line.strip())
+        if m := _BUFFER.match(line):
+            b = out.setdefault(m.group(1), {"bytes": 0, "tensors": 0})
+            b["bytes"] += int(float(m.group(2)) * 2**20)
+            b["tensors"] += int(m.group(3))
+    return out
+
+
+# ggml block layouts: (elements per block, bytes per block)
+GGML_BLOCKS = {"q4_0": (32, 18), "q4_K": (256, 144), "q3_K": (256, 110), "q2_K": (256, 84), "f16": (1, 2)}
+# Name parts sd.cpp never converts in a U-Net model (ModelLoader::tensor_should_be_converted, 0.4.7's vendored
+# stable-diffusion.cpp); the FLUX / MMDiT names in the same list do not occur in an SDXL file.
+_SDCPP_KEEP_SUFFIX = (".bias", ".scale")
+_SDCPP_KEEP_PART = ("time_embed.", "label_emb.", "embedding")
+
+
+def sdcpp_converts(name: str, shape: tuple[int, ...], wtype: str) -> bool:
+    """Whether sd.cpp's load-time conversion to `wtype` takes this tensor: not biases or embeddings, and for a
+    block type only rows (ggml's ne[0], the last torch dimension) that are a whole number of blocks. So every
+    conv weight (ne[0] = the kernel width) stays in the file's type."""
+    block = GGML_BLOCKS[wtype][0]
+    if block > 1 and (shape[-1] if shape else 1) % block:
+        return False
+    return not name.endswith(_SDCPP_KEEP_SUFFIX) and not any(p in name for p in _SDCPP_KEEP_PART)
+
+
+def sdcpp_expected(tensors: dict[str, tuple[str, tuple[int, ...]]], wtype: str) -> dict[str, dict]:
+    """Per part of an original-layout SDXL file (unet, text_encoders, vae decoder: sd.cpp loads the decoder
+    only): tensor types after sd.cpp's conversion to `wtype`, their bytes, and the share of weights converted.
+    `tensors`: name -> (safetensors dtype, shape)."""
+    out: dict[str, dict] = {}
+    for name, (dtype, shape) in tensors.items():
+        part = next((p for prefix, p in _PARTS if name.startswith(prefix)), None)
+        if part is None or (part == "vae" and not name.startswith(("first_stage_model.decoder.",
+                                                                   "first_stage_model.post_quant_conv."))):
+            continue
+        numel = 1
+        for x in shape:
+            numel *= x
+        p = out.setdefault(part, {"types": {}, "bytes": 0, "weights": 0, "converted_weights": 0})
+        if sdcpp_converts(name, shape, wtype):
+            block, block_bytes = GGML_BLOCKS[wtype]
+            kind, nbytes = wtype, numel // block * block_bytes
+            p["converted_weights"] += numel
+        else:
+            kind, nbytes = dtype.lower(), numel * _DTYPE_BYTES[dtype]
+        p["types"][kind] = p["types"].get(kind, 0) + 1
+        p["bytes"] += nbytes
+        p["weights"] += numel
+    for p in out.values():
+        p["bits_per_weight"] = round(8 * p["bytes"] / max(p["weights"], 1), 3)
+    return out
+
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def progress_step_seconds(progress: list[list]) -> list[float]:
@@ -186,7 +255,24 @@ def ensure_model(preset: str, path: Path) -> Path:
     return path
 
 
-_PARTS = (("model.diffusion_model.", "unet"), ("conditioner.", "text_encoders"), ("first_stage_model.", "vae"))
+
+
+_SDCPP_MODULES = {"unet": "unet", "clip": "text_encoders", "vae": "vae"}
+
+
+def same_file_check(path: Path, wtype: str, load_log: dict) -> dict:
+    """sd.cpp's load log for `wtype` beside what its conversion rule predicts from the file's header: per part,
+    the bytes sd.cpp allocated against the predicted bytes, and the predicted tensor types."""
+    from vqdm.models.single_file import read_header
+
+    header = read_header(path)
+    expected = sdcpp_expected({n: (e.dtype, tuple(e.shape)) for n, e in header.tensors.items()}, wtype)
+    logged = {_SDCPP_MODULES.get(m, m): b for m, b in load_log.get("buffers", {}).items()}
+    return {**{k: load_log.get(k) for k in ("model_version", "tensor_count", "tensor_types", "conditioner_types",
+                                            "diffusion_model_types", "vae_types")},
+            "buffers_logged": logged, "expected_from_header": expected,
+            "logged_vs_expected_bytes": {part: round(logged[part]["bytes"] / expected[part]["bytes"], 4)
+                                         for part in expected if part in logged}}
 
 
 def vqdm_view(path: Path, bits: list[int]) -> dict:
@@ -221,10 +307,11 @@ def run_sdcpp(venv: Path, model: Path, cell: Cell, wtype: str, threads: int, rep
             "images": images_to_make(cell, repeats, warmup)}
     raw = _run_json([str(peer_python(venv)), str(PEER_WORKER), json.dumps(spec)])
     lines = [text for _, _, text in raw["log"]]
+    load_lines = lines[: raw["images"][0]["log_from"]] if raw["images"] else lines
     res = {"engine": "stable-diffusion.cpp", "weights": wtype, "load_s": raw["load_s"],
            "peak_rss_bytes": raw["peak_rss_bytes"], "peak_rss_after_load_bytes": raw["peak_rss_after_load_bytes"],
            "library": {k: raw[k] for k in ("version", "commit", "sd_version", "system_info")},
-           "load_log": parse_sdcpp_log(lines[: raw["images"][0]["log_from"]] if raw["images"] else lines),
+           "load_log": {**parse_sdcpp_log(load_lines), "buffers": parse_sdcpp_buffers(load_lines)},
            "images": []}
     res["weight_bytes"] = res["load_log"].get("params_bytes", {}).get("total")
     for im in raw["images"]:
@@ -258,10 +345,10 @@ def _run_json(cmd: list[str]) -> dict:
 
 def _summarise(res: dict, cell: Cell, warmup: int) -> dict:
     """image_s, unet_step_s and first_step_s of one worker's images, its warm-up images left out."""
-    for im in res["images"][:warmup]:
+    for im in [im for im in res["images"] if im["steps"] == cell.steps][:warmup]:
         im["warmup"] = True
-    timed = [im for im in res["images"][warmup:] if im["steps"] == cell.steps]
-    stepped = [im for im in res["images"][warmup:] if im["steps"] > 1]
+    timed = [im for im in res["images"] if im["steps"] == cell.steps and not im.get("warmup")]
+    stepped = [im for im in res["images"] if im["steps"] > 1 and not im.get("warmup")]
     res["image_s"] = min(im["image_s"] for im in timed)
     steady = [s for im in stepped if (s := steady_step(im["step_s"])) is not None]
     res["unet_step_s"] = min(steady) if steady else None
@@ -316,16 +403,29 @@ def vqdm_worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def plan_runs(cells: list[str], bits: list[int], with_f16: bool) -> list[dict]:
-    """Every worker run, in order: per cell, sd.cpp f16 (its dense), then per bit count vqdm and its peers."""
+def plan_runs(cells: list[str], bits: list[int], with_f16: bool, dtypes: list[str] = ("fp32",),
+              peer_types: list[str] | None = None) -> list[dict]:
+    """Every worker run, in order: per cell, sd.cpp f16 (its dense), then per bit count vqdm (each dtype) and
+    its sd.cpp peers (those in `peer_types`, when given)."""
     runs = []
     for name in cells:
         if with_f16:
             runs.append({"cell": name, "engine": "sdcpp", "weights": "f16"})
         for b in bits:
-            runs.append({"cell": name, "engine": "vqdm", "weights": f"vq{b}", "bits": b})
-            runs += [{"cell": name, "engine": "sdcpp", "weights": t, "bits": b} for t in PEER_TYPES[b]]
+            runs += [{"cell": name, "engine": "vqdm", "weights": vqdm_label(b, dt), "bits": b, "dtype": dt} for dt in dtypes]
+            runs += [{"cell": name, "engine": "sdcpp", "weights": t, "bits": b} for t in PEER_TYPES[b]
+                     if peer_types is None or t in peer_types]
     return runs
+
+
+def vqdm_label(bits: int, dtype: str) -> str:
+    return f"vq{bits} random codes, {dtype}"
+
+
+def merged_runs(previous: list[dict], new: dict) -> list[dict]:
+    """A cell's runs with `new` in place of an earlier run of the same engine and weights (or appended)."""
+    kept = [r for r in previous if (r["engine"], r["weights"]) != (new["engine"], new["weights"])]
+    return kept + [new]
 
 
 def _csv(text: str, choices) -> list:
@@ -336,22 +436,36 @@ def _csv(text: str, choices) -> list:
     return items
 
 
+COVERS = {"image_s": "one image: text encoders, every sampling step, VAE decode; min over repeats",
+          "unet_step_s": "steady-state sampling step (U-Net pass(es) + sampler): mean of steps 2..N, "
+                         f"N = {STEP_IMAGE_STEPS} extra image (made first) for 1-step cells",
+          "first_step_s": "step 1 of the timed image (sd.cpp builds its graph there)",
+          "peak_rss_bytes": "getrusage(RUSAGE_SELF) of the worker process",
+          "weight_bytes": "sd.cpp: its total params memory line; vqdm: stored U-Net + text encoders + VAE"}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(CELLS), help=f"cells, comma-separated ({', '.join(CELLS)})")
     ap.add_argument("--bits", default="4,3,2", help="vqdm bits to run, each against its sd.cpp peers")
+    ap.add_argument("--peer-types", default=None,
+                    help=f"sd.cpp types to run, comma-separated (default: every peer of --bits: {PEER_TYPES})")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both engines")
     ap.add_argument("--repeats", type=int, default=2, help="timed images per worker (min reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed images per worker before the timed ones")
     ap.add_argument("--no-f16", action="store_true", help="skip sd.cpp's dense f16 run")
-    ap.add_argument("--vqdm-dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="vqdm's compute dtype (fp32: what `vqdm serve` picks on CPU)")
+    ap.add_argument("--vqdm-dtype", default="fp32,bf16",
+                    help="vqdm's compute dtypes, comma-separated (fp32: `vqdm serve`'s CPU default; bf16: --dtype bfloat16)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/vqdm-peer-sdcpp"),
                     help="where missing model files are made (sdxl-fp16.safetensors, sdxl-turbo-fp16.safetensors)")
     ap.add_argument("--sdxl-file", type=Path, help="an existing `vqdm make-model sdxl --single-file` fp16 file to use")
     ap.add_argument("--turbo-file", type=Path, help="the same for sdxl-turbo")
     ap.add_argument("--peer-venv", type=Path, default=REPO / ".venv-peer", help="venv for the sd.cpp bindings")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks/results/peer_sdcpp.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep --json's earlier runs, replacing those this invocation reruns (a sweep run in parts; "
+                         "each run keeps its own commit, time and load)")
+    ap.add_argument("--table", action="store_true", help="print --json as the README's markdown tables and exit")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and files, run nothing")
     ap.add_argument("--note", default="", help="a remark stored in the JSON (e.g. that the machine was busy)")
     ap.add_argument("--vqdm-worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -359,61 +473,112 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.vqdm_worker:
         print(json.dumps(vqdm_worker(json.loads(a.vqdm_worker))), flush=True)
         return None
+    if a.table:
+        print(markdown_tables(json.loads(a.json.read_text())))
+        return None
     cells = _csv(a.only, CELLS)
     bits = [int(b) for b in _csv(a.bits, [str(b) for b in PEER_TYPES])]
+    dtypes = _csv(a.vqdm_dtype, ("fp32", "bf16"))
+    peer_types = _csv(a.peer_types, [t for ts in PEER_TYPES.values() for t in ts]) if a.peer_types else None
     files = {"sdxl": a.sdxl_file or a.cache / "sdxl-fp16.safetensors",
              "sdxl-turbo": a.turbo_file or a.cache / "sdxl-turbo-fp16.safetensors"}
-    runs = plan_runs(cells, bits, not a.no_f16)
+    runs = plan_runs(cells, bits, not a.no_f16, dtypes, peer_types)
     if a.dry_run:
         for name in cells:
             f = files[CELLS[name].preset]
             print(f"{name}: {asdict(CELLS[name])}, file {f}{'' if f.exists() else ' (to be made)'}")
         for r in runs:
             print(f"  {r['cell']:10s} {r['engine']:6s} {r['weights']} threads={a.threads} warmup={a.warmup} repeats={a.repeats}")
-        print(f"writes {a.json}")
+        print(f"writes {a.json}{' (merged)' if a.merge else ''}")
         return None
 
     from provenance import machine
 
     peer = ensure_peer_venv(a.peer_venv)
-    result: dict = {"benchmark": "peer_sdcpp", "note": a.note, "command": "python " + shlex.join(sys.argv),
-                    "machine": {**machine("cpu"), "loadavg_at_start": os.getloadavg()}, "threads": a.threads,
-                    "repeats": a.repeats, "warmup_images": a.warmup, "prompt": PROMPT, "seed": SEED, "peer_build": peer, "files": {}, "cells": {},
+    invocation = {"command": "python " + shlex.join(sys.argv), "note": a.note, "threads": a.threads,
+                  "repeats": a.repeats, "warmup_images": a.warmup,
+                  "machine": {**machine("cpu"), "loadavg_at_start": os.getloadavg()}}
+    result: dict = {"benchmark": "peer_sdcpp", "invocations": [], "prompt": PROMPT, "seed": SEED, "peer_build": peer,
+                    "files": {}, "cells": {},
                     "vqdm_weights": "VQ U-Net of the file's architecture with random codes and codebooks (bench_unet.build: "
                                     "the same layers, shapes, bits and kernels as a quantized one; timing does not depend "
-                                    "on code values), the file's own text encoders and VAE; compute dtype " + a.vqdm_dtype,
+                                    "on code values), the file's own text encoders and VAE, all in the run's dtype",
                     "sdcpp_weights": "the file's fp16 tensors converted at load by sd.cpp's wtype option",
-                    "covers": {"image_s": "one image: text encoders, every sampling step, VAE decode; min over repeats",
-                               "unet_step_s": "steady-state sampling step (U-Net pass(es) + sampler): mean of steps 2..N, "
-                                              f"N = {STEP_IMAGE_STEPS} extra image for 1-step cells",
-                               "first_step_s": "step 1 of the timed image (sd.cpp builds its graph there)",
-                               "peak_rss_bytes": "getrusage(RUSAGE_SELF) of the worker process",
-                               "weight_bytes": "sd.cpp: its total params memory line; vqdm: stored U-Net + text encoders + VAE"}}
+                    "covers": COVERS}
+    if a.merge and a.json.exists():
+        old = json.loads(a.json.read_text())
+        if "invocations" not in old:
+            raise SystemExit(f"{a.json} predates --merge (no 'invocations'); move it away or rerun without --merge")
+        result.update({k: old[k] for k in ("invocations", "files", "cells")})
+    result["invocations"].append(invocation)
     for name in cells:
         preset = CELLS[name].preset
-        if str(files[preset]) not in result["files"]:
-            f = ensure_model(preset, files[preset])
-            result["files"][str(f)] = {"vqdm": vqdm_view(f, bits)}
+        f = ensure_model(preset, files[preset])
+        result["files"].setdefault(str(f), {})["vqdm"] = vqdm_view(f, bits)
     for r in runs:
         cell, f = CELLS[r["cell"]], files[CELLS[r["cell"]].preset]
         if r["engine"] == "vqdm":
-            res = run_vqdm(f, cell, r["bits"], a.threads, a.repeats, a.warmup, a.vqdm_dtype)
+            res = run_vqdm(f, cell, r["bits"], a.threads, a.repeats, a.warmup, r["dtype"])
         else:
             res = run_sdcpp(a.peer_venv, f, cell, r["weights"], a.threads, a.repeats, a.warmup)
-            result["files"][str(f)].setdefault("sdcpp", {})[r["weights"]] = {
-                k: res["load_log"].get(k) for k in ("model_version", "tensor_count", "tensor_types", "conditioner_types",
-                                                    "diffusion_model_types", "vae_types")}
-        res["loadavg_after"] = os.getloadavg()
-        result["cells"].setdefault(r["cell"], {"config": asdict(cell), "file": str(f), "runs": []})["runs"].append(res)
+            result["files"][str(f)].setdefault("sdcpp", {})[r["weights"]] = same_file_check(f, r["weights"], res["load_log"])
+        res.update(loadavg_after=os.getloadavg(), commit=invocation["machine"].get("commit"),
+                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), threads=a.threads)
+        entry = result["cells"].setdefault(r["cell"], {"config": asdict(cell), "file": str(f), "runs": []})
+        entry["runs"] = merged_runs(entry["runs"], res)
         print(f"{r['cell']} {res['engine']} {res['weights']}: image {res['image_s']:.2f}s, step "
               f"{res['unet_step_s'] if res['unet_step_s'] is None else round(res['unet_step_s'], 2)}s, peak RSS "
               f"{res['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))  # after every run: a long sweep keeps what it measured
-    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    invocation["machine"]["loadavg_at_end"] = os.getloadavg()
     a.json.write_text(json.dumps(result, indent=1))
     print(f"wrote {a.json}", file=sys.stderr)
     return result
+
+
+def markdown_tables(result: dict) -> str:
+    """The README's tables: per cell, every run, and vqdm / sd.cpp at matching bits."""
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b else "–"  # noqa: E731
+    sec = lambda x: f"{x:.1f} s" if x is not None else "–"  # noqa: E731
+    out = []
+    for name, cell in result["cells"].items():
+        c = cell["config"]
+        out.append(f"**{name}** ({c['resolution']}², {c['steps']} step{'s' if c['steps'] > 1 else ''}, "
+                   f"guidance {c['guidance']}):\n")
+        out.append("| engine, weights | image | U-Net step (steady) | first step | VAE decode | peak RSS | U-Net weights | all weights | commit |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(cell["runs"], key=_run_order):
+            timed = [im for im in r["images"] if im["steps"] == c["steps"] and not im.get("warmup")]
+            best = min(timed, key=lambda im: im["image_s"])
+            vae = best["phases_s"].get("vae_decode", best["phases_s"].get("decode_first_stage"))
+            unet = (r.get("weight_bytes_by_part", {}).get("unet")
+                    or r.get("load_log", {}).get("params_bytes", {}).get("diffusion_model"))
+            label = f"vqdm {r['weights'].replace(' random codes', '')}" if r["engine"] == "vqdm" else f"sd.cpp {r['weights']}"
+            out.append(f"| {label} | {sec(r['image_s'])} | {sec(r['unet_step_s'])} | {sec(r['first_step_s'])} | {sec(vae)} "
+                       f"| {gb(r['peak_rss_bytes'])} | {gb(unet)} | {gb(r['weight_bytes'])} | {str(r.get('commit', ''))[:7]} |")
+        ratios = []
+        for r in cell["runs"]:
+            if r["engine"] != "vqdm":
+                continue
+            for t in PEER_TYPES[r["bits"]]:
+                peer = next((p for p in cell["runs"] if p["engine"] != "vqdm" and p["weights"] == t), None)
+                if peer is None:
+                    continue
+                ratio = lambda k: (f"{r[k] / peer[k]:.2f}×" if r.get(k) and peer.get(k) else "–")  # noqa: E731
+                ratios.append(f"| vqdm {r['bits']}-bit {r['dtype']} / sd.cpp {t} | {ratio('image_s')} | {ratio('unet_step_s')} "
+                              f"| {ratio('peak_rss_bytes')} | {ratio('weight_bytes')} |")
+        if ratios:
+            out += ["", "| vqdm / sd.cpp | image | U-Net step | peak RSS | all weights |", "|---|---|---|---|---|", *ratios]
+        out.append("")
+    return "\n".join(out)
+
+
+def _run_order(r: dict) -> tuple:
+    if r["engine"] == "vqdm":
+        return (0, -r["bits"], r["dtype"])
+    order = ["f16", "q4_K", "q4_0", "q3_K", "q2_K"]
+    return (1, order.index(r["weights"]) if r["weights"] in order else 9, "")
 
 
 if __name__ == "__main__":

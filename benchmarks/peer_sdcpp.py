@@ -1,8 +1,10 @@
 """vqdm against stable-diffusion.cpp on CPU (issue 29): the same single-file weights, the same threads.
 
     python benchmarks/peer_sdcpp.py [--only turbo-512,sdxl-512,sdxl-1024]
-        [--bits 4,3,2] [--threads 2] [--repeats 2] [--cache DIR] [--sdxl-file F] [--turbo-file F]
-        [--no-f16] [--dry-run] [--json benchmarks/results/peer_sdcpp.json]
+        [--bits 4,3,2] [--peer-types q4_K,...] [--vqdm-dtype fp32,bf16] [--threads 2] [--repeats 2]
+        [--warmup 1] [--cache DIR] [--sdxl-file F] [--turbo-file F] [--no-f16] [--dry-run] [--merge]
+        [--json benchmarks/results/peer_sdcpp.json]
+    python benchmarks/peer_sdcpp.py --table      # the README's tables from the JSON
 
 Both engines read one original-layout .safetensors file with seeded random fp16 weights, made by
 `vqdm make-model sdxl|sdxl-turbo --single-file F --dtype fp16` into --cache when missing (about 7 GB
@@ -16,8 +18,8 @@ each; run under the big-memory lock on a shared machine: every cell loads a full
   random codes (benchmarks/bench_unet.build: timing does not depend on code values; a real
   `vqdm quantize` of SDXL takes hours here), takes F's own text encoders and VAE
   (load_single_file(unet=...): F's U-Net tensors are never read) and generates through the serving
-  runner (vqdm.server.runner.run_batch, what `vqdm generate` and `vqdm serve` run) in the dtype
-  `vqdm serve` picks on CPU (fp32; --vqdm-dtype to change).
+  runner (vqdm.server.runner.run_batch, what `vqdm generate` and `vqdm serve` run) in fp32 (what
+  `vqdm serve` picks on CPU) and bf16 (`vqdm serve --dtype bfloat16`); --vqdm-dtype to choose.
 
 What each figure covers (both engines alike):
 - image_s: one image, prompt to decoded pixels: text encoders, every sampling step (CFG: cond and

@@ -1,10 +1,11 @@
 """CPU decode in C (cpu_native.c): one vector pass per group of 8 weights, compiled on first use.
 
 FBGEMM's embedding_bag decode (`cpu_decode`'s fallback) makes four passes per chunk (codes to int32,
-codebook offsets, the gathered bag sums, the scales) and costs 0.6-0.9 ns a weight on SDXL shapes;
-this kernel does one and costs 0.07-0.25 ns in fp32 and 0.09-0.16 ns in bf16 (AMD EPYC Zen4, 2
-cores, gcc 12, -O3 -march=native; the big layers are bound by writing the decoded weight to DRAM).
-On a Turbo 512² step that decode was ~2 s of ~13 s.
+codebook offsets, the gathered bag sums, the scales) and costs 0.63-1.7 ns a weight in fp32 on SDXL
+shapes; this kernel does one and costs 0.12-0.25 ns in fp32 and 0.10-0.15 ns in bf16 (AMD EPYC
+Zen4, 2 cores, gcc 12, -O3 -march=native, K = 3: benchmarks/results/bench_decode_cpu.json; the big
+layers are bound by writing the decoded weight to DRAM). On a Turbo 512² fp32 step the FBGEMM
+decode took ~2 s of ~12 s (torch.profiler: embedding_bag, mul, copy_).
 
 The library is built with the machine's C compiler (`$CC`, else `cc`) into a cache folder
 (`$VQDM_KERNEL_CACHE`, else ~/.cache/vqdm/kernels), keyed by the source, the compiler and the CPU's
@@ -37,10 +38,10 @@ CODEBOOK_SIZE = 256  # uint8 codes index 2^8 codewords: every code is in bounds 
 _OUT = {torch.float32: "vq_decode_f32", torch.bfloat16: "vq_decode_bf16"}
 # Decoded weights of at least this many bytes are written with non-temporal stores. Measured on AMD
 # EPYC Zen4 (2 cores, 32 MB L3, fp32 decode + MKL GEMM at M = 256, the rows of a Turbo 512² step's
-# 1280-channel stage; medians of 30 interleaved calls, benchmarks/bench_decode.py):
-# 10240x1280 (52 MB) 1.057x -> 1.040x dense, 1280x5120 (26 MB) 1.091x -> 1.074x, 1280x11520 (a 3x3
-# conv, 59 MB) 1.079x -> 1.064x. A weight that fits the L3 (1280x1280, 6.5 MB) is read back from
-# cache by the GEMM, which streaming would forfeit.
+# 1280-channel stage; medians of 30 interleaved calls: benchmarks/results/bench_decode_cpu.json):
+# 10240x1280 (52 MB) 1.052x -> 1.013x dense, 1280x5120 (26 MB) 1.146x -> 1.060x, 1280x11520 (a 3x3
+# conv, 59 MB) 1.083x -> 1.059x; but 1280x1280 (6.5 MB) 1.032x -> 1.044x: a weight that fits the L3
+# is read back from cache by the GEMM, which streaming forfeits.
 STREAM_MIN_BYTES = 16 << 20
 
 

@@ -33,7 +33,7 @@ from vqdm.kernels.reference import vq_conv2d_reference, vq_linear_reference
 # (Zen4, 2 cores, torch 2.13, fp32): LUT beats decode + MKL only for M <= 4 on SDXL shapes
 # (M = 1: 1.5-3x faster; M = 8: already slower). SDXL itself never gets here (M >= 154), except its
 # M = 1-2 time-embedding projections. Measured against the FBGEMM decode; the native decode
-# (cpu_native, 3-8x faster) likely moves the crossover lower: not re-measured.
+# (cpu_native, 2.6-7.6x faster) likely moves the crossover lower: not re-measured.
 CPU_LUT_MAX_ROWS = 4
 
 # CUDA: the fused dequant-GEMM while the GEMM has at most this many rows, decode-once + cuBLAS

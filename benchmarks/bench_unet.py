@@ -87,6 +87,11 @@ def randomize_vq(unet, gen: torch.Generator) -> None:
             m.bias.zero_()
 
 
+def cfg_batch(preset: str) -> int:
+    """U-Net rows of one image: 2 with classifier-free guidance (SDXL), 1 without (Turbo)."""
+    return 1 if preset.endswith("turbo") else 2
+
+
 def inputs(unet, resolution: int, batch: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device="cpu").manual_seed(1)
     lat = resolution // 8
@@ -212,7 +217,7 @@ def worker(a) -> dict:
     t0 = time.perf_counter()
     unet = build(a.preset, a.variant, a.bits, dtype, a.device)
     build_s = time.perf_counter() - t0
-    batch = 1 if a.preset.endswith("turbo") else 2
+    batch = cfg_batch(a.preset)
     kw = inputs(unet, a.resolution, batch, dtype, a.device)
     weights = resident_weight_bytes(unet)
     res = {"variant": a.variant, "dtype": a.dtype, "bits": a.bits if a.variant == "vq" else None,

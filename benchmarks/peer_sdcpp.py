@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -176,31 +177,28 @@ def sdcpp_expected(tensors: dict[str, tuple[str, tuple[int, ...]]], wtype: str) 
     """Per part of an original-layout SDXL file (unet, text_encoders, vae decoder: sd.cpp loads the decoder
     only): tensor types after sd.cpp's conversion to `wtype`, their bytes, and the share of weights converted.
     `tensors`: name -> (safetensors dtype, shape)."""
+    from vqdm.models.safetensors_header import nbytes
+
     out: dict[str, dict] = {}
     for name, (dtype, shape) in tensors.items():
         part = next((p for prefix, p in _PARTS if name.startswith(prefix)), None)
         if part is None or (part == "vae" and not name.startswith(("first_stage_model.decoder.",
                                                                    "first_stage_model.post_quant_conv."))):
             continue
-        numel = 1
-        for x in shape:
-            numel *= x
+        numel = math.prod(shape)
         p = out.setdefault(part, {"types": {}, "bytes": 0, "weights": 0, "converted_weights": 0})
         if sdcpp_converts(name, shape, wtype):
             block, block_bytes = GGML_BLOCKS[wtype]
-            kind, nbytes = wtype, numel // block * block_bytes
+            kind, size = wtype, numel // block * block_bytes
             p["converted_weights"] += numel
         else:
-            kind, nbytes = dtype.lower(), numel * _DTYPE_BYTES[dtype]
+            kind, size = dtype.lower(), nbytes(dtype, shape)
         p["types"][kind] = p["types"].get(kind, 0) + 1
-        p["bytes"] += nbytes
+        p["bytes"] += size
         p["weights"] += numel
     for p in out.values():
         p["bits_per_weight"] = round(8 * p["bytes"] / max(p["weights"], 1), 3)
     return out
-
-
-_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def progress_step_seconds(progress: list[list]) -> list[float]:

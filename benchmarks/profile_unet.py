@@ -38,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from bench_unet import DTYPES, build
+    from bench_unet import DTYPES, build, cfg_batch, inputs
     from provenance import machine
     from torch.profiler import ProfilerActivity, profile
 
@@ -46,23 +46,18 @@ def main() -> None:
 
     dt = DTYPES[a.dtype]
     unets = {v: build(a.preset, v, a.bits, dt, "cpu") for v in ("dense", "vq")}
-    batch = 1 if a.preset == "sdxl-turbo" else 2
-    h = a.resolution // 8
-    gen = torch.Generator().manual_seed(0)
-    args = (torch.randn(batch, 4, h, h, generator=gen).to(dt), torch.full((batch,), 500.0))
-    kwargs = dict(encoder_hidden_states=torch.randn(batch, 77, 2048, generator=gen).to(dt),
-                  added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, generator=gen).to(dt),
-                                     "time_ids": torch.randn(batch, 6, generator=gen).to(dt)})
+    batch = cfg_batch(a.preset)
+    kw = inputs(unets["dense"], a.resolution, batch, dt, "cpu")  # the same inputs bench_unet times
     steps: dict[str, list[float]] = {"dense": [], "vq": []}
     lines = [f"# python {' '.join(sys.argv)}", f"# {machine('cpu')}", f"# threads {torch.get_num_threads()}, "
              f"native decode: {cpu_native.status().reason}", ""]
     with torch.inference_mode():
         for unet in unets.values():
-            unet(*args, **kwargs)  # warm-up: allocations, the decode library, oneDNN primitives
+            unet(**kw)  # warm-up: allocations, the decode library, oneDNN primitives
         for _ in range(a.pairs):
             for v, unet in unets.items():
                 t0 = time.perf_counter()
-                unet(*args, **kwargs)
+                unet(**kw)
                 steps[v].append(time.perf_counter() - t0)
         med = {v: statistics.median(s) for v, s in steps.items()}
         lines.append(f"{a.preset} {a.resolution}² batch {batch} {a.dtype} {a.bits}-bit, {a.pairs} interleaved pairs: "
@@ -70,7 +65,7 @@ def main() -> None:
                      f"steps dense {[round(x, 2) for x in steps['dense']]}, VQ {[round(x, 2) for x in steps['vq']]}")
         for v, unet in unets.items():
             with profile(activities=[ProfilerActivity.CPU]) as p:
-                unet(*args, **kwargs)
+                unet(**kw)
             lines += ["", f"## {v}: one profiled step", p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows)]
     text = "\n".join(lines)
     print(text)
